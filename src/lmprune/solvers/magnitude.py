@@ -1,0 +1,21 @@
+"""Magnitude pruning: keep the largest |W_ij| within the pattern's comparison group.
+
+Objective: none beyond ``max Σ_kept |W_ij|`` -- the calibration inputs are ignored (the Gram argument is
+accepted for the common signature). The surviving weights are left unchanged.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ..patterns import Pattern
+from .base import Gram, SolveResult, SolverOptions
+
+
+class Options(SolverOptions):
+    pass
+
+
+def solve(weight: Tensor, gram: Gram | None, pattern: Pattern, sparsity: float) -> SolveResult:
+    mask = pattern.keep_mask(weight.abs().float(), sparsity)
+    return SolveResult(weight * mask, mask, {})
