@@ -50,6 +50,10 @@ class TaskSpec:
     harness: dict[str, Any]
 
 
+class FunctionRef(str):
+    """A dotted path to a function, written as the harness's ``!function`` YAML tag."""
+
+
 def _choices(doc: dict, key: str = "choices") -> list[str]:
     return [TARGET_DELIMITER + c for c in doc[key]]
 
@@ -70,9 +74,26 @@ def _openbookqa(doc: dict) -> Prompt:
     return Prompt(doc["question_stem"], _choices(doc), int(doc["label"]))
 
 
+def hellaswag_query(query: str) -> str:
+    """The harness's HellaSwag context from the local ``query``.
+
+    The harness builds ``activity_label + ": " + ctx_a + " " + ctx_b.capitalize()``; the local ``query`` is
+    already cleaned of WikiHow markup but keeps ``ctx_b`` (the fragment after ``ctx_a``'s last sentence, e.g.
+    "he", "the lady") lower-case. Capitalising the first letter of the text after the last ". " restores it;
+    where ``ctx_b`` is empty that text is a sentence already capitalised, so nothing changes.
+    """
+    head, sep, tail = query.rpartition(". ")
+    return head + sep + tail[:1].upper() + tail[1:]
+
+
+def hellaswag_process_docs(dataset):
+    """``process_docs`` hook for the harness: rewrites ``query`` with :func:`hellaswag_query`."""
+    return dataset.map(lambda doc: {"query": hellaswag_query(doc["query"])})
+
+
 def _hellaswag(doc: dict) -> Prompt:
-    # the local file holds the harness's preprocessed query and endings already
-    return Prompt(doc["query"], _choices(doc, "endings"), int(doc["label"]))
+    # the local endings are the harness's preprocessed ones already
+    return Prompt(hellaswag_query(doc["query"]), _choices(doc, "endings"), int(doc["label"]))
 
 
 def _winogrande(doc: dict) -> Prompt:
@@ -119,6 +140,7 @@ TASKS: dict[str, TaskSpec] = {
             "doc_to_text": _QA_TEXT, "doc_to_choice": "choices", "doc_to_target": "label",
         }),
         TaskSpec("hellaswag", ("query", "endings", "label"), _hellaswag, _ACC_NORM, _MC, {
+            "process_docs": FunctionRef(f"{__name__}.hellaswag_process_docs"),
             "doc_to_text": "query", "doc_to_choice": "endings", "doc_to_target": "label",
         }),
         # doc_to_text naming an integer field tells the harness the choices are contexts (partial scoring)

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from .prompts import DEFAULT_TASKS, TASKS, task_spec
+from .prompts import DEFAULT_TASKS, TASKS, FunctionRef, task_spec
 
 _INSTALL_HINT = "zero-shot evaluation needs lm-evaluation-harness: pip install 'lmprune[eval]'"
 _HIGHER_IS_BETTER = {"acc": True, "acc_norm": True, "perplexity": False}
@@ -61,6 +61,7 @@ def task_config(task: str, data_file: Path) -> dict[str, Any]:
         "dataset_path": "json",
         "dataset_kwargs": {"data_files": {"test": str(Path(data_file).resolve())}},
         "test_split": "test",
+        "num_fewshot": 0,
         "output_type": spec.output_type,
         **spec.harness,
         "metric_list": [
@@ -71,6 +72,21 @@ def task_config(task: str, data_file: Path) -> dict[str, Any]:
     }
 
 
+class _TaskDumper(yaml.SafeDumper):
+    pass
+
+
+_TaskDumper.add_representer(FunctionRef, lambda dumper, ref: dumper.represent_scalar("!function", str(ref)))
+_TaskDumper.add_representer(
+    str, lambda dumper, text: dumper.represent_scalar("tag:yaml.org,2002:str", text, style='"' if "\n" in text else None)
+)
+
+
+def task_yaml(task: str, data_file: Path) -> str:
+    """:func:`task_config` as YAML text."""
+    return yaml.dump(task_config(task, data_file), Dumper=_TaskDumper, sort_keys=False, allow_unicode=True)
+
+
 def write_task_yamls(tasks: list[str], data_dir: Path, out_dir: Path) -> list[Path]:
     """Write one harness task YAML per task into ``out_dir`` (usable with ``lm_eval --include_path``)."""
     out_dir = Path(out_dir)
@@ -78,7 +94,7 @@ def write_task_yamls(tasks: list[str], data_dir: Path, out_dir: Path) -> list[Pa
     paths = []
     for task in tasks:
         path = out_dir / f"{task}.yaml"
-        path.write_text(yaml.safe_dump(task_config(task, task_file(data_dir, task)), sort_keys=False))
+        path.write_text(task_yaml(task, task_file(data_dir, task)))
         paths.append(path)
     return paths
 
@@ -148,7 +164,7 @@ def evaluate_tasks(
         raw = lm_eval.simple_evaluate(
             model=lm,
             tasks=tasks,
-            num_fewshot=0,
+            num_fewshot=None if data_dir is not None else 0,  # offline YAMLs say 0 themselves
             limit=limit,
             task_manager=manager,
             log_samples=log_samples,
