@@ -51,8 +51,42 @@ def _keep_top_k(scores: Tensor, k: int) -> Tensor:
         return mask
     if k >= scores.shape[-1]:
         return torch.ones_like(scores, dtype=torch.bool)
+    if scores.numel() == scores.shape[-1] >= _BRACKET_MIN:
+        found = _largest_k_bracketed(scores.reshape(-1), k)
+        if found is not None:
+            return found.reshape(scores.shape)
     idx = torch.topk(scores, k, dim=-1, sorted=False).indices
     return mask.scatter_(-1, idx, True)
+
+
+_BRACKET_MIN = 1 << 18
+_BRACKET_SAMPLE = 1 << 14
+
+
+def _largest_k_bracketed(flat: Tensor, k: int) -> Tensor | None:
+    """Exact top-``k`` mask of a long vector in a few linear passes instead of a full ``topk``.
+
+    A fixed random sample brackets the k-th largest value between ``hi`` and ``lo``; everything above ``hi``
+    is kept and the rest is chosen by ``topk`` among the few entries in ``[lo, hi]``. Returns ``None`` when
+    the bracket misses (the caller then falls back to ``topk``).
+    """
+    n = flat.numel()
+    gen = torch.Generator(device=flat.device).manual_seed(n)
+    sample = flat[torch.randint(n, (_BRACKET_SAMPLE,), generator=gen, device=flat.device)]
+    sample = sample.sort(descending=True).values
+    rank = k * _BRACKET_SAMPLE / n
+    margin = 4.0 * math.sqrt(rank * (1.0 - k / n)) + 2.0
+    top, bottom = int(rank - margin), int(rank + margin)
+    if top < 0 or bottom >= _BRACKET_SAMPLE:
+        return None
+    hi, lo = sample[top], sample[bottom]
+    keep = flat > hi
+    n_above = int(torch.count_nonzero(keep))
+    band = ((flat >= lo) & ~keep).nonzero().squeeze(1)
+    if not n_above <= k <= n_above + band.numel():
+        return None
+    pick = torch.topk(flat[band], k - n_above, sorted=False).indices
+    return keep.index_fill_(0, band[pick], True)
 
 
 def kept_count(total: int, sparsity: float) -> int:

@@ -33,6 +33,13 @@ SOLVERS: dict[str, SolverSpec] = {
         SolverSpec("magnitude", "magnitude", summary="keep the largest |W| (no calibration data)"),
         SolverSpec("wanda", "wanda", summary="keep the largest |W|·‖X‖ per output row, no update"),
         SolverSpec("sparsegpt", "sparsegpt", summary="OBS reconstruction, adaptive mask per 128 columns"),
+        SolverSpec("alps", "alps", summary="ADMM with ρ schedule on the scaled layer error, then PCG on the support"),
+        SolverSpec(
+            "alps-fast",
+            "alps",
+            preset={"max_iter": 12, "switch_iter": 9, "switch_tol": 3e-3, "pcg_iters": 10, "eigh_dtype": "float32"},
+            summary="ALPS with looser stopping and fewer iterations",
+        ),
     ]
 }
 

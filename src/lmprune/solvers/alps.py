@@ -1,0 +1,249 @@
+"""ALPS (Meng, Behdin, Wang, Mazumder, NeurIPS 2024): ADMM with a penalty schedule, then PCG on the support.
+
+Objective. With ``H`` damped by ``percdamp · mean(diag H)`` and scaled to unit diagonal, ``d = sqrt(diag H)``,
+``H̃ = D⁻¹HD⁻¹`` and ``B0 = D Ŵᵀ`` (``in x out``), ALPS minimises
+
+    f(B) = ½ tr((B − B0)ᵀ H̃ (B − B0))   subject to   Bᵀ in the pattern's support set,
+
+which is the damped layer error ``tr((W − Ŵ) H (W − Ŵ)ᵀ)`` (up to ½) in the scaled variable; ``W = (B / d)ᵀ``.
+
+ADMM splits ``B = D`` with ``D`` feasible (scaled dual ``V``)::
+
+    B ← (H̃ + ρI)⁻¹ (H̃B0 − V + ρD)      via H̃ = QΛQᵀ:  Q((Qᵀ·) / (Λ + ρ)), one eigendecomposition per Gram
+    D ← P(B + V/ρ)                     Euclidean projection onto the pattern
+    V ← V + ρ(B − D)
+
+Every ``update_iter`` iterations ``s`` = entries of ``D`` whose zero/non-zero status changed since the last
+check and ``k`` = non-zeros kept decide ρ: ``s/k > 0.1`` → ×1.3, ``> 0.005`` → ×1.2, otherwise ×1.1 while
+``s ≥ 1`` and stop at ``s = 0`` once ρ has started growing; before that, a small change means ρ was too large:
+ρ/5 (and, if ``s ≥ 1``, restart from the initial point). ρ is capped at ``rho_max``; the loop stops after
+``max_iter`` iterations, or after ``switch_iter`` once ``s/k < switch_tol``. Finally the last ``B`` is
+hard-thresholded onto the pattern and the least-squares problem on that support is solved for all output
+columns at once by masked batched conjugate gradient (:func:`.pcg.masked_pcg`; unit diagonal = Jacobi).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ..patterns import Pattern, Unstructured
+from .base import Gram, SolveResult, SolverOptions
+from .pcg import masked_pcg
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class Options(SolverOptions):
+    rho0: float = 0.1
+    max_iter: int = 300
+    update_iter: int = 3
+    switch_iter: int = 30
+    #: after ``switch_iter``, stop once the support change per check is below this fraction of ``k``
+    switch_tol: float = 3e-4
+    rho_max: float = 1e6
+    #: ρ factors for large (s/k > 0.1), medium (> 0.005) and small (s ≥ 1) support changes
+    growth: tuple[float, float, float] = (1.3, 1.2, 1.1)
+    #: False: keep ρ = rho0 for ``max_iter`` iterations (the fixed-penalty ADMM the schedule improves on)
+    schedule: bool = True
+    pcg_iters: int = 10
+    percdamp: float = 0.01
+    #: initial feasible point D⁰: scaled magnitude (ALPS), or the mask/weights of Wanda or SparseGPT
+    warm_start: Literal["magnitude", "wanda", "sparsegpt"] = "magnitude"
+    eigh_dtype: Literal["float64", "float32"] = "float64"
+    #: dtype of the ADMM and PCG matrix products
+    dtype: Literal["float32", "float64"] = "float32"
+    #: how ``(H̃ + ρI)⁻¹`` is applied (see :class:`RidgeSolver`)
+    ridge: Literal["auto", "eig", "inverse"] = "auto"
+    #: iterations (1-based) at which to record the objective of D and the support change (costs a product)
+    trace: tuple[int, ...] = ()
+
+
+@dataclass
+class ScaledGram:
+    """``H̃ = D⁻¹(H + λI)D⁻¹ = QΛQᵀ`` and ``d``, in the working dtype."""
+
+    h: Tensor
+    d: Tensor
+    q: Tensor
+    lam: Tensor
+    seconds: float
+
+
+
+class RidgeSolver:
+    """Applies ``(H̃ + ρI)⁻¹`` for the current ρ through the eigendecomposition, never refactorising.
+
+    ``eig``: ``Q((QᵀR) / (Λ + ρ))``, two products per solve. ``inverse``: ``M = Q diag(1/(Λ+ρ)) Qᵀ`` rebuilt by
+    one ``in x in x in`` product when ρ changes, then one product per solve; cheaper when the solves between ρ
+    changes cost more than the rebuild (``in < solves · out``). ``auto`` picks by that flop count.
+    """
+
+    def __init__(self, sg: ScaledGram, out_features: int, solves_per_rho: int, mode: str = "auto"):
+        if mode == "auto":
+            mode = "inverse" if sg.q.shape[0] < solves_per_rho * out_features else "eig"
+        self.sg, self.mode = sg, mode
+        self._rho: float | None = None
+        self._m: Tensor | None = None
+
+    def __call__(self, rhs: Tensor, rho: float) -> Tensor:
+        q, scale = self.sg.q, 1.0 / (self.sg.lam + rho)
+        if self.mode == "eig":
+            return q @ ((q.T @ rhs) * scale.unsqueeze(1))
+        if rho != self._rho:
+            self._m, self._rho = (q * scale.unsqueeze(0)) @ q.T, rho
+        return self._m @ rhs
+
+
+def scaled_gram(gram: Gram, percdamp: float, eigh_dtype: str, dtype: str) -> ScaledGram:
+    """The damped, unit-diagonal Gram matrix and its eigendecomposition, computed once per ``gram``."""
+
+    def compute() -> ScaledGram:
+        start = time.perf_counter()
+        h = gram.damped(percdamp, torch.float64)
+        d = torch.diagonal(h).sqrt()
+        h = h / d.unsqueeze(1) / d.unsqueeze(0)
+        lam, q = torch.linalg.eigh(h.to(_DTYPES[eigh_dtype]))
+        wd = _DTYPES[dtype]
+        return ScaledGram(h.to(wd), d.to(wd), q.to(wd), lam.to(wd), time.perf_counter() - start)
+
+    return gram.cached(f"alps_eigh_{percdamp}_{eigh_dtype}_{dtype}", compute)
+
+
+def keep_mask_scaled(pattern: Pattern, b: Tensor, sparsity: float) -> Tensor:
+    """The pattern's projection support for ``B`` (``in x out``), applied in the weight layout ``Bᵀ``."""
+    if isinstance(pattern, Unstructured) and pattern.scope == "matrix":
+        return pattern.keep_mask(b.abs(), sparsity)  # layout-free: skip the transpose copy
+    return pattern.keep_mask(b.abs().T, sparsity).T
+
+
+def _initial_point(weight: Tensor, gram: Gram, pattern: Pattern, sparsity: float, b0: Tensor, d: Tensor, warm_start: str, percdamp: float) -> tuple[Tensor, Tensor]:
+    if warm_start == "magnitude":
+        keep = keep_mask_scaled(pattern, b0, sparsity)
+        return b0 * keep, keep
+    if warm_start == "wanda":
+        from . import wanda
+
+        keep = wanda.solve(weight, gram, pattern, sparsity).mask.T
+        return b0 * keep, keep
+    from . import sparsegpt
+
+    res = sparsegpt.solve(weight, gram, pattern, sparsity, percdamp=percdamp)
+    return d.unsqueeze(1) * res.weight.to(b0.dtype).T, res.mask.T
+
+
+def _rel_error(b: Tensor, hb: Tensor, g: Tensor, r0: float) -> float:
+    """``tr((B−B0)ᵀH̃(B−B0)) / tr(B0ᵀH̃B0)`` from ``H̃B`` and ``G = H̃B0``."""
+    return float(((b * hb).sum() - 2 * (b * g).sum() + r0) / r0)
+
+
+def solve(
+    weight: Tensor,
+    gram: Gram,
+    pattern: Pattern,
+    sparsity: float,
+    **options,
+) -> SolveResult:
+    opt = Options(**options)
+    pattern.validate(weight.shape)
+    start = time.perf_counter()
+    wd = _DTYPES[opt.dtype]
+    cached = f"alps_eigh_{opt.percdamp}_{opt.eigh_dtype}_{opt.dtype}" in gram._cache
+    sg = scaled_gram(gram, opt.percdamp, opt.eigh_dtype, opt.dtype)
+    eigh_s = 0.0 if cached else sg.seconds
+
+    w = weight.detach().to(wd).clone()
+    w[:, gram.dead()] = 0
+    b0 = sg.d.unsqueeze(1) * w.T
+    g = sg.h @ b0
+    r0 = float((b0 * g).sum())
+    ridge = RidgeSolver(sg, b0.shape[1], opt.update_iter, opt.ridge)
+    d_init, keep = _initial_point(weight, gram, pattern, sparsity, b0, sg.d, opt.warm_start, opt.percdamp)
+    k = max(int(keep.sum()), 1)
+
+    rho = opt.rho0
+    b, dvar, v = b0.clone(), d_init.clone(), torch.zeros_like(b0)
+    prev_keep = keep
+    growing = False
+    history: list[dict] = []
+    trace: list[dict] = []
+    trace_at = set(opt.trace)
+    last_keep = keep
+    it = 0
+    for it in range(1, opt.max_iter + 1):
+        b = ridge(g - v + rho * dvar, rho)
+        u = v.div_(rho).add_(b)  # u = B + V/ρ, reusing V's storage
+        keep = keep_mask_scaled(pattern, u, sparsity)
+        dvar = u * keep
+        v = u.sub_(dvar).mul_(rho)  # V + ρ(B − D) = ρ(u − D)
+
+        if it in trace_at:
+            trace.append(
+                {
+                    "iter": it,
+                    "rho": rho,
+                    "rel_error_d": _rel_error(dvar, sg.h @ dvar, g, r0),
+                    "support_change": int((keep ^ last_keep).sum()),
+                }
+            )
+        if trace_at:
+            last_keep = keep
+        if not opt.schedule or it % opt.update_iter:
+            continue
+
+        s = int((keep ^ prev_keep).sum())
+        prev_keep = keep
+        history.append({"iter": it, "changed": s, "rho": rho})
+        frac = s / k
+        stop = False
+        if frac > 0.1:
+            rho *= opt.growth[0]
+            growing = True
+        elif frac > 0.005:
+            rho *= opt.growth[1]
+            growing = True
+        elif s >= 1:
+            if growing:
+                rho *= opt.growth[2]
+            else:
+                rho /= 5
+                b, dvar, v = b0.clone(), d_init.clone(), torch.zeros_like(b0)
+        elif growing:
+            stop = True
+        else:
+            rho /= 5
+        rho = min(rho, opt.rho_max)
+        if stop or (it >= opt.switch_iter and frac < opt.switch_tol):
+            break
+    admm_s = time.perf_counter() - start - eigh_s
+
+    mask = keep_mask_scaled(pattern, b, sparsity)
+    pcg = masked_pcg(sg.h, g, mask, b * mask, iters=opt.pcg_iters)
+    x = pcg.x * mask
+    err_before = (2 * pcg.objective[0] + r0) / r0 if pcg.objective else None
+    err_after = (2 * pcg.objective[-1] + r0) / r0 if pcg.objective else None
+    pruned = (x / sg.d.unsqueeze(1)).T
+    mask_w = mask.T.contiguous()
+    total = time.perf_counter() - start
+    stats = {
+        "iterations": it,
+        "rho_final": rho,
+        "support_history": history,
+        "pcg_iterations": pcg.iterations,
+        "rel_error_scaled_before_pcg": err_before,
+        "rel_error_scaled": err_after,
+        "pcg_objective": pcg.objective,
+        "warm_start": opt.warm_start,
+        "ridge": ridge.mode,
+        "time_s": total,
+        "eigh_s": eigh_s,
+        "admm_s": admm_s,
+        "pcg_s": total - admm_s - eigh_s,
+    }
+    if trace:
+        stats["trace"] = trace
+    return SolveResult(pruned.to(weight.dtype).contiguous(), mask_w, stats)

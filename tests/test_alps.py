@@ -1,0 +1,175 @@
+import pytest
+import torch
+
+from lmprune.patterns import _keep_top_k, parse_pattern
+from lmprune.solvers import SOLVERS, alps, sparsegpt
+from lmprune.solvers.base import Gram, reconstruction_error
+from lmprune.solvers.pcg import masked_pcg
+
+PATTERNS = ["unstructured", "unstructured:row", "2:4", "block:4", "row"]
+
+
+def planted(out=32, inp=64, tokens=512, seed=0):
+    """Correlated inputs (a random mixing of Gaussian factors plus a few large features) and a dense weight."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(tokens, inp, generator=g)
+    mix = torch.eye(inp) + 0.6 * torch.randn(inp, inp, generator=g) / inp**0.5
+    x = z @ mix
+    x[:, :4] *= 5.0
+    w = torch.randn(out, inp, generator=g)
+    return w, Gram.from_inputs(x)
+
+
+def test_keep_top_k_bracketed_is_exact_with_ties():
+    torch.manual_seed(0)
+    n = 300_000
+    for scores in (torch.randn(1, n).abs(), (torch.randn(1, n) * 3).round().abs()):
+        for k in (1, 1000, n // 3, n // 2, n - 5):
+            m = _keep_top_k(scores, k)
+            assert int(m.sum()) == k
+            assert scores[m].min() >= scores[~m].max()
+
+
+@pytest.mark.parametrize("spec", PATTERNS)
+def test_projection_is_exact_in_weight_layout(spec):
+    torch.manual_seed(1)
+    pattern = parse_pattern(spec)
+    b = torch.randn(64, 32)  # ALPS layout: in x out
+    keep = alps.keep_mask_scaled(pattern, b, 0.5)
+    assert keep.shape == b.shape
+    assert torch.equal(keep, pattern.keep_mask(b.abs().T, 0.5).T)
+    assert pattern.verify((b * keep).T, 0.5).ok
+    w = b.T
+    if spec == "unstructured":
+        k = keep.sum()
+        assert k == 32 * 64 // 2 and b.abs()[keep].min() >= b.abs()[~keep].max()
+    elif spec == "unstructured:row":  # per output row of W = per column of B
+        for j in range(32):
+            col = b[:, j].abs()
+            assert keep[:, j].sum() == 32 and col[keep[:, j]].min() >= col[~keep[:, j]].max()
+    elif spec == "2:4":
+        groups = w.abs().reshape(32, 16, 4)
+        kept = keep.T.reshape(32, 16, 4)
+        assert (kept.sum(-1) == 2).all()
+        assert (groups.masked_fill(~kept, float("inf")).amin(-1) >= groups.masked_fill(kept, -1).amax(-1)).all()
+    elif spec == "block:4":
+        energy = w.pow(2).reshape(8, 4, 16, 4).sum((1, 3))
+        tiles = keep.T.reshape(8, 4, 16, 4)[:, 0, :, 0]
+        assert (keep.T.reshape(8, 4, 16, 4) == tiles[:, None, :, None]).all()
+        assert tiles.sum() == 64 and energy[tiles].min() >= energy[~tiles].max()
+    else:  # whole input channels = rows of B
+        rows = keep.any(1)
+        assert (keep[rows]).all() and rows.sum() == 32
+        energy = b.pow(2).sum(1)
+        assert energy[rows].min() >= energy[~rows].max()
+
+
+def test_masked_pcg_matches_exact_solve_per_column():
+    torch.manual_seed(2)
+    n, c = 40, 12
+    a = torch.randn(n, n, dtype=torch.float64)
+    h = a @ a.T / n + 0.5 * torch.eye(n, dtype=torch.float64)
+    g = torch.randn(n, c, dtype=torch.float64)
+    mask = torch.rand(n, c) < 0.5
+    res = masked_pcg(h, g, mask, iters=n)
+    assert (res.x[~mask] == 0).all()
+    for j in range(c):
+        s = mask[:, j]
+        exact = torch.linalg.solve(h[s][:, s], g[s, j])
+        assert torch.linalg.norm(res.x[s, j] - exact) / torch.linalg.norm(exact) < 1e-4
+
+
+def test_masked_pcg_with_jacobi_preconditioner_and_monotone_objective():
+    torch.manual_seed(3)
+    n, c = 30, 5
+    a = torch.randn(n, n, dtype=torch.float64)
+    scale = torch.logspace(-1, 1, n, dtype=torch.float64)
+    h = scale[:, None] * (a @ a.T / n + torch.eye(n, dtype=torch.float64)) * scale[None, :]
+    g = torch.randn(n, c, dtype=torch.float64)
+    mask = torch.rand(n, c) < 0.6
+    res = masked_pcg(h, g, mask, iters=n, inv_diag=1 / torch.diagonal(h))
+    for j in range(c):
+        s = mask[:, j]
+        exact = torch.linalg.solve(h[s][:, s], g[s, j])
+        assert torch.linalg.norm(res.x[s, j] - exact) / torch.linalg.norm(exact) < 1e-4
+    obj = torch.tensor(res.objective)
+    assert (obj[1:] <= obj[:-1] + 1e-9 * obj.abs().max()).all()
+
+
+@pytest.mark.parametrize("spec,sparsity", [("unstructured", 0.6), ("2:4", 0.5), ("unstructured:row", 0.7)])
+def test_alps_feasible_and_no_worse_than_sparsegpt(spec, sparsity):
+    w, gram = planted()
+    pattern = parse_pattern(spec)
+    res = alps.solve(w, gram, pattern, sparsity)
+    assert pattern.verify(res.weight, sparsity).ok
+    assert torch.equal(res.weight != 0, res.mask) or bool(((res.weight != 0) <= res.mask).all())
+    ours = reconstruction_error(w, res.weight, gram)[1]
+    theirs = reconstruction_error(w, sparsegpt.solve(w, gram, pattern, sparsity).weight, gram)[1]
+    assert ours <= theirs
+    obj = torch.tensor(res.stats["pcg_objective"])
+    assert (obj[1:] <= obj[:-1] + 1e-6 * obj.abs().max()).all()
+    assert res.stats["rel_error_scaled"] <= res.stats["rel_error_scaled_before_pcg"] + 1e-9
+
+
+@pytest.mark.parametrize("spec", PATTERNS)
+def test_alps_every_pattern_is_feasible(spec):
+    w, gram = planted(out=32, inp=64, tokens=256, seed=4)
+    pattern = parse_pattern(spec)
+    res = alps.solve(w, gram, pattern, 0.5, max_iter=30)
+    check = pattern.verify(res.weight, 0.5)
+    assert check.ok, check.detail
+    assert res.weight.shape == w.shape and res.weight.dtype == w.dtype
+
+
+def test_schedule_stops_before_max_iter_on_easy_problem():
+    torch.manual_seed(5)
+    w = torch.randn(16, 32)
+    gram = Gram.from_inputs(torch.randn(4096, 32))  # nearly white inputs
+    res = alps.solve(w, gram, parse_pattern("unstructured"), 0.5)
+    assert res.stats["iterations"] < 300
+    assert res.stats["support_history"][-1]["changed"] <= 0.0003 * 256 or res.stats["iterations"] < 30
+
+
+def test_same_inputs_same_mask():
+    w, gram = planted(seed=6)
+    pattern = parse_pattern("unstructured")
+    a = alps.solve(w, gram, pattern, 0.7)
+    b = alps.solve(w, Gram(gram.matrix.clone(), gram.n_tokens), pattern, 0.7)
+    assert torch.equal(a.mask, b.mask)
+    assert torch.equal(a.weight, b.weight)
+
+
+def test_ridge_modes_agree_and_eigendecomposition_is_shared():
+    w, gram = planted(seed=7)
+    pattern = parse_pattern("unstructured")
+    a = alps.solve(w, gram, pattern, 0.6, ridge="eig", dtype="float64")
+    b = alps.solve(w, gram, pattern, 0.6, ridge="inverse", dtype="float64")
+    assert b.stats["eigh_s"] == 0.0  # second matrix on the same Gram reuses the factorisation
+    assert torch.equal(a.mask, b.mask)
+    assert torch.allclose(a.weight, b.weight, atol=1e-8)
+
+
+@pytest.mark.parametrize("warm", ["wanda", "sparsegpt"])
+def test_warm_starts(warm):
+    w, gram = planted(seed=8)
+    pattern = parse_pattern("unstructured")
+    res = alps.solve(w, gram, pattern, 0.7, warm_start=warm, rho0=1.0)
+    assert pattern.verify(res.weight, 0.7).ok
+    assert res.stats["warm_start"] == warm
+
+
+def test_fixed_rho_and_trace():
+    w, gram = planted(seed=9)
+    res = alps.solve(w, gram, parse_pattern("unstructured"), 0.6, schedule=False, rho0=0.3, max_iter=20, trace=(5, 20))
+    assert res.stats["iterations"] == 20
+    assert [t["iter"] for t in res.stats["trace"]] == [5, 20]
+    assert all(t["rho"] == 0.3 for t in res.stats["trace"])
+
+
+@pytest.mark.parametrize("name", ["alps", "alps-fast"])
+def test_registered(name):
+    spec = SOLVERS[name]
+    opts = spec.options()
+    w, gram = planted(seed=10)
+    res = spec.solve_fn()(w, gram, parse_pattern("2:4"), 0.5, **opts.model_dump())
+    assert parse_pattern("2:4").verify(res.weight, 0.5).ok
