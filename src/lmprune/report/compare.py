@@ -1,0 +1,238 @@
+"""One table (Markdown and CSV) and plots comparing pruning runs, read from their ``lmprune.json`` manifests.
+
+A row per run: method, allocation, pattern, target and achieved sparsity, perplexity per dataset, zero-shot
+accuracy per task and its average, pruning time and peak memory. The dense model comes first: the run passed
+as ``dense``, or any run whose method is "dense" or whose target sparsity is 0.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "lmprune.json"
+_PPL_META = {"eval_windows", "seqlen", "tokens", "tokens_evaluated", "windows", "windows_available"}
+_ZS_METRICS = ("acc", "acc_norm", "perplexity")
+
+
+@dataclass
+class Run:
+    """The fields of one manifest that a comparison shows."""
+
+    label: str
+    path: Path
+    method: str
+    allocation: str
+    pattern: str
+    sparsity: float
+    achieved_sparsity: float | None
+    perplexity: dict[str, float]
+    eval_windows: Any
+    seqlen: Any
+    zeroshot: dict[str, dict[str, float]]
+    zeroshot_limit: Any
+    time_s: float | None
+    peak_rss_mb: float | None
+    layers: list[dict] = field(default_factory=list)
+
+    @property
+    def is_dense(self) -> bool:
+        return self.method == "dense" or self.sparsity == 0
+
+    @property
+    def series(self) -> str:
+        """The curve a run belongs to in plots: its method, qualified by a non-default allocation or pattern."""
+        extras = [x for x in (self.allocation, self.pattern) if x not in ("uniform", "unstructured", "", "-")]
+        return f"{self.method} ({', '.join(extras)})" if extras else self.method
+
+
+def _name(value: Any, default: str = "-") -> str:
+    """A short label for a manifest field that may be a string, a number, None or a dict with a name."""
+    if value is None:
+        return default
+    if isinstance(value, dict):
+        for key in ("name", "method", "kind", "type"):
+            if key in value:
+                return str(value[key])
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def load_run(path: Path) -> Run:
+    """Read a run directory (or its ``lmprune.json``); a one-line ``ValueError`` when the manifest is missing."""
+    path = Path(path)
+    manifest = path if path.is_file() else path / MANIFEST
+    if not manifest.is_file():
+        raise ValueError(f"{path}: no {MANIFEST} (not a run directory)")
+    try:
+        data = json.loads(manifest.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{manifest}: not valid JSON ({err})") from None
+    ppl_block = data.get("perplexity") or {}
+    perplexity = {k: float(v) for k, v in ppl_block.items() if k not in _PPL_META and _number(v) is not None}
+    zs_block = data.get("zeroshot") or {}
+    zeroshot = {
+        task: {m: float(s[m]) for m in _ZS_METRICS if _number(s.get(m)) is not None}
+        for task, s in zs_block.items()
+        if isinstance(s, dict) and any(_number(s.get(m)) is not None for m in _ZS_METRICS)
+    }
+    sparsity = _number(data.get("sparsity"))
+    return Run(
+        label=manifest.parent.name,
+        path=manifest.parent,
+        method=_name(data.get("method")),
+        allocation=_name(data.get("allocation"), "uniform"),
+        pattern=_name(data.get("pattern"), "unstructured"),
+        sparsity=sparsity if sparsity is not None else 0.0,
+        achieved_sparsity=_number(data.get("achieved_sparsity")),
+        perplexity=perplexity,
+        eval_windows=ppl_block.get("eval_windows", data.get("eval_windows")),
+        seqlen=ppl_block.get("seqlen", data.get("seqlen")),
+        zeroshot=zeroshot,
+        zeroshot_limit=zs_block.get("limit"),
+        time_s=_number(data.get("time_s")),
+        peak_rss_mb=_number(data.get("peak_rss_mb")),
+        layers=list(data.get("layers") or []),
+    )
+
+
+def order_runs(runs: list[Run], dense: Run | None = None) -> list[Run]:
+    """Dense first, then by method, allocation, pattern and sparsity."""
+    rest = [r for r in runs if r is not dense]
+    key = lambda r: (not r.is_dense, r.method, r.allocation, r.pattern, r.sparsity, r.label)  # noqa: E731
+    return ([dense] if dense is not None else []) + sorted(rest, key=key)
+
+
+def common_tasks(runs: list[Run]) -> list[str]:
+    """Tasks with an accuracy in every run that has zero-shot results (the average is taken over these)."""
+    scored = [r for r in runs if r.zeroshot]
+    if not scored:
+        return []
+    first = [t for t in scored[0].zeroshot if "acc" in scored[0].zeroshot[t]]
+    return [t for t in first if all("acc" in r.zeroshot.get(t, {}) for r in scored)]
+
+
+def zeroshot_average(run: Run, tasks: list[str]) -> float | None:
+    """Mean ``acc`` over ``tasks`` (None when the run has no zero-shot results)."""
+    if not tasks or not run.zeroshot:
+        return None
+    return sum(run.zeroshot[t]["acc"] for t in tasks) / len(tasks)
+
+
+def _columns(runs: list[Run]) -> tuple[list[str], list[str], dict[str, list[str]]]:
+    datasets = sorted({d for r in runs for d in r.perplexity})
+    tasks = list(dict.fromkeys(t for r in runs for t in r.zeroshot))
+    metrics = {t: [m for m in _ZS_METRICS if any(m in r.zeroshot.get(t, {}) for r in runs)] for t in tasks}
+    return datasets, tasks, metrics
+
+
+def table_rows(runs: list[Run]) -> list[dict[str, Any]]:
+    """One flat record per run (the CSV rows): raw numbers, blanks where a run lacks a value."""
+    datasets, tasks, metrics = _columns(runs)
+    avg_tasks = common_tasks(runs)
+    rows = []
+    for r in runs:
+        row: dict[str, Any] = {
+            "run": r.label, "method": r.method, "allocation": r.allocation, "pattern": r.pattern,
+            "sparsity": r.sparsity, "achieved_sparsity": r.achieved_sparsity,
+        }
+        row.update({f"ppl_{d}": r.perplexity.get(d) for d in datasets})
+        for t in tasks:
+            row.update({f"{t}_{m}": r.zeroshot.get(t, {}).get(m) for m in metrics[t]})
+        row["zeroshot_avg_acc"] = zeroshot_average(r, avg_tasks)
+        row.update({"time_s": r.time_s, "peak_rss_mb": r.peak_rss_mb, "eval_windows": r.eval_windows,
+                    "seqlen": r.seqlen, "zeroshot_limit": r.zeroshot_limit, "path": str(r.path)})
+        rows.append(row)
+    return rows
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+    return path
+
+
+def _fmt(value: float | None, kind: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if kind == "pct":
+        return f"{100 * value:.1f}"
+    if kind == "ppl":
+        return f"{value:.2f}" if value < 1e4 else f"{value:.3g}"
+    if kind == "int":
+        return f"{value:.0f}"
+    return f"{value:.1f}"
+
+
+def markdown_table(runs: list[Run]) -> str:
+    """The comparison as a Markdown table (accuracies and sparsities in %)."""
+    datasets, tasks, metrics = _columns(runs)
+    avg_tasks = common_tasks(runs)
+    header = ["run", "method", "allocation", "pattern", "sparsity %", "achieved %"]
+    header += [f"{d} ppl" for d in datasets]
+    header += [f"{t} {'/'.join('ppl' if m == 'perplexity' else m for m in metrics[t])}" for t in tasks]
+    header += ["zero-shot avg acc"] if avg_tasks else []
+    header += ["time s", "peak RSS MB"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 4 + ["--:"] * (len(header) - 4)) + "|"]
+    for r in runs:
+        cells = [r.label, r.method, r.allocation, r.pattern, _fmt(r.sparsity, "pct"), _fmt(r.achieved_sparsity, "pct")]
+        cells += [_fmt(r.perplexity.get(d), "ppl") for d in datasets]
+        for t in tasks:
+            scores = r.zeroshot.get(t, {})
+            cells.append(" / ".join(_fmt(scores.get(m), "ppl" if m == "perplexity" else "pct") for m in metrics[t]))
+        cells += [_fmt(zeroshot_average(r, avg_tasks), "pct")] if avg_tasks else []
+        cells += [_fmt(r.time_s, "s"), _fmt(r.peak_rss_mb, "int")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _notes(runs: list[Run]) -> list[str]:
+    notes = []
+    windows = sorted({f"{r.eval_windows} windows × {r.seqlen} tokens" for r in runs if r.perplexity})
+    if windows:
+        notes.append("Perplexity evaluated on " + "; ".join(windows) + " per dataset.")
+    limits = sorted({str(r.zeroshot_limit) for r in runs if r.zeroshot})
+    if limits:
+        notes.append(f"Zero-shot: 0-shot, lm-evaluation-harness prompts, first {' / '.join(limits)} documents per "
+                     "task (None = all); cells are acc / acc_norm in % (LAMBADA: acc / perplexity).")
+    avg = common_tasks(runs)
+    if avg:
+        notes.append(f"Zero-shot average: mean acc over {', '.join(avg)}.")
+    return notes
+
+
+def compare_runs(run_dirs: list[Path], out_dir: Path, dense: Path | None = None, plots: bool = True) -> Path:
+    """Write ``comparison.md``, ``comparison.csv`` and the PNG plots into ``out_dir``; return the Markdown path."""
+    if not run_dirs and dense is None:
+        raise ValueError("compare needs at least one run directory")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dense_run = load_run(dense) if dense is not None else None
+    runs = [load_run(p) for p in run_dirs if dense is None or Path(p).resolve() != Path(dense).resolve()]
+    runs = order_runs(runs + ([dense_run] if dense_run else []), dense_run)
+
+    write_csv(table_rows(runs), out_dir / "comparison.csv")
+    lines = ["# Comparison of pruning runs", "", markdown_table(runs), ""]
+    lines += [f"- {n}" for n in _notes(runs)]
+    lines += ["- Raw numbers: [comparison.csv](comparison.csv)."]
+    if plots:
+        from .plots import comparison_plots
+
+        images = comparison_plots(runs, out_dir)
+        if images:
+            lines += ["", "## Plots", ""]
+            lines += [f"![{title}]({path.name})" for title, path in images]
+    md = out_dir / "comparison.md"
+    md.write_text("\n".join(lines) + "\n")
+    return md

@@ -1,0 +1,113 @@
+"""`compare_runs` on synthetic run directories: table, CSV, plots, dense first."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from lmprune.report.compare import compare_runs, load_run
+from lmprune.report.plots import block_stats
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _layers(n_blocks: int, sparsity: float) -> list[dict]:
+    layers = []
+    for b in range(n_blocks):
+        for kind, shape in (("self_attn.q_proj", [8, 8]), ("mlp.down_proj", [8, 16])):
+            layers.append({"name": f"model.layers.{b}.{kind}", "shape": shape,
+                           "sparsity": sparsity, "rel_error": 0.01 * (b + 1)})
+    return layers
+
+
+def _write_run(root: Path, name: str, **fields) -> Path:
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "lmprune.json").write_text(json.dumps(fields))
+    return run
+
+
+@pytest.fixture
+def runs(tmp_path):
+    sparse = _write_run(
+        tmp_path, "sparsegpt_50", method="sparsegpt", sparsity=0.5, pattern="unstructured", allocation="uniform",
+        achieved_sparsity=0.5, layers=_layers(3, 0.5),
+        perplexity={"wikitext2": 30.5, "c4": 45.25, "eval_windows": 4, "seqlen": 1024},
+        zeroshot={"piqa": {"acc": 0.6, "acc_norm": 0.62}, "arc_easy": {"acc": 0.4, "acc_norm": 0.38},
+                  "limit": 20, "n_docs": {"piqa": 20, "arc_easy": 20}},
+        time_s=12.5, peak_rss_mb=900.0)
+    dense = _write_run(
+        tmp_path, "dense", method="dense", sparsity=0.0, pattern="unstructured", allocation="uniform",
+        achieved_sparsity=0.0, layers=[],
+        perplexity={"wikitext2": 20.0, "c4": 30.0, "eval_windows": 4, "seqlen": 1024},
+        zeroshot={"piqa": {"acc": 0.7, "acc_norm": 0.71}, "arc_easy": {"acc": 0.5, "acc_norm": 0.45}, "limit": 20},
+        time_s=0.0, peak_rss_mb=800.0)
+    return sparse, dense
+
+
+def test_compare_writes_table_csv_and_plots(runs, tmp_path):
+    sparse, dense = runs
+    out = tmp_path / "cmp"
+    md_path = compare_runs([sparse, dense], out)
+    assert md_path == out / "comparison.md"
+    md = md_path.read_text()
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    assert table[0].split(" | ")[:4] == ["| run", "method", "allocation", "pattern"]
+    assert table[1].startswith("| dense | dense |")  # dense first although listed second
+    assert table[2].startswith("| sparsegpt_50 | sparsegpt | uniform | unstructured | 50.0 | 50.0 | 45.25 | 30.50 |")
+    assert "60.0 / 62.0" in table[2] and "| 50.0 |" in table[2]  # piqa acc/acc_norm; average of 60 and 40
+    assert "| 60.0 |" in table[1]  # dense average of 70 and 50
+    assert "4 windows × 1024 tokens" in md and "first 20 documents" in md
+    assert "mean acc over piqa, arc_easy" in md
+
+    with open(out / "comparison.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["run"] for r in rows] == ["dense", "sparsegpt_50"]
+    assert float(rows[1]["ppl_wikitext2"]) == 30.5
+    assert float(rows[1]["arc_easy_acc_norm"]) == pytest.approx(0.38)
+    assert float(rows[1]["zeroshot_avg_acc"]) == pytest.approx(0.5)
+    assert float(rows[1]["peak_rss_mb"]) == 900.0
+
+    for png in ("perplexity_vs_sparsity.png", "zeroshot_vs_sparsity.png", "layers_sparsegpt_50.png"):
+        assert (out / png).read_bytes()[:8] == PNG_MAGIC
+        assert f"]({png})" in md
+    assert not (out / "layers_dense.png").exists()
+
+
+def test_explicit_dense_run_goes_first(runs, tmp_path):
+    sparse, dense = runs
+    md = compare_runs([sparse], tmp_path / "cmp", dense=dense, plots=False).read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| ")][1:]
+    assert [r.split(" | ")[0] for r in rows] == ["| dense", "| sparsegpt_50"]
+    assert not (tmp_path / "cmp" / "perplexity_vs_sparsity.png").exists()
+
+
+def test_missing_manifest_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no lmprune.json"):
+        compare_runs([tmp_path], tmp_path / "cmp")
+
+
+def test_runs_without_zero_shot_have_no_average_column(tmp_path):
+    a = _write_run(tmp_path, "a", method="wanda", sparsity=0.5, perplexity={"wikitext2": 40.0})
+    b = _write_run(tmp_path, "b", method="wanda", sparsity=0.7, allocation={"name": "owl"}, pattern="2:4",
+                   perplexity={"wikitext2": 400.0})
+    md = compare_runs([b, a], tmp_path / "cmp").read_text()
+    assert "zero-shot avg" not in md and "zeroshot_vs_sparsity.png" not in md
+    assert "| b | wanda | owl | 2:4 | 70.0 |" in md
+    assert load_run(b).series == "wanda (owl, 2:4)"
+
+
+def test_block_stats_weights_sparsity_by_matrix_size():
+    layers = [
+        {"name": "model.layers.0.self_attn.q_proj", "shape": [4, 4], "sparsity": 0.25, "rel_error": 0.1},
+        {"name": "model.layers.0.mlp.down_proj", "shape": [4, 12], "sparsity": 0.75, "rel_error": 0.2},
+        {"name": "model.layers.1.mlp.down_proj", "shape": [4, 12], "sparsity": 0.5},
+        {"name": "lm_head", "shape": [4, 4], "sparsity": 0.0},
+    ]
+    blocks, sparsity, errors = block_stats(layers)
+    assert blocks == [0, 1]
+    assert sparsity == pytest.approx([(0.25 * 16 + 0.75 * 48) / 64, 0.5])
+    assert errors == {"q_proj": {0: 0.1}, "down_proj": {0: 0.2}}
