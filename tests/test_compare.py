@@ -111,3 +111,11 @@ def test_block_stats_weights_sparsity_by_matrix_size():
     assert blocks == [0, 1]
     assert sparsity == pytest.approx([(0.25 * 16 + 0.75 * 48) / 64, 0.5])
     assert errors == {"q_proj": {0: 0.1}, "down_proj": {0: 0.2}}
+
+
+def test_zero_shot_scores_beside_the_manifest_are_read(tmp_path):
+    run = _write_run(tmp_path, "w", method="wanda", sparsity=0.5, perplexity={"wikitext2": 40.0})
+    (run / "zeroshot.json").write_text(json.dumps(
+        {"zeroshot": {"rte": {"acc": 0.55}, "limit": 50, "n_docs": {"rte": 50}}}))
+    loaded = load_run(run)
+    assert loaded.zeroshot == {"rte": {"acc": 0.55}} and loaded.zeroshot_limit == 50

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "lmprune.json"
+ZEROSHOT_SIDECAR = "zeroshot.json"  # `lmprune eval --out RUN/zeroshot.json`, used when the manifest has none
 _PPL_META = {"eval_windows", "seqlen", "tokens", "tokens_evaluated", "windows", "windows_available"}
 _ZS_METRICS = ("acc", "acc_norm", "perplexity")
 
@@ -66,6 +67,15 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def _sidecar_zeroshot(path: Path) -> dict:
+    """Zero-shot scores from an evaluation file: its ``zeroshot`` entry, or the file itself (a plain
+    ``evaluate_tasks`` result)."""
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    return data.get("zeroshot") or data
+
+
 def load_run(path: Path) -> Run:
     """Read a run directory (or its ``lmprune.json``); a one-line ``ValueError`` when the manifest is missing."""
     path = Path(path)
@@ -78,7 +88,7 @@ def load_run(path: Path) -> Run:
         raise ValueError(f"{manifest}: not valid JSON ({err})") from None
     ppl_block = data.get("perplexity") or {}
     perplexity = {k: float(v) for k, v in ppl_block.items() if k not in _PPL_META and _number(v) is not None}
-    zs_block = data.get("zeroshot") or {}
+    zs_block = data.get("zeroshot") or _sidecar_zeroshot(manifest.parent / ZEROSHOT_SIDECAR)
     zeroshot = {
         task: {m: float(s[m]) for m in _ZS_METRICS if _number(s.get(m)) is not None}
         for task, s in zs_block.items()
