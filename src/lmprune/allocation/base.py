@@ -9,7 +9,23 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class MatrixInfo:
+    """One prunable matrix as an allocator sees it: its name, decoder block index and weight."""
+
+    name: str
+    block: int
+    weight: Tensor
+
+    @property
+    def params(self) -> int:
+        return self.weight.numel()
 
 
 @dataclass
@@ -76,3 +92,61 @@ def uniform(names_params_blocks: list[tuple[str, int, int]], sparsity: float) ->
     return Allocation(
         "uniform", sparsity, [MatrixAllocation(n, b, p, sparsity) for n, p, b in names_params_blocks]
     )
+
+
+def fit_weighted_mean(
+    offset: Sequence[float],
+    slope: Sequence[float],
+    params: Sequence[int],
+    target: float,
+    lo: float = 0.0,
+    hi: float = 0.99,
+) -> list[float]:
+    """Solve ``Σ n_ℓ clip(a_ℓ + b_ℓ t, lo, hi) = target · Σ n_ℓ`` for ``t`` exactly; return the clipped values.
+
+    ``b_ℓ ≥ 0``: a pure rescaling is ``a = 0, b = r`` (t is AlphaPruning's η), a pure shift is ``a = base,
+    b = 1`` (OWL). The left side is continuous, non-decreasing and piecewise linear in ``t``; the solution is
+    found on the linear piece that brackets the target, so clamped entries hand their excess to the free ones
+    ("water-filling") and the parameter-weighted mean holds to float64 rounding.
+    """
+    a = torch.as_tensor(offset, dtype=torch.float64)
+    b = torch.as_tensor(slope, dtype=torch.float64)
+    n = torch.as_tensor(params, dtype=torch.float64)
+    if not (a.shape == b.shape == n.shape) or a.ndim != 1 or a.numel() == 0:
+        raise ValueError("offset, slope and params must be non-empty and of equal length")
+    if bool((b < 0).any()) or bool((n <= 0).any()):
+        raise ValueError("slopes must be >= 0 and parameter counts > 0")
+    if not lo <= target <= hi:
+        raise ValueError(f"target sparsity {target} is outside the allowed range [{lo}, {hi}]")
+    total = target * n.sum()
+
+    def mean_at(t: Tensor) -> Tensor:  # t: (k,) -> Σ n clip(a + b t) for each t
+        return (n * (a + b * t[:, None]).clamp(lo, hi)).sum(1)
+
+    moving = b > 0
+    fixed_sum = (n[~moving] * a[~moving].clamp(lo, hi)).sum()
+    reach_lo = fixed_sum + lo * n[moving].sum()
+    reach_hi = fixed_sum + hi * n[moving].sum()
+    tol = 1e-12 * n.sum()
+    if total < reach_lo - tol or total > reach_hi + tol:
+        raise ValueError(
+            f"no allocation reaches mean {target}: achievable [{reach_lo / n.sum():.6f}, {reach_hi / n.sum():.6f}]"
+        )
+    if not bool(moving.any()):
+        return a.clamp(lo, hi).tolist()
+
+    am, bm = a[moving], b[moving]
+    knots = torch.unique(torch.cat([(lo - am) / bm, (hi - am) / bm]))
+    values = mean_at(knots)
+    k = int(torch.searchsorted(values, total.reshape(1)).item())
+    k = min(max(k, 1), knots.numel() - 1) if knots.numel() > 1 else 0
+    # on [knots[k-1], knots[k]] the clamped set is fixed: solve the linear equation for the free entries
+    mid = (knots[k - 1] + knots[k]) / 2 if knots.numel() > 1 else knots[0]
+    y = a + b * mid
+    free = moving & (y > lo) & (y < hi)
+    clamped_sum = (n[~free] * y[~free].clamp(lo, hi)).sum()
+    if bool(free.any()):
+        t = (total - clamped_sum - (n[free] * a[free]).sum()) / (n[free] * b[free]).sum()
+    else:
+        t = mid
+    return (a + b * t).clamp(lo, hi).tolist()

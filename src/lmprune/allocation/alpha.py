@@ -1,0 +1,176 @@
+"""AlphaPruning (Lu et al., NeurIPS 2024): per-layer sparsity from the heavy-tail exponent α of each ESD.
+
+For every prunable matrix, α is the Hill exponent of the tail of the eigenvalues of ``WᵀW`` (see
+:mod:`.hill`). A heavier tail (smaller α) marks a better-trained matrix, which is pruned less. With the
+metric ``q_ℓ`` (α of the matrix, or the mean α of its block) and the target ``S``:
+
+    r_ℓ = 1 − ε + 2ε (q_ℓ − min q) / (max q − min q)
+    s_ℓ = clip(η r_ℓ, lo, hi),   η such that Σ n_ℓ s_ℓ = S Σ n_ℓ     (n_ℓ = parameters of matrix ℓ)
+
+Deviation from the reference: the reference stops at ``s_ℓ = η r_ℓ`` with ``η = S Σn / Σ n r``, which can
+exceed 1 at high ``S`` and large ε (and then crashes the pruner). Here every ratio is clamped into
+``[min_sparsity, max_sparsity]`` and η is re-solved with the clamped matrices fixed (water-filling), so the
+parameter-weighted mean still equals the target exactly. Without clamping both give the same numbers.
+
+The SVDs are the whole cost: they run on each weight's device (or ``device``) and, given ``cache_dir``, the
+fits are stored per matrix in ``{cache_dir}/alpha-{model_hash}.json`` and reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .base import Allocation, MatrixAllocation, MatrixInfo, fit_weighted_mean
+from .hill import XMIN_RULES, PowerLawFit, matrix_alpha
+
+AGGREGATES = ("block", "matrix")
+
+
+def weights_hash(matrices: Sequence[MatrixInfo]) -> str:
+    """A cheap fingerprint of a set of weights: names, shapes, sums and a strided sample of every matrix."""
+    h = hashlib.sha256()
+    for m in matrices:
+        w = m.weight.detach()
+        flat = w.reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().contiguous()
+        h.update(f"{m.name}|{m.block}|{tuple(w.shape)}|{w.dtype}|{float(flat.double().sum()):.10e}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _cache_path(cache_dir: str | Path, model_hash: str) -> Path:
+    return Path(cache_dir) / f"alpha-{model_hash}.json"
+
+
+def _read_cache(path: Path, key: str) -> dict[str, dict]:
+    try:
+        return json.loads(path.read_text()).get("fits", {}).get(key, {})
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return {}
+
+
+def _write_cache(path: Path, model_hash: str, key: str, fits: dict[str, dict]) -> None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        data = {}
+    data.setdefault("fits", {}).setdefault(key, {}).update(fits)
+    data["model_hash"] = model_hash
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def compute_alphas(
+    matrices: Sequence[MatrixInfo],
+    xmin_rule: str = "peak",
+    cache_dir: str | Path | None = None,
+    model_hash: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[dict[str, PowerLawFit], dict[str, float]]:
+    """Power-law fit of every matrix's ESD, from the cache where possible; also returns timing stats."""
+    if xmin_rule not in XMIN_RULES:
+        raise ValueError(f"unknown xmin rule {xmin_rule!r}; choose from {', '.join(XMIN_RULES)}")
+    key = f"{xmin_rule}/{str(dtype).removeprefix('torch.')}"
+    path = None
+    cached: dict[str, dict] = {}
+    if cache_dir is not None:
+        model_hash = model_hash or weights_hash(matrices)
+        path = _cache_path(cache_dir, model_hash)
+        cached = _read_cache(path, key)
+
+    fits: dict[str, PowerLawFit] = {}
+    fresh: dict[str, dict] = {}
+    t0 = time.perf_counter()
+    for m in matrices:
+        entry = cached.get(m.name)
+        if entry is not None and entry.get("shape") == list(m.weight.shape):
+            fits[m.name] = PowerLawFit(**{k: entry[k] for k in ("alpha", "xmin", "ks", "n_tail", "n_eigs")})
+            continue
+        w = m.weight if device is None else m.weight.to(device)
+        fit = matrix_alpha(w, xmin_rule, dtype)
+        fits[m.name] = fit
+        fresh[m.name] = {**fit.__dict__, "shape": list(m.weight.shape)}
+    svd_s = time.perf_counter() - t0
+    if path is not None and fresh:
+        _write_cache(path, model_hash, key, fresh)
+    return fits, {"svd_time_s": svd_s, "cached": len(matrices) - len(fresh), "computed": len(fresh)}
+
+
+def alpha_ratios(metric: Sequence[float], epsilon: float) -> list[float]:
+    """Linear map of the metric onto ``[1 − ε, 1 + ε]`` (largest metric → ``1 + ε``)."""
+    q = torch.as_tensor(metric, dtype=torch.float64)
+    span = float(q.max() - q.min())
+    if span == 0.0:
+        return [1.0] * q.numel()
+    return ((q - q.min()) / span * (2 * epsilon) + (1 - epsilon)).tolist()
+
+
+def allocate(
+    matrices: Sequence[MatrixInfo],
+    sparsity: float,
+    epsilon: float = 0.2,
+    xmin_rule: str = "peak",
+    aggregate: str = "block",
+    min_sparsity: float = 0.0,
+    max_sparsity: float = 0.99,
+    cache_dir: str | Path | None = None,
+    model_hash: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Allocation:
+    """AlphaPruning targets: per-matrix sparsities with parameter-weighted mean ``sparsity``."""
+    start = time.perf_counter()
+    if not matrices:
+        raise ValueError("no matrices to allocate")
+    if not 0.0 <= epsilon < 1.0:
+        raise ValueError(f"epsilon must be in [0, 1), got {epsilon}")
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"unknown aggregate {aggregate!r}; choose from {', '.join(AGGREGATES)}")
+    if not 0.0 <= min_sparsity <= sparsity <= max_sparsity < 1.0:
+        raise ValueError(f"need 0 <= min_sparsity <= sparsity <= max_sparsity < 1, got "
+                         f"{min_sparsity}, {sparsity}, {max_sparsity}")
+
+    fits, stats = compute_alphas(matrices, xmin_rule, cache_dir, model_hash, device, dtype)
+    by_block: dict[int, list[float]] = defaultdict(list)
+    for m in matrices:
+        by_block[m.block].append(fits[m.name].alpha)
+    block_alpha = {b: sum(v) / len(v) for b, v in sorted(by_block.items())}
+    metric = [block_alpha[m.block] if aggregate == "block" else fits[m.name].alpha for m in matrices]
+
+    ratios = alpha_ratios(metric, epsilon)
+    params = [m.params for m in matrices]
+    targets = fit_weighted_mean([0.0] * len(ratios), ratios, params, sparsity, min_sparsity, max_sparsity)
+    n_clamped = sum(t <= min_sparsity or t >= max_sparsity for t in targets)
+
+    return Allocation(
+        method="alpha",
+        sparsity=sparsity,
+        matrices=[
+            MatrixAllocation(m.name, m.block, m.params, t, fits[m.name].alpha)
+            for m, t in zip(matrices, targets)
+        ],
+        options={
+            "epsilon": epsilon,
+            "xmin_rule": xmin_rule,
+            "aggregate": aggregate,
+            "min_sparsity": min_sparsity,
+            "max_sparsity": max_sparsity,
+            "clamped": n_clamped,
+            "block_alpha": {str(b): a for b, a in block_alpha.items()},
+            "fits": {n: {k: v for k, v in f.__dict__.items()} for n, f in fits.items()},
+            **stats,
+        },
+        metric_name="alpha",
+        time_s=time.perf_counter() - start,
+    )
