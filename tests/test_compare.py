@@ -119,3 +119,12 @@ def test_zero_shot_scores_beside_the_manifest_are_read(tmp_path):
         {"zeroshot": {"rte": {"acc": 0.55}, "limit": 50, "n_docs": {"rte": 50}}}))
     loaded = load_run(run)
     assert loaded.zeroshot == {"rte": {"acc": 0.55}} and loaded.zeroshot_limit == 50
+
+
+def test_plot_run_writes_the_per_block_plot_into_the_run(runs):
+    from lmprune.report.plots import plot_run
+
+    sparse, dense = runs
+    assert plot_run(sparse).read_bytes()[:8] == PNG_MAGIC
+    assert (sparse / "layers.png").is_file()
+    assert plot_run(dense) is None  # no pruned layers, no plot

@@ -156,3 +156,11 @@ def comparison_plots(runs: list["Run"], out_dir: Path) -> list[tuple[str, Path]]
         if png:
             written.append((f"per-block sparsity and error: {r.label}", png))
     return written
+
+
+def plot_run(run_dir: Path, out: Path | None = None) -> Path | None:
+    """The per-block plot of one run directory, written to ``out`` (default ``RUN_DIR/layers.png``)."""
+    from .compare import load_run
+
+    run_dir = Path(run_dir)
+    return plot_layers(load_run(run_dir), Path(out) if out else run_dir / "layers.png")
