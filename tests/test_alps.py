@@ -145,8 +145,10 @@ def test_ridge_modes_agree_and_eigendecomposition_is_shared():
     a = alps.solve(w, gram, pattern, 0.6, ridge="eig", dtype="float64")
     b = alps.solve(w, gram, pattern, 0.6, ridge="inverse", dtype="float64")
     assert b.stats["eigh_s"] == 0.0  # second matrix on the same Gram reuses the factorisation
-    assert torch.equal(a.mask, b.mask)
+    c = alps.solve(w, gram, pattern, 0.6, ridge="cholesky", dtype="float64")
+    assert torch.equal(a.mask, b.mask) and torch.equal(a.mask, c.mask)
     assert torch.allclose(a.weight, b.weight, atol=1e-8)
+    assert torch.allclose(a.weight, c.weight, atol=1e-8)
 
 
 @pytest.mark.parametrize("warm", ["wanda", "sparsegpt"])

@@ -48,70 +48,95 @@ class Options(SolverOptions):
     rho_max: float = 1e6
     #: ρ factors for large (s/k > 0.1), medium (> 0.005) and small (s ≥ 1) support changes
     growth: tuple[float, float, float] = (1.3, 1.2, 1.1)
+    #: treat ρ as already growing from the first check (skips the ρ/5 restart branch; for warm/fast starts)
+    grow_from_start: bool = False
     #: False: keep ρ = rho0 for ``max_iter`` iterations (the fixed-penalty ADMM the schedule improves on)
     schedule: bool = True
     pcg_iters: int = 10
     percdamp: float = 0.01
     #: initial feasible point D⁰: scaled magnitude (ALPS), or the mask/weights of Wanda or SparseGPT
     warm_start: Literal["magnitude", "wanda", "sparsegpt"] = "magnitude"
-    eigh_dtype: Literal["float64", "float32"] = "float64"
+    #: only used by the ``eig``/``inverse`` ridge modes; float32 measured as accurate as float64
+    eigh_dtype: Literal["float64", "float32"] = "float32"
     #: dtype of the ADMM and PCG matrix products
     dtype: Literal["float32", "float64"] = "float32"
     #: how ``(H̃ + ρI)⁻¹`` is applied (see :class:`RidgeSolver`)
-    ridge: Literal["auto", "eig", "inverse"] = "auto"
+    ridge: Literal["auto", "eig", "inverse", "cholesky"] = "auto"
     #: iterations (1-based) at which to record the objective of D and the support change (costs a product)
     trace: tuple[int, ...] = ()
 
 
 @dataclass
 class ScaledGram:
-    """``H̃ = D⁻¹(H + λI)D⁻¹ = QΛQᵀ`` and ``d``, in the working dtype."""
+    """``H̃ = D⁻¹(H + λI)D⁻¹`` and ``d`` in the working dtype; its eigendecomposition ``QΛQᵀ`` on demand."""
 
     h: Tensor
     d: Tensor
-    q: Tensor
-    lam: Tensor
-    seconds: float
+    eigh_dtype: torch.dtype
+    q: Tensor | None = None
+    lam: Tensor | None = None
+    eigh_s: float = 0.0
 
+    def eig(self) -> tuple[Tensor, Tensor]:
+        if self.q is None:
+            start = time.perf_counter()
+            lam, q = torch.linalg.eigh(self.h.to(self.eigh_dtype))
+            self.lam, self.q = lam.to(self.h.dtype), q.to(self.h.dtype)
+            self.eigh_s = time.perf_counter() - start
+        return self.q, self.lam
+
+
+def scaled_gram(gram: Gram, percdamp: float, eigh_dtype: str, dtype: str) -> ScaledGram:
+    """The damped, unit-diagonal Gram matrix, computed once per ``gram`` (and its eigendecomposition once)."""
+
+    def compute() -> ScaledGram:
+        h = gram.damped(percdamp, torch.float64)
+        d = torch.diagonal(h).sqrt()
+        h = h / d.unsqueeze(1) / d.unsqueeze(0)
+        wd = _DTYPES[dtype]
+        return ScaledGram(h.to(wd), d.to(wd), _DTYPES[eigh_dtype])
+
+    return gram.cached(f"alps_scaled_{percdamp}_{eigh_dtype}_{dtype}", compute)
 
 
 class RidgeSolver:
-    """Applies ``(H̃ + ρI)⁻¹`` for the current ρ through the eigendecomposition, never refactorising.
+    """Applies ``(H̃ + ρI)⁻¹`` for the current ρ.
 
-    ``eig``: ``Q((QᵀR) / (Λ + ρ))``, two products per solve. ``inverse``: ``M = Q diag(1/(Λ+ρ)) Qᵀ`` rebuilt by
-    one ``in x in x in`` product when ρ changes, then one product per solve; cheaper when the solves between ρ
-    changes cost more than the rebuild (``in < solves · out``). ``auto`` picks by that flop count.
+    * ``eig``: ``Q((QᵀR) / (Λ + ρ))`` from the shared eigendecomposition: two products per solve, nothing to
+      redo when ρ changes.
+    * ``inverse``: ``M = Q diag(1/(Λ+ρ)) Qᵀ``, rebuilt by one ``in³`` product when ρ changes, then one product
+      per solve; fewer flops than ``eig`` when ``in < solves_per_rho · out``.
+    * ``cholesky``: the same ``M`` from a Cholesky factorisation of ``H̃ + ρI`` at each ρ change (about ``in³``
+      flops, no eigendecomposition at all), then one product per solve.
+    * ``auto``: ``cholesky`` (measured fastest on CPU for every SmolLM2 shape, see bench/RESULTS.md).
     """
 
     def __init__(self, sg: ScaledGram, out_features: int, solves_per_rho: int, mode: str = "auto"):
         if mode == "auto":
-            mode = "inverse" if sg.q.shape[0] < solves_per_rho * out_features else "eig"
+            mode = "cholesky"
         self.sg, self.mode = sg, mode
         self._rho: float | None = None
         self._m: Tensor | None = None
 
     def __call__(self, rhs: Tensor, rho: float) -> Tensor:
-        q, scale = self.sg.q, 1.0 / (self.sg.lam + rho)
         if self.mode == "eig":
-            return q @ ((q.T @ rhs) * scale.unsqueeze(1))
+            q, lam = self.sg.eig()
+            return q @ ((q.T @ rhs) / (lam + rho).unsqueeze(1))
         if rho != self._rho:
-            self._m, self._rho = (q * scale.unsqueeze(0)) @ q.T, rho
+            self._m, self._rho = self._inverse(rho), rho
         return self._m @ rhs
 
-
-def scaled_gram(gram: Gram, percdamp: float, eigh_dtype: str, dtype: str) -> ScaledGram:
-    """The damped, unit-diagonal Gram matrix and its eigendecomposition, computed once per ``gram``."""
-
-    def compute() -> ScaledGram:
-        start = time.perf_counter()
-        h = gram.damped(percdamp, torch.float64)
-        d = torch.diagonal(h).sqrt()
-        h = h / d.unsqueeze(1) / d.unsqueeze(0)
-        lam, q = torch.linalg.eigh(h.to(_DTYPES[eigh_dtype]))
-        wd = _DTYPES[dtype]
-        return ScaledGram(h.to(wd), d.to(wd), q.to(wd), lam.to(wd), time.perf_counter() - start)
-
-    return gram.cached(f"alps_eigh_{percdamp}_{eigh_dtype}_{dtype}", compute)
+    def _inverse(self, rho: float) -> Tensor:
+        if self.mode == "inverse":
+            q, lam = self.sg.eig()
+            return (q / (lam + rho).unsqueeze(0)) @ q.T
+        shifted = self.sg.h.clone()
+        shifted.diagonal().add_(rho)
+        lower, info = torch.linalg.cholesky_ex(shifted)
+        if int(info) == 0:
+            return torch.cholesky_inverse(lower)
+        lower = torch.linalg.cholesky(shifted.double())  # float32 round-off broke definiteness
+        return torch.cholesky_inverse(lower).to(shifted.dtype)
 
 
 def keep_mask_scaled(pattern: Pattern, b: Tensor, sparsity: float) -> Tensor:
@@ -128,7 +153,8 @@ def _initial_point(weight: Tensor, gram: Gram, pattern: Pattern, sparsity: float
     if warm_start == "wanda":
         from . import wanda
 
-        keep = wanda.solve(weight, gram, pattern, sparsity).mask.T
+        # the pattern's own comparison group, so the start is feasible (Wanda's default is per output row)
+        keep = wanda.solve(weight, gram, pattern, sparsity, per_row=False).mask.T
         return b0 * keep, keep
     from . import sparsegpt
 
@@ -152,9 +178,8 @@ def solve(
     pattern.validate(weight.shape)
     start = time.perf_counter()
     wd = _DTYPES[opt.dtype]
-    cached = f"alps_eigh_{opt.percdamp}_{opt.eigh_dtype}_{opt.dtype}" in gram._cache
     sg = scaled_gram(gram, opt.percdamp, opt.eigh_dtype, opt.dtype)
-    eigh_s = 0.0 if cached else sg.seconds
+    had_eig = sg.q is not None
 
     w = weight.detach().to(wd).clone()
     w[:, gram.dead()] = 0
@@ -168,7 +193,7 @@ def solve(
     rho = opt.rho0
     b, dvar, v = b0.clone(), d_init.clone(), torch.zeros_like(b0)
     prev_keep = keep
-    growing = False
+    growing = opt.grow_from_start
     history: list[dict] = []
     trace: list[dict] = []
     trace_at = set(opt.trace)
@@ -219,10 +244,15 @@ def solve(
         rho = min(rho, opt.rho_max)
         if stop or (it >= opt.switch_iter and frac < opt.switch_tol):
             break
+    eigh_s = sg.eigh_s if sg.q is not None and not had_eig else 0.0
     admm_s = time.perf_counter() - start - eigh_s
 
-    mask = keep_mask_scaled(pattern, b, sparsity)
-    pcg = masked_pcg(sg.h, g, mask, b * mask, iters=opt.pcg_iters)
+    if it == 0:  # no ADMM iteration: polish the initial point
+        mask, x0 = keep, d_init
+    else:
+        mask = keep_mask_scaled(pattern, b, sparsity)
+        x0 = b * mask
+    pcg = masked_pcg(sg.h, g, mask, x0, iters=opt.pcg_iters)
     x = pcg.x * mask
     err_before = (2 * pcg.objective[0] + r0) / r0 if pcg.objective else None
     err_after = (2 * pcg.objective[-1] + r0) / r0 if pcg.objective else None

@@ -1,0 +1,367 @@
+"""The library surface: ``prune`` a model in memory, ``run`` a whole job into a run directory, ``evaluate``.
+
+The pipeline has three visible stages over one engine::
+
+    allocator (per-matrix targets) → solver (per matrix, or a block strategy) → refiner (mask surgery)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from . import __version__
+from .allocation.base import Allocation, uniform
+from .config import BLOCK_METHODS, ConfigError, PruneConfig
+from .data.calibration import sample_windows
+from .data.sources import load_source
+from .engine import EngineResult, collect_input_norms, prune_block_layerwise, run_engine
+from .evaluation.perplexity import PerplexityResult, perplexity
+from .models.adapters import FamilyAdapter, get_adapter
+from .patterns import Pattern
+from .report.manifest import MANIFEST, REPORT, now_iso, peak_cuda_mb, peak_rss_mb, read_manifest, versions, write_json
+from .report.markdown import render_report
+from .solvers import get_solver
+from .solvers.base import Gram, SolveResult
+
+
+def default_seqlen(model: nn.Module) -> int:
+    return int(min(getattr(model.config, "max_position_embeddings", 2048) or 2048, 2048))
+
+
+def make_inner(config: PruneConfig) -> Callable[[Tensor, Gram, float], SolveResult]:
+    """solver → refiner for one matrix, with validated options bound."""
+    pattern = config.pattern_obj
+    spec = get_solver(config.solver_name)
+    try:
+        solver_opts = spec.options(config.solver_options).model_dump()
+    except Exception as e:  # pydantic ValidationError
+        raise ConfigError(f"solver_options for {spec.name}: {str(e).splitlines()[-2].strip()}") from None
+    solve = spec.solve_fn()
+    refiner = None
+    if config.refine != "none":
+        refiner = importlib.import_module(f"lmprune.refiners.{config.refine}")
+        refine_opts = refiner.Options(**config.refine_options).model_dump()
+
+    def inner(weight: Tensor, gram: Gram, target: float) -> SolveResult:
+        result = solve(weight, gram, pattern, target, **solver_opts)
+        if refiner is not None:
+            result = refiner.refine(weight, result, gram, pattern, target, **refine_opts)
+        return result
+
+    return inner
+
+
+def block_strategy(config: PruneConfig):
+    if config.method in BLOCK_METHODS:
+        module = importlib.import_module(f"lmprune.strategies.{config.method}")
+        return module.prune_block, config.method_options
+    return prune_block_layerwise, {"sequential": config.sequential}
+
+
+def allocate(
+    model: nn.Module, adapter: FamilyAdapter, config: PruneConfig, blocks: list[int],
+    windows: Tensor | None = None, progress: bool = True,
+) -> Allocation:
+    """Per-matrix target sparsities (stage 1). N:M patterns are uniform by definition."""
+    pattern: Pattern = config.pattern_obj
+    chosen = [(n, b, lin) for n, b, lin in adapter.matrices(model) if b in set(blocks)]
+    target = pattern.effective_sparsity(config.sparsity)
+    start = time.perf_counter()
+    kind = config.allocation
+    if kind == "uniform":
+        alloc = uniform([(n, lin.weight.numel(), b) for n, b, lin in chosen], target)
+    elif kind.endswith(".json"):
+        from .allocation import load_allocation_file
+
+        alloc = load_allocation_file(kind, [n for n, _, _ in chosen])
+    else:
+        from .allocation.base import MatrixInfo
+
+        infos = [MatrixInfo(n, b, lin.weight.detach()) for n, b, lin in chosen]
+        module = importlib.import_module(f"lmprune.allocation.{kind}")
+        if kind == "owl":
+            if windows is None:
+                raise ValueError("OWL allocation needs calibration windows")
+            norms = collect_input_norms(model, adapter, windows, config.device, progress)
+            alloc = module.allocate(infos, norms, target, **config.allocation_options)
+        else:
+            alloc = module.allocate(infos, target, **config.allocation_options)
+    alloc.time_s = alloc.time_s or time.perf_counter() - start
+    return alloc
+
+
+def prune(
+    model: nn.Module,
+    tokenizer: Any,
+    config: PruneConfig,
+    progress: bool = True,
+    on_block_done: Callable | None = None,
+) -> dict[str, Any]:
+    """Prune ``model`` in place according to ``config``; returns the manifest fields of the run."""
+    torch.manual_seed(config.seed)
+    adapter = get_adapter(model)
+    n_blocks = len(adapter.blocks(model))
+    blocks = config.block_indices(n_blocks)
+    seqlen = config.seqlen or default_seqlen(model)
+    start = time.perf_counter()
+
+    source = load_source(config.calib, "calib", config.data_dir)
+    windows = sample_windows(source, tokenizer, config.nsamples, seqlen, config.seed)
+    alloc = allocate(model, adapter, config, blocks, windows, progress)
+    strategy, strategy_options = block_strategy(config)
+    result: EngineResult = run_engine(
+        model, adapter, windows, config.pattern_obj, alloc.targets, make_inner(config), strategy,
+        strategy_options, blocks, config.device, progress, on_block_done,
+    )
+    elapsed = time.perf_counter() - start
+    layers = [asdict(r) for r in result.records]
+    params = sum(r.shape[0] * r.shape[1] for r in result.records)
+    zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in result.records)
+    return {
+        "method": config.method,
+        "sparsity": config.sparsity,
+        "pattern": config.pattern,
+        "allocation": config.allocation,
+        "achieved_sparsity": zeros / params if params else 0.0,
+        "pattern_ok": all(r.pattern_ok for r in result.records),
+        "pruned_blocks": blocks,
+        "n_blocks": n_blocks,
+        "layers": layers,
+        "allocation_detail": alloc.to_dict(),
+        "time_s": elapsed,
+        "calibration_time_s": result.calibration_time_s,
+        "solver_time_s": sum(r.time_s for r in result.records),
+        "block_times_s": result.block_times,
+        "seed": config.seed,
+        "calibration": {
+            "source": source.origin,
+            "sha256": source.sha256,
+            "nsamples": config.nsamples,
+            "seqlen": seqlen,
+            "windows_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
+        },
+        "config": config.model_dump(),
+    }
+
+
+def evaluate_perplexity(
+    model: nn.Module, tokenizer: Any, datasets: list[str], seqlen: int, max_windows: int | None,
+    data_dir: str | None, device: str = "cpu", progress: bool = True,
+) -> dict[str, Any]:
+    """``{dataset: ppl, ..., "eval_windows": K, "seqlen": L, "details": {dataset: PerplexityResult}}``."""
+    out: dict[str, Any] = {"eval_windows": max_windows, "seqlen": seqlen, "details": {}}
+    for ds in datasets:
+        r: PerplexityResult = perplexity(model, tokenizer, ds, seqlen, max_windows, data_dir, device, progress)
+        out[ds] = r.perplexity
+        out["details"][ds] = r.to_dict()
+    return out
+
+
+def _config_key(manifest: dict[str, Any]) -> dict[str, Any]:
+    cfg = dict(manifest.get("config", {}))
+    cfg.pop("device", None)
+    cfg.pop("data_dir", None)
+    return {"model": manifest.get("model", {}).get("spec"), **cfg}
+
+
+class RunExists(Exception):
+    """The output directory already holds this very run, finished."""
+
+
+def check_out_dir(out: Path, model_spec: str, config: PruneConfig, overwrite: bool) -> None:
+    """Refuse a directory holding something else; let an identical finished run be skipped."""
+    if not out.exists() or overwrite:
+        return
+    if not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory")
+    if (out / MANIFEST).is_file():
+        old = read_manifest(out)
+        new = _config_key({"model": {"spec": model_spec}, "config": config.model_dump()})
+        if _config_key(old) == new:
+            raise RunExists(f"{out} already holds this finished run; use --overwrite to redo it")
+        diff = sorted(k for k in set(new) | set(_config_key(old)) if new.get(k) != _config_key(old).get(k))
+        raise ConfigError(f"--out {out} already holds a different run (differs in: {', '.join(diff)}); "
+                          "use another --out or --overwrite")
+    if any(out.iterdir()):
+        raise ConfigError(f"--out {out} is a non-empty directory that is not an lmprune run")
+
+
+def save_run(model: nn.Module, tokenizer: Any, manifest: dict[str, Any], out: Path, plots: bool = True) -> Path:
+    """Write model, tokenizer, manifest and report into a sibling temp dir, check the reload, then rename."""
+    out = Path(out)
+    staging = out.with_name(f".{out.name}.partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    manifest["reload_check"] = reload_check(model, staging, manifest["layers"])
+    plot_files = {}
+    if plots:
+        try:
+            from .report.plots import plot_run
+            plot_files = plot_run(manifest, staging)
+        except ImportError:
+            plot_files = {}
+    write_json(staging / MANIFEST, manifest)
+    (staging / REPORT).write_text(render_report(manifest, plot_files))
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return out
+
+
+@torch.no_grad()
+def reload_check(model: nn.Module, saved: Path, layers: list[dict]) -> dict[str, Any]:
+    """Reload the saved model with plain transformers; compare sparsity and logits with the one in memory."""
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(saved, dtype=next(model.parameters()).dtype)
+    reloaded.eval()
+    params = dict(reloaded.named_parameters())
+    mismatched = []
+    for rec in layers:
+        w = params[rec["name"] + ".weight"]
+        if abs((1 - torch.count_nonzero(w).item() / w.numel()) - rec["sparsity"]) > 1e-9:
+            mismatched.append(rec["name"])
+    device = next(model.parameters()).device
+    ids = torch.arange(1, 17).unsqueeze(0) % model.config.vocab_size
+    a = model(ids.to(device)).logits.float().cpu()
+    b = reloaded(ids).logits.float()
+    diff = (a - b).abs().max().item()
+    ok = not mismatched and diff <= 1e-4 * max(1.0, a.abs().max().item())
+    if not ok:
+        raise RuntimeError(f"saved model does not match the pruned one: max logit diff {diff:g}, "
+                           f"sparsity mismatch in {mismatched[:3]}")
+    return {"ok": ok, "max_abs_logit_diff": diff}
+
+
+def run(
+    model_spec: str,
+    config: PruneConfig,
+    out: str | Path,
+    eval_datasets: list[str] | None = None,
+    eval_windows: int | None = None,
+    eval_seqlen: int | None = None,
+    eval_dense: bool = False,
+    tasks: list[str] | None = None,
+    task_limit: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Load → (dense eval) → prune → eval → save. Returns the manifest written to ``out/lmprune.json``."""
+    from .models.loading import load_model
+
+    out = Path(out)
+    check_out_dir(out, model_spec, config, overwrite)
+    if eval_datasets:
+        for ds in eval_datasets:  # fail on a missing data file before hours of pruning
+            load_source(ds, "eval", config.data_dir)
+    model, tokenizer, source = load_model(model_spec)
+    if config.device != "cpu" and not torch.cuda.is_available():
+        raise ConfigError(f"device {config.device} requested but CUDA is not available")
+    seqlen = eval_seqlen or config.seqlen or default_seqlen(model)
+    manifest: dict[str, Any] = {"lmprune_version": __version__, "created": now_iso()}
+    dense_ppl = None
+    if eval_dense and eval_datasets:
+        model.to(config.device)
+        dense_ppl = evaluate_perplexity(model, tokenizer, eval_datasets, seqlen, eval_windows, config.data_dir,
+                                        config.device, progress)
+        model.to("cpu")
+    manifest.update(prune(model, tokenizer, config, progress))
+    manifest["model"] = {
+        "spec": model_spec, "kind": source.kind, "path": source.path, "sha256": source.sha256,
+        "model_type": model.config.model_type, "parameters": sum(p.numel() for p in model.parameters()),
+        **source.details,
+    }
+    if eval_datasets:
+        model.to(config.device)
+        manifest["perplexity"] = evaluate_perplexity(model, tokenizer, eval_datasets, seqlen, eval_windows,
+                                                     config.data_dir, config.device, progress)
+        if dense_ppl is not None:
+            manifest["dense_perplexity"] = {k: v for k, v in dense_ppl.items() if k in eval_datasets}
+        model.to("cpu")
+    if tasks:
+        from .evaluation.zeroshot import evaluate_tasks
+
+        manifest["zeroshot"] = evaluate_tasks(model, tokenizer, tasks, config.data_dir, task_limit, device=config.device)
+    manifest["peak_rss_mb"] = peak_rss_mb()
+    manifest["peak_cuda_mb"] = peak_cuda_mb()
+    manifest["versions"] = versions()
+    save_run(model, tokenizer, manifest, out)
+    return manifest
+
+
+def evaluate(
+    model_spec: str,
+    ppl_datasets: list[str] | None = None,
+    eval_windows: int | None = None,
+    seqlen: int | None = None,
+    tasks: list[str] | None = None,
+    limit: int | None = None,
+    data_dir: str | None = None,
+    device: str = "cpu",
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Perplexity and/or zero-shot accuracy of a model spec or a finished run directory."""
+    from .models.loading import load_model
+
+    for ds in ppl_datasets or []:
+        load_source(ds, "eval", data_dir)
+    model, tokenizer, source = load_model(model_spec)
+    model.to(device)
+    result: dict[str, Any] = {"model": model_spec, "sha256": source.sha256, "created": now_iso()}
+    if (Path(model_spec) / MANIFEST).is_file():
+        run = read_manifest(model_spec)
+        result["run"] = {k: run.get(k) for k in ("method", "sparsity", "pattern", "allocation", "achieved_sparsity")}
+    if ppl_datasets:
+        L = seqlen or default_seqlen(model)
+        result["perplexity"] = evaluate_perplexity(model, tokenizer, ppl_datasets, L, eval_windows, data_dir, device,
+                                                   progress)
+    if tasks:
+        from .evaluation.zeroshot import evaluate_tasks
+
+        result["zeroshot"] = evaluate_tasks(model, tokenizer, tasks, data_dir, limit, batch_size=batch_size,
+                                            device=device)
+    result["versions"] = versions()
+    return result
+
+
+def allocate_only(
+    model_spec: str, kind: str, sparsity: float, out: str | None = None, calib: str = "c4", nsamples: int = 128,
+    seqlen: int | None = None, seed: int = 0, options: dict | None = None, data_dir: str | None = None,
+    device: str = "cpu", progress: bool = True,
+) -> tuple[Allocation, list[Path]]:
+    """Compute an allocation (and its plot) without pruning; ``out`` is the JSON path."""
+    from .config import build_config
+    from .models.loading import load_model
+
+    config = build_config(method="magnitude", sparsity=sparsity, allocation=kind, allocation_options=options or {},
+                          calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, data_dir=data_dir, device=device)
+    model, tokenizer, _ = load_model(model_spec)
+    adapter = get_adapter(model)
+    windows = None
+    if kind == "owl":
+        L = seqlen or default_seqlen(model)
+        windows = sample_windows(load_source(calib, "calib", data_dir), tokenizer, nsamples, L, seed)
+    alloc = allocate(model, adapter, config, list(range(len(adapter.blocks(model)))), windows, progress)
+    paths: list[Path] = []
+    if out:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        alloc.to_json(path)
+        paths.append(path)
+        from .allocation.plot import plot_allocation
+
+        paths.append(Path(plot_allocation(alloc, path.with_suffix(".png"))))
+    return alloc, paths

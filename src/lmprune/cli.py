@@ -1,0 +1,227 @@
+"""``lmprune`` command line: parses arguments and calls :mod:`lmprune.api`. Errors are one line, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+PATTERN_HELP = (
+    "unstructured (whole-matrix comparison), unstructured:row, N:M (keeps N non-zeros in every group of M "
+    "consecutive input weights: 2:4 keeps 2 of 4), block:B (B×B tiles), row (whole input channels)"
+)
+
+
+def _csv(value: str | None) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else []
+
+
+def _kv(pairs: list[str] | None) -> dict[str, Any]:
+    """``key=value`` options; values parsed as JSON when they parse, else kept as strings."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ValueError(f"option {pair!r} must look like key=value")
+        key, raw = pair.split("=", 1)
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def _add_data_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=None,
+                   help="directory laid out like shared/data (default: $LMPRUNE_DATA_DIR; else the datasets library)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmprune", description="One-shot pruning of causal language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="prune a model and write a run directory",
+                       description="Prune a model. N:M keeps N non-zeros in every group of M consecutive input "
+                                   "weights (2:4 keeps 2 of 4).")
+    p.add_argument("--recipe", help="TOML/YAML file with any of these options (command-line flags win)")
+    p.add_argument("--model", help="HF directory, hub id, .gguf file or alias smollm2-135m")
+    p.add_argument("--method", help="magnitude, wanda, sparsegpt, alps, alps-fast, sparsellm")
+    p.add_argument("--sparsity", type=float, help="target fraction of zeros in [0, 1)")
+    p.add_argument("--out", help="run directory to create")
+    p.add_argument("--pattern", help=PATTERN_HELP)
+    p.add_argument("--allocation", help="uniform | owl | alpha | FILE.json (per-matrix targets)")
+    p.add_argument("--refine", help="none | dsnot")
+    p.add_argument("--inner", help="per-matrix solver inside block methods (sparsellm), default sparsegpt")
+    p.add_argument("--calib", help="c4 | wikitext2 | ptb | FILE (.txt or .jsonl with 'text')")
+    p.add_argument("--nsamples", type=int, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", type=int, help="tokens per window (default min(max_position_embeddings, 2048))")
+    _add_data_dir(p)
+    p.add_argument("--eval", default=None, help="perplexity datasets after pruning, e.g. wikitext2,ptb,c4")
+    p.add_argument("--eval-windows", type=int, default=None, help="cap on evaluation windows per dataset (reported)")
+    p.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window length (default: --seqlen)")
+    p.add_argument("--eval-dense", action="store_true", help="also evaluate the dense model before pruning")
+    p.add_argument("--tasks", default=None, help="zero-shot tasks after pruning (lm-eval), e.g. piqa,arc_easy")
+    p.add_argument("--limit", type=int, default=None, help="documents per zero-shot task (reported)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="cpu | cuda")
+    p.add_argument("--blocks", help="blocks to prune: all | first-half | 0-14 | 0,3,5")
+    p.add_argument("--sequential", action="store_true", default=None,
+                   help="collect each input group's Gram matrix after the previous groups were pruned")
+    p.add_argument("--solver-opt", action="append", metavar="KEY=VALUE", help="solver option (repeatable)")
+    p.add_argument("--method-opt", action="append", metavar="KEY=VALUE", help="block-method option (repeatable)")
+    p.add_argument("--alloc-opt", action="append", metavar="KEY=VALUE", help="allocator option (repeatable)")
+    p.add_argument("--refine-opt", action="append", metavar="KEY=VALUE", help="refiner option (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model or run directory")
+    e.add_argument("--model", required=True)
+    e.add_argument("--ppl", default=None, help="datasets, e.g. wikitext2,ptb,c4")
+    e.add_argument("--eval-windows", type=int, default=None)
+    e.add_argument("--seqlen", type=int, default=None)
+    e.add_argument("--tasks", default=None, help="zero-shot tasks, e.g. piqa,arc_easy,arc_challenge")
+    e.add_argument("--limit", type=int, default=None)
+    e.add_argument("--batch-size", type=int, default=8)
+    _add_data_dir(e)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--out", default=None, help="write the results as JSON here")
+    e.add_argument("--quiet", action="store_true")
+
+    a = sub.add_parser("allocate", help="compute and plot a per-matrix sparsity allocation without pruning")
+    a.add_argument("--model", required=True)
+    a.add_argument("--allocation", required=True, help="owl | alpha | uniform")
+    a.add_argument("--sparsity", type=float, required=True)
+    a.add_argument("--out", default=None, help="allocation JSON (a PNG plot is written beside it)")
+    a.add_argument("--calib", default="c4")
+    a.add_argument("--nsamples", type=int, default=128)
+    a.add_argument("--seqlen", type=int, default=None)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--alloc-opt", action="append", metavar="KEY=VALUE")
+    _add_data_dir(a)
+    a.add_argument("--device", default="cpu")
+    a.add_argument("--quiet", action="store_true")
+
+    c = sub.add_parser("compare", help="one table and plots over several run directories")
+    c.add_argument("runs", nargs="+")
+    c.add_argument("--out", default=None, help="output directory (default: ./compare)")
+    return parser
+
+
+_PRUNE_FIELDS = ("method", "sparsity", "pattern", "allocation", "refine", "inner", "calib", "nsamples", "seqlen",
+                 "seed", "device", "blocks", "sequential", "data_dir")
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from . import api
+    from .config import ConfigError, build_config, load_recipe
+
+    recipe = load_recipe(args.recipe) if args.recipe else {}
+    model = args.model or recipe.pop("model", None)
+    out = args.out or recipe.pop("out", None)
+    recipe.pop("model", None), recipe.pop("out", None)
+    eval_list = _csv(args.eval) or list(recipe.pop("eval", []) or [])
+    fields = dict(recipe)
+    for name in _PRUNE_FIELDS:
+        value = getattr(args, name, None)
+        if value is not None:
+            fields[name] = value
+    for flag, key in (("solver_opt", "solver_options"), ("method_opt", "method_options"),
+                      ("alloc_opt", "allocation_options"), ("refine_opt", "refine_options")):
+        if getattr(args, flag):
+            fields[key] = {**fields.get(key, {}), **_kv(getattr(args, flag))}
+    if not model or not out or "sparsity" not in fields or "method" not in fields:
+        raise ConfigError("prune needs --model, --method, --sparsity and --out (or a --recipe giving them)")
+    config = build_config(**fields)
+    try:
+        manifest = api.run(
+            model, config, out, eval_list, args.eval_windows, args.eval_seqlen, args.eval_dense,
+            _csv(args.tasks), args.limit, args.overwrite, not args.quiet,
+        )
+    except api.RunExists as e:
+        print(f"lmprune: {e}")
+        return 0
+    _print_summary(manifest, out)
+    return 0
+
+
+def _print_summary(m: dict[str, Any], out: str) -> None:
+    print(f"pruned {m['model']['spec']} with {m['method']} to {m['achieved_sparsity']:.4f} sparsity "
+          f"({m['pattern']}, {m['allocation']}) in {m['time_s']:.1f} s, peak RSS {m['peak_rss_mb']:.0f} MiB")
+    ppl = m.get("perplexity") or {}
+    dense = m.get("dense_perplexity") or {}
+    for ds, d in (ppl.get("details") or {}).items():
+        before = f"{dense[ds]:.3f} -> " if ds in dense else ""
+        print(f"  {ds} perplexity: {before}{d['perplexity']:.3f}  ({d['windows']} windows × {d['seqlen']} tokens)")
+    print(f"run directory: {out}")
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from . import api
+
+    result = api.evaluate(
+        args.model, _csv(args.ppl), args.eval_windows, args.seqlen, _csv(args.tasks), args.limit, args.data_dir,
+        args.device, args.batch_size, not args.quiet,
+    )
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).write_text(text)
+    for ds, v in result.get("perplexity", {}).items():
+        if isinstance(v, float):
+            print(f"{ds} perplexity: {v:.3f}")
+    for task, r in (result.get("zeroshot", {}).get("tasks") or {}).items():
+        print(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in r.items() if isinstance(v, float)))
+    if not args.out and not result.get("perplexity") and not result.get("zeroshot"):
+        print(text)
+    return 0
+
+
+def _cmd_allocate(args: argparse.Namespace) -> int:
+    from . import api
+
+    alloc, paths = api.allocate_only(
+        args.model, args.allocation, args.sparsity, args.out, args.calib, args.nsamples, args.seqlen, args.seed,
+        _kv(args.alloc_opt), args.data_dir, args.device, not args.quiet,
+    )
+    per_block: dict[int, list] = {}
+    for m in alloc.matrices:
+        per_block.setdefault(m.block, []).append(m)
+    print(f"{alloc.method} allocation, target {alloc.sparsity}, weighted mean {alloc.weighted_mean():.6f}, "
+          f"{alloc.time_s:.1f} s")
+    print("block  metric      sparsity")
+    for b, ms in sorted(per_block.items()):
+        metric = ms[0].metric
+        sp = sum(x.target * x.params for x in ms) / sum(x.params for x in ms)
+        print(f"{b:5d}  {metric if metric is not None else float('nan'):10.4f}  {sp:.4f}")
+    for p in paths:
+        print(f"wrote {p}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .report.compare import compare_runs
+
+    md = compare_runs([Path(r) for r in args.runs], Path(args.out or "compare"))
+    print(Path(md).read_text())
+    print(f"wrote {md}")
+    return 0
+
+
+COMMANDS = {"prune": _cmd_prune, "eval": _cmd_eval, "allocate": _cmd_allocate, "compare": _cmd_compare}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("lmprune: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, OSError, RuntimeError, ImportError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"lmprune: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""The layer-sequential pruning driver. It owns devices, hooks, progress and records; methods own the math.
+
+For calibration windows ``X⁰`` (the embeddings of ``nsamples`` token windows):
+
+1. capture the hidden states entering block 0 and every keyword argument the block is called with
+   (attention mask, position ids, rotary ``position_embeddings`` ...), by stopping the model at block 0;
+2. for each block ``b`` (moved alone to the compute device):
+   a. a *block strategy* prunes its linears -- by default: one pass of the inputs through the block with
+      hooks accumulating ``H = Σ xxᵀ`` (float32) per shared input, then for every linear
+      ``solver(W, H, pattern, target)`` → refiner → write back;
+   b. the pruned block's outputs on the same inputs become the next block's inputs (error propagation).
+
+Only the current block and the calibration activations live on the compute device.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .models.adapters import FamilyAdapter
+from .patterns import Pattern
+from .solvers.base import Gram, SolveResult, reconstruction_error
+
+InnerSolve = Callable[[Tensor, Gram, float], SolveResult]
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _to(obj: Any, device: torch.device | str) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+_DROPPED_KWARGS = ("past_key_value", "past_key_values", "cache", "use_cache", "output_attentions")
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, adapter: FamilyAdapter, windows: Tensor, progress: bool = True
+) -> tuple[list[Tensor], dict[str, Any]]:
+    """Hidden states entering block 0 for each window (1 x seqlen x d), and the block's keyword arguments.
+
+    Runs on the model's current device (the CPU for large models): only the embedding and whatever precedes
+    the first block are computed.
+    """
+    first = adapter.blocks(model)[0]
+    inputs: list[Tensor] = []
+    kwargs: dict[str, Any] = {}
+
+    def grab(module, args, kw):
+        hidden = args[0] if args else kw["hidden_states"]
+        inputs.append(hidden.detach())
+        if not kwargs:
+            kwargs.update({k: v for k, v in kw.items() if k != "hidden_states" and k not in _DROPPED_KWARGS})
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for row in tqdm(windows, desc="calibration", disable=not progress, leave=False):
+            try:
+                model(row.unsqueeze(0).to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return inputs, kwargs
+
+
+def _block_output(out: Any) -> Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@dataclass
+class LayerRecord:
+    """One pruned matrix, as it appears in ``lmprune.json``'s ``layers`` list."""
+
+    name: str
+    block: int
+    shape: list[int]
+    target: float
+    sparsity: float
+    rel_error: float
+    abs_error: float
+    pattern_ok: bool
+    time_s: float
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class BlockContext:
+    """What a block strategy may use: the block, its calibration inputs, Gram collection and the solver."""
+
+    def __init__(
+        self,
+        index: int,
+        block: nn.Module,
+        adapter: FamilyAdapter,
+        inputs: list[Tensor],
+        kwargs: dict[str, Any],
+        pattern: Pattern,
+        targets: dict[str, float],
+        inner: InnerSolve,
+        device: torch.device,
+    ):
+        self.index = index
+        self.block = block
+        self.adapter = adapter
+        self.inputs = inputs
+        self.kwargs = kwargs
+        self.pattern = pattern
+        self.targets = targets
+        self.inner = inner
+        self.device = device
+        self.records: list[LayerRecord] = []
+        self._linears = adapter.linears(block)
+
+    def full_name(self, rel: str) -> str:
+        return self.adapter.full_name(self.index, rel)
+
+    def linear(self, rel: str) -> nn.Linear:
+        return self._linears[rel]
+
+    def target(self, rel: str) -> float:
+        return self.targets[self.full_name(rel)]
+
+    @torch.no_grad()
+    def forward(self) -> list[Tensor]:
+        """The block's outputs for every calibration input, with its current weights."""
+        return [_block_output(self.block(x, **self.kwargs)) for x in self.inputs]
+
+    @contextmanager
+    def _hooks(self, rels: Iterable[str], fn: Callable[[str, Tensor, Tensor], None]):
+        handles = [
+            self._linears[r].register_forward_hook(lambda m, a, o, r=r: fn(r, a[0], o)) for r in rels
+        ]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @torch.no_grad()
+    def collect_grams(self, rels: Iterable[str]) -> dict[str, Gram]:
+        """One pass through the block; ``H = Σ xxᵀ`` (float32) of each linear's input.
+
+        Linears of one input group share a single :class:`Gram` object (and its cached factorisations).
+        """
+        rels = list(rels)
+        group_of = {r: g[0] for g in self.adapter.groups for r in g if r in rels}
+        leaders = list(dict.fromkeys(group_of[r] for r in rels))
+        acc: dict[str, list] = {}
+
+        def add(rel: str, x: Tensor, _out: Tensor) -> None:
+            x = x.reshape(-1, x.shape[-1]).float()
+            if rel not in acc:
+                d = x.shape[1]
+                acc[rel] = [torch.zeros(d, d, device=x.device), torch.zeros(d, device=x.device), 0]
+            h, s, _ = acc[rel]
+            h.addmm_(x.T, x)
+            s.add_(x.sum(0))
+            acc[rel][2] += x.shape[0]
+
+        with self._hooks(leaders, add):
+            for x in self.inputs:
+                self.block(x, **self.kwargs)
+        grams = {lead: Gram(h, n, s) for lead, (h, s, n) in acc.items()}
+        return {r: grams[group_of[r]] for r in rels}
+
+    @torch.no_grad()
+    def capture(self, rels: Iterable[str], what: str = "input") -> dict[str, Tensor]:
+        """One pass through the block; each linear's inputs (or outputs) stacked as ``tokens x features`` fp32."""
+        if what not in ("input", "output"):
+            raise ValueError("what must be 'input' or 'output'")
+        got: dict[str, list[Tensor]] = {r: [] for r in rels}
+
+        def keep(rel: str, x: Tensor, out: Tensor) -> None:
+            t = x if what == "input" else out
+            got[rel].append(t.reshape(-1, t.shape[-1]).float())
+
+        with self._hooks(got, keep):
+            for x in self.inputs:
+                self.block(x, **self.kwargs)
+        return {r: torch.cat(v) for r, v in got.items()}
+
+    def inner_solve(self, rel: str, weight: Tensor, gram: Gram, target: float | None = None) -> SolveResult:
+        """The configured solver (and refiner) on one matrix; pure, nothing written."""
+        return self.inner(weight, gram, self.target(rel) if target is None else target)
+
+    @torch.no_grad()
+    def commit(self, rel: str, result: SolveResult, gram: Gram, dense: Tensor | None = None, seconds: float = 0.0):
+        """Write ``result.weight`` into the linear and record its sparsity and reconstruction error."""
+        lin = self._linears[rel]
+        dense = lin.weight.detach().clone() if dense is None else dense
+        new = result.weight.to(lin.weight.dtype)
+        if not torch.isfinite(new).all():
+            raise FloatingPointError(f"solver produced NaN/Inf for {self.full_name(rel)}")
+        lin.weight.copy_(new)
+        target = self.target(rel)
+        check = self.pattern.verify(lin.weight.data, self.pattern.effective_sparsity(target))
+        err, rel_err = reconstruction_error(dense, lin.weight.data, gram)
+        stats = {k: v for k, v in result.stats.items() if isinstance(v, (int, float, str, bool))}
+        self.records.append(
+            LayerRecord(
+                self.full_name(rel), self.index, list(lin.weight.shape), self.pattern.effective_sparsity(target),
+                check.achieved_sparsity, rel_err, err, check.ok, seconds, stats,
+            )
+        )
+        if not check.ok:
+            raise AssertionError(f"{self.full_name(rel)} violates pattern {self.pattern.spec}: {check.detail}")
+
+
+def prune_block_layerwise(ctx: BlockContext, options: dict | None = None) -> None:
+    """The default strategy: Gram matrices from one pass of the block's current (dense) weights, then solve
+    every linear. With ``sequential=True`` each input group is solved before the next group's Gram matrix
+    is collected, so later layers see the earlier pruning (SparseGPT's "true sequential")."""
+    sequential = bool((options or {}).get("sequential", False))
+    groups = [list(g) for g in ctx.adapter.groups]
+    stages = groups if sequential else [[r for g in groups for r in g]]
+    for stage in stages:
+        grams = ctx.collect_grams(stage)
+        for rel in stage:
+            start = time.perf_counter()
+            dense = ctx.linear(rel).weight.detach().clone()
+            result = ctx.inner_solve(rel, dense.float(), grams[rel])
+            ctx.commit(rel, result, grams[rel], dense, time.perf_counter() - start)
+        for g in {id(g): g for g in grams.values()}.values():
+            g.release()
+
+
+BlockStrategy = Callable[[BlockContext, dict], None]
+
+
+@dataclass
+class EngineResult:
+    records: list[LayerRecord]
+    block_times: list[float]
+    calibration_time_s: float
+
+
+def run_engine(
+    model: nn.Module,
+    adapter: FamilyAdapter,
+    windows: Tensor,
+    pattern: Pattern,
+    targets: dict[str, float],
+    inner: InnerSolve,
+    strategy: BlockStrategy = prune_block_layerwise,
+    strategy_options: dict | None = None,
+    blocks: Iterable[int] | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    on_block_done: Callable[[int, list[Tensor], list[LayerRecord]], None] | None = None,
+    start_block: int = 0,
+    start_inputs: tuple[list[Tensor], dict[str, Any]] | None = None,
+) -> EngineResult:
+    """Prune ``model`` in place, block by block. Blocks not in ``blocks`` are propagated but left dense."""
+    device = torch.device(device)
+    all_blocks = adapter.blocks(model)
+    selected = set(range(len(all_blocks)) if blocks is None else blocks)
+    t0 = time.perf_counter()
+    if start_inputs is None:
+        inputs, kwargs = capture_block_inputs(model, adapter, windows, progress)
+    else:
+        inputs, kwargs = start_inputs
+    inputs = [x.to(device) for x in inputs]
+    kwargs = _to(kwargs, device)
+    calib_time = time.perf_counter() - t0
+
+    records: list[LayerRecord] = []
+    block_times: list[float] = []
+    bar = tqdm(range(start_block, len(all_blocks)), desc="blocks", disable=not progress)
+    for i in bar:
+        start = time.perf_counter()
+        block = all_blocks[i]
+        home = next(block.parameters()).device
+        block.to(device)
+        ctx = BlockContext(i, block, adapter, inputs, kwargs, pattern, targets, inner, device)
+        if i in selected:
+            strategy(ctx, strategy_options or {})
+        inputs = ctx.forward()
+        block.to(home)
+        records.extend(ctx.records)
+        block_times.append(time.perf_counter() - start)
+        if on_block_done is not None:
+            on_block_done(i, inputs, ctx.records)
+        if ctx.records:
+            bar.set_postfix(err=f"{sum(r.rel_error for r in ctx.records) / len(ctx.records):.4f}")
+    return EngineResult(records, block_times, calib_time)
+
+
+@torch.no_grad()
+def collect_input_norms(
+    model: nn.Module, adapter: FamilyAdapter, windows: Tensor, device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> dict[str, Tensor]:
+    """``‖X_j‖₂`` of every prunable linear's input on the dense model (for OWL), block by block."""
+    device = torch.device(device)
+    inputs, kwargs = capture_block_inputs(model, adapter, windows, progress)
+    inputs = [x.to(device) for x in inputs]
+    kwargs = _to(kwargs, device)
+    norms: dict[str, Tensor] = {}
+    for i, block in enumerate(tqdm(adapter.blocks(model), desc="input norms", disable=not progress)):
+        home = next(block.parameters()).device
+        block.to(device)
+        ctx = BlockContext(i, block, adapter, inputs, kwargs, None, {}, None, device)  # type: ignore[arg-type]
+        for rel, gram in ctx.collect_grams(adapter.linear_names()).items():
+            norms[ctx.full_name(rel)] = gram.column_norms().cpu()
+        inputs = ctx.forward()
+        block.to(home)
+    return norms

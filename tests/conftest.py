@@ -1,0 +1,110 @@
+"""Tiny random-initialised models of each supported family, with an offline tokenizer trained in-process."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    OPTConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("LMPRUNE_DATA_DIR", REPO.parent / "shared" / "data"))
+VOCAB = 384
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "Pruning removes weights from a neural network while keeping its accuracy.",
+    "A sparse matrix stores only the entries that are not zero.",
+    "Language models predict the next token from the previous ones.",
+    "Question: what is the capital of France?\nAnswer: Paris",
+] * 20
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(_CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    fast.pad_token = fast.eos_token
+    return fast
+
+
+def _config(family: str):
+    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=256)
+    if family == "llama":
+        return LlamaConfig(intermediate_size=128, num_key_value_heads=2, tie_word_embeddings=False, **common)
+    if family == "qwen2":
+        return Qwen2Config(intermediate_size=128, num_key_value_heads=2, tie_word_embeddings=True, **common)
+    if family == "opt":
+        return OPTConfig(ffn_dim=128, word_embed_proj_dim=64, **common)
+    raise ValueError(family)
+
+
+FAMILIES = ("llama", "qwen2", "opt")
+
+
+def make_model(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_config(family), dtype=torch.float32)
+    model.eval()
+    model.config.use_cache = False
+    return model
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture
+def tiny_model(family):
+    return make_model(family)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory, tokenizer) -> dict[str, Path]:
+    """A saved HF directory per family (model + tokenizer)."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    out = {}
+    for fam in FAMILIES:
+        path = root / fam
+        make_model(fam).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        out[fam] = path
+    return out
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not (DATA_DIR / "text" / "wikitext2_test.raw").is_file():
+        pytest.skip(f"evaluation data not found at {DATA_DIR} (set LMPRUNE_DATA_DIR)")
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory) -> Path:
+    """A small calibration text file, independent of the data directory."""
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(" ".join(_CORPUS * 4))
+    return path
