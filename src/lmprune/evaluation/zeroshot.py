@@ -77,9 +77,14 @@ class _TaskDumper(yaml.SafeDumper):
 
 
 _TaskDumper.add_representer(FunctionRef, lambda dumper, ref: dumper.represent_scalar("!function", str(ref)))
-_TaskDumper.add_representer(
-    str, lambda dumper, text: dumper.represent_scalar("tag:yaml.org,2002:str", text, style='"' if "\n" in text else None)
-)
+
+
+def _represent_str(dumper, text: str):
+    # multi-line templates read best double-quoted, with "\n" escapes as in the harness's own YAMLs
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style='"' if "\n" in text else None)
+
+
+_TaskDumper.add_representer(str, _represent_str)
 
 
 def task_yaml(task: str, data_file: Path) -> str:
