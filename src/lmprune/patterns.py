@@ -73,13 +73,13 @@ def _largest_k_bracketed(flat: Tensor, k: int) -> Tensor | None:
     n = flat.numel()
     gen = torch.Generator(device=flat.device).manual_seed(n)
     sample = flat[torch.randint(n, (_BRACKET_SAMPLE,), generator=gen, device=flat.device)]
-    sample = sample.sort(descending=True).values
     rank = k * _BRACKET_SAMPLE / n
     margin = 4.0 * math.sqrt(rank * (1.0 - k / n)) + 2.0
-    top, bottom = int(rank - margin), int(rank + margin)
+    top, bottom = int(rank - margin), int(rank + margin)  # 0-based ranks from the largest
     if top < 0 or bottom >= _BRACKET_SAMPLE:
         return None
-    hi, lo = sample[top], sample[bottom]
+    hi = sample.kthvalue(_BRACKET_SAMPLE - top).values
+    lo = sample.kthvalue(_BRACKET_SAMPLE - bottom).values
     keep = flat > hi
     n_above = int(torch.count_nonzero(keep))
     band = ((flat >= lo) & ~keep).nonzero().squeeze(1)

@@ -118,13 +118,13 @@ class RidgeSolver:
         self._rho: float | None = None
         self._m: Tensor | None = None
 
-    def __call__(self, rhs: Tensor, rho: float) -> Tensor:
+    def __call__(self, rhs: Tensor, rho: float, out: Tensor | None = None) -> Tensor:
         if self.mode == "eig":
             q, lam = self.sg.eig()
-            return q @ ((q.T @ rhs) / (lam + rho).unsqueeze(1))
+            return torch.mm(q, (q.T @ rhs).div_((lam + rho).unsqueeze(1)), out=out)
         if rho != self._rho:
             self._m, self._rho = self._inverse(rho), rho
-        return self._m @ rhs
+        return torch.mm(self._m, rhs, out=out)
 
     def _inverse(self, rho: float) -> Tensor:
         if self.mode == "inverse":
@@ -192,6 +192,7 @@ def solve(
 
     rho = opt.rho0
     b, dvar, v = b0.clone(), d_init.clone(), torch.zeros_like(b0)
+    rhs = torch.empty_like(b0)  # fresh allocations of in x out tensors cost page faults: reuse buffers
     prev_keep = keep
     growing = opt.grow_from_start
     history: list[dict] = []
@@ -200,10 +201,10 @@ def solve(
     last_keep = keep
     it = 0
     for it in range(1, opt.max_iter + 1):
-        b = ridge(g - v + rho * dvar, rho)
-        u = v.div_(rho).add_(b)  # u = B + V/ρ, reusing V's storage
+        b = ridge(torch.add(g, dvar, alpha=rho, out=rhs).sub_(v), rho, out=b)
+        u = v.div_(rho).add_(b)  # u = B + V/ρ, in V's storage
         keep = keep_mask_scaled(pattern, u, sparsity)
-        dvar = u * keep
+        torch.mul(u, keep, out=dvar)
         v = u.sub_(dvar).mul_(rho)  # V + ρ(B − D) = ρ(u − D)
 
         if it in trace_at:

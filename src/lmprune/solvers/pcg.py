@@ -49,28 +49,33 @@ def masked_pcg(
     """
     m = mask.to(g.dtype)
     x = torch.zeros_like(g) if x0 is None else x0.to(g.dtype) * m
-    r = (g - h @ x) * m
+    r = (g - h @ x).mul_(m)
     z = r if inv_diag is None else r * inv_diag.unsqueeze(1)
     p = z.clone()
-    rz = (r * z).sum(0)
+    hp, tmp = torch.empty_like(g), torch.empty_like(g)  # reused: fresh large tensors cost page faults
+    rz = torch.mul(r, z, out=tmp).sum(0)
     tiny = torch.finfo(g.dtype).tiny
     goal = rtol * (g * m).norm(dim=0) if rtol > 0 else None
-    objective = [quadratic_objective(x, g, r)] if track_objective else []
+
+    def objective_now() -> float:
+        return quadratic_objective(x, g, r)
+
+    objective = [objective_now()] if track_objective else []
     done = 0
     for _ in range(iters):
         if goal is not None and bool((r.norm(dim=0) <= goal).all()):
             break
-        hp = h @ p
-        curv = (p * hp).sum(0)
+        torch.mm(h, p, out=hp)
+        curv = torch.mul(p, hp, out=tmp).sum(0)
         alpha = torch.where(curv > tiny, rz / curv.clamp_min(tiny), torch.zeros_like(rz))
-        x.add_(p * alpha)
-        r.sub_(hp.mul_(m) * alpha)
-        z = r if inv_diag is None else r * inv_diag.unsqueeze(1)
-        rz_new = (r * z).sum(0)
+        x.addcmul_(p, alpha)
+        r.sub_(hp.mul_(m).mul_(alpha))
+        z = r if inv_diag is None else torch.mul(r, inv_diag.unsqueeze(1), out=z)
+        rz_new = torch.mul(r, z, out=tmp).sum(0)
         beta = torch.where(rz > tiny, rz_new / rz.clamp_min(tiny), torch.zeros_like(rz))
-        p = z + p * beta
+        p.mul_(beta).add_(z)
         rz = rz_new
         done += 1
         if track_objective:
-            objective.append(quadratic_objective(x, g, r))
+            objective.append(objective_now())
     return PCGResult(x, done, objective)
