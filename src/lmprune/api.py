@@ -112,6 +112,12 @@ def prune(
     n_blocks = len(adapter.blocks(model))
     blocks = config.block_indices(n_blocks)
     seqlen = config.seqlen or default_seqlen(model)
+    for name, b, lin in adapter.matrices(model):
+        if b in blocks:
+            try:
+                config.pattern_obj.validate(tuple(lin.weight.shape))
+            except ValueError as e:
+                raise ConfigError(f"{name}: {e}") from None
     start = time.perf_counter()
 
     source = load_source(config.calib, "calib", config.data_dir)

@@ -212,7 +212,8 @@ class BlockContext:
             raise FloatingPointError(f"solver produced NaN/Inf for {self.full_name(rel)}")
         lin.weight.copy_(new)
         target = self.target(rel)
-        check = self.pattern.verify(lin.weight.data, self.pattern.effective_sparsity(target))
+        pattern = result.pattern or self.pattern
+        check = pattern.verify(lin.weight.data, pattern.effective_sparsity(target))
         err, rel_err = reconstruction_error(dense, lin.weight.data, gram)
         stats = {k: v for k, v in result.stats.items() if isinstance(v, (int, float, str, bool))}
         self.records.append(
@@ -222,7 +223,7 @@ class BlockContext:
             )
         )
         if not check.ok:
-            raise AssertionError(f"{self.full_name(rel)} violates pattern {self.pattern.spec}: {check.detail}")
+            raise AssertionError(f"{self.full_name(rel)} violates pattern {pattern.spec}: {check.detail}")
 
 
 def prune_block_layerwise(ctx: BlockContext, options: dict | None = None) -> None:

@@ -98,6 +98,7 @@ class SolveResult:
     weight: Tensor
     mask: Tensor
     stats: dict[str, Any] = field(default_factory=dict)
+    pattern: Pattern | None = None  # set when the solver used a different comparison group than requested
 
 
 class SolverOptions(BaseModel):

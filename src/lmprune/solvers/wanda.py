@@ -26,4 +26,4 @@ def solve(weight: Tensor, gram: Gram, pattern: Pattern, sparsity: float, per_row
     if per_row and isinstance(pattern, Unstructured):
         pattern = Unstructured("row")
     mask = pattern.keep_mask(scores(weight, gram), sparsity)
-    return SolveResult(weight * mask, mask, {"comparison_group": pattern.spec})
+    return SolveResult(weight * mask, mask, {"comparison_group": pattern.spec}, pattern)

@@ -1,0 +1,111 @@
+"""The layer-sequential engine against a reference computed with plain hooks on the full model."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import make_model
+from lmprune import api
+from lmprune.config import build_config
+from lmprune.models.adapters import UnsupportedModelError, get_adapter
+from lmprune.patterns import parse_pattern
+from lmprune.solvers import Gram, get_solver
+
+
+def _gram_of_inputs(model, module, windows):
+    acc = {}
+
+    def hook(m, a, o):
+        x = a[0].reshape(-1, a[0].shape[-1]).float()
+        acc["h"] = acc.get("h", 0) + x.T @ x
+        acc["n"] = acc.get("n", 0) + x.shape[0]
+
+    handle = module.register_forward_hook(hook)
+    with torch.no_grad():
+        for row in windows:
+            model(row.unsqueeze(0))
+    handle.remove()
+    return Gram(acc["h"], acc["n"])
+
+
+@pytest.mark.parametrize("fam", ["llama", "opt"])
+def test_propagation_matches_reference(fam, tokenizer, calib_file):
+    """Block b's Gram matrices must come from the model whose blocks < b are already pruned."""
+    model = make_model(fam)
+    reference = copy.deepcopy(model)
+    config = build_config(method="wanda", sparsity=0.5, calib=str(calib_file), nsamples=3, seqlen=24)
+    from lmprune.data.calibration import sample_windows
+    from lmprune.data.sources import load_source
+
+    windows = sample_windows(load_source(str(calib_file), "calib"), tokenizer, 3, 24, 0)
+    api.prune(model, tokenizer, config, progress=False)
+
+    adapter = get_adapter(reference)
+    wanda = get_solver("wanda").solve_fn()
+    for b, block in enumerate(adapter.blocks(reference)):
+        lins = adapter.linears(block)
+        grams = {rel: _gram_of_inputs(reference, lin, windows) for rel, lin in lins.items()}
+        for rel, lin in lins.items():  # all grams of a block come from its dense weights
+            lin.weight.data = wanda(lin.weight.data, grams[rel], parse_pattern("unstructured"), 0.5).weight
+    for (n1, p1), (n2, p2) in zip(model.named_parameters(), reference.named_parameters()):
+        assert n1 == n2
+        torch.testing.assert_close(p1, p2, rtol=1e-4, atol=1e-5, msg=n1)
+
+
+def test_sequential_option_changes_later_groups(tokenizer, calib_file):
+    a, b = make_model("llama"), make_model("llama")
+    kw = dict(method="sparsegpt", sparsity=0.6, calib=str(calib_file), nsamples=2, seqlen=24)
+    api.prune(a, tokenizer, build_config(**kw), progress=False)
+    api.prune(b, tokenizer, build_config(sequential=True, **kw), progress=False)
+    la, lb = get_adapter(a).blocks(a)[0], get_adapter(b).blocks(b)[0]
+    assert torch.equal(la.self_attn.q_proj.weight, lb.self_attn.q_proj.weight)  # first group: same inputs
+    assert not torch.equal(la.mlp.down_proj.weight, lb.mlp.down_proj.weight)
+
+
+def test_adapters_find_groups_and_skip_embeddings(tiny_model):
+    adapter = get_adapter(tiny_model)
+    names = [n for n, _, _ in adapter.matrices(tiny_model)]
+    assert len(names) == 2 * len(adapter.linear_names())
+    assert not any("embed" in n or "lm_head" in n for n in names)
+    assert all(len(g) >= 1 for g in adapter.groups)
+
+
+def test_unknown_family_is_rejected():
+    model = make_model("llama")
+    model.config.model_type = "mystery"
+    with pytest.raises(UnsupportedModelError, match="unsupported model family 'mystery'"):
+        get_adapter(model)
+
+
+def _prune_and_check(model, tokenizer, calib_file, pattern, method="sparsegpt"):
+    before = {n: torch.count_nonzero(p).item() for n, p in model.named_parameters() if "embed" in n or "lm_head" in n}
+    config = build_config(method=method, sparsity=0.5, pattern=pattern, calib=str(calib_file), nsamples=2, seqlen=16)
+    report = api.prune(model, tokenizer, config, progress=False)
+    assert report["pattern_ok"]
+    assert report["achieved_sparsity"] == pytest.approx(0.5, abs=0.02)
+    p = parse_pattern(pattern)
+    for rec in report["layers"]:
+        w = model.get_submodule(rec["name"]).weight
+        assert p.verify(w, 0.5).ok
+        assert 0 <= rec["rel_error"] < 1.0
+    after = {n: torch.count_nonzero(p).item() for n, p in model.named_parameters() if n in before}
+    assert after == before  # embeddings and lm_head untouched
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "unstructured:row", "2:4", "4:8", "block:4", "row"])
+def test_every_pattern(tokenizer, calib_file, pattern):
+    _prune_and_check(make_model("llama"), tokenizer, calib_file, pattern)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_every_family(tiny_model, tokenizer, calib_file, method):
+    _prune_and_check(tiny_model, tokenizer, calib_file, "unstructured", method)
+
+
+def test_block_selection(tokenizer, calib_file):
+    model = make_model("llama")
+    config = build_config(method="magnitude", sparsity=0.5, calib=str(calib_file), nsamples=1, seqlen=16, blocks="first-half")
+    report = api.prune(model, tokenizer, config, progress=False)
+    assert {r["block"] for r in report["layers"]} == {0}
+    assert torch.count_nonzero(model.model.layers[1].mlp.down_proj.weight) == model.model.layers[1].mlp.down_proj.weight.numel()
