@@ -130,7 +130,7 @@ def block_matrices(n_blocks=4, seed=0, tail=None):
 # ---------------------------------------------------------------- AlphaPruning
 
 @pytest.mark.parametrize("target,epsilon", [(0.5, 0.3), (0.7, 0.2), (0.9, 0.9), (0.98, 0.5)])
-@pytest.mark.parametrize("aggregate", ["block", "matrix"])
+@pytest.mark.parametrize("aggregate", ["block", "matrix", "block_median"])
 def test_alpha_targets_in_range_and_exact_mean(target, epsilon, aggregate):
     mats = block_matrices(tail={0: 2.0, 1: 3.0, 2: 5.0})
     res = alpha.allocate(mats, target, epsilon=epsilon, aggregate=aggregate)
@@ -138,7 +138,7 @@ def test_alpha_targets_in_range_and_exact_mean(target, epsilon, aggregate):
     check_weighted_mean(res, target)
     assert all(0.0 <= m.target <= 0.99 for m in res.matrices)
     assert res.metric_name == "alpha" and all(m.metric > 1 for m in res.matrices)
-    if aggregate == "block":
+    if aggregate != "matrix":
         assert len({m.target for m in res.matrices if m.block == 0}) == 1
     if target >= 0.9:  # η r would exceed 1 for the lightest tails: the clamp is active
         assert res.options["clamped"] > 0 and max(m.target for m in res.matrices) == pytest.approx(0.99)
@@ -157,6 +157,15 @@ def test_alpha_prunes_heavy_tails_less():
     n = torch.tensor([m.params for m in mats], dtype=torch.float64)
     eta = 0.7 * n.sum() / (n * r).sum()
     assert torch.allclose(torch.tensor([m.target for m in res.matrices], dtype=torch.float64), eta * r)
+
+
+def test_alpha_block_median_ignores_one_extreme_matrix():
+    mats = block_matrices(tail={0: 2.0, 1: 2.0, 2: 2.0, 3: 2.0})
+    mats[4] = MatrixInfo(mats[4].name, 1, spectral_matrix(96, 48, 12.0, 99))  # one light-tailed matrix in block 1
+    mean = block_profile(alpha.allocate(mats, 0.7, epsilon=0.3))
+    median = block_profile(alpha.allocate(mats, 0.7, epsilon=0.3, aggregate="block_median"))
+    assert mean[1][1] == max(p[1] for p in mean.values())  # the mean sends block 1 to the top
+    assert median[1][1] < mean[1][1]
 
 
 def test_alpha_cache_roundtrip(tmp_path):

@@ -12,6 +12,11 @@ exceed 1 at high ``S`` and large ε (and then crashes the pruner). Here every ra
 ``[min_sparsity, max_sparsity]`` and η is re-solved with the clamped matrices fixed (water-filling), so the
 parameter-weighted mean still equals the target exactly. Without clamping both give the same numbers.
 
+``aggregate``: ``"block"`` (the reference default: mean α of the block's matrices, broadcast to each),
+``"matrix"`` (each matrix its own α) or ``"block_median"`` (an addition: the median is not dragged by one
+matrix whose KS-chosen tail has only a handful of eigenvalues and an extreme α — on SmolLM2-135M single
+v_proj/o_proj fits reach α = 16–18 and would otherwise send their whole block to the maximum sparsity).
+
 The SVDs are the whole cost: they run on each weight's device (or ``device``) and, given ``cache_dir``, the
 fits are stored per matrix in ``{cache_dir}/alpha-{model_hash}.json`` and reused.
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import statistics
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -31,7 +37,7 @@ import torch
 from .base import Allocation, MatrixAllocation, MatrixInfo, fit_weighted_mean
 from .hill import XMIN_RULES, PowerLawFit, matrix_alpha
 
-AGGREGATES = ("block", "matrix")
+AGGREGATES = ("block", "matrix", "block_median")
 
 
 def weights_hash(matrices: Sequence[MatrixInfo]) -> str:
@@ -145,8 +151,11 @@ def allocate(
     by_block: dict[int, list[float]] = defaultdict(list)
     for m in matrices:
         by_block[m.block].append(fits[m.name].alpha)
-    block_alpha = {b: sum(v) / len(v) for b, v in sorted(by_block.items())}
-    metric = [block_alpha[m.block] if aggregate == "block" else fits[m.name].alpha for m in matrices]
+    if aggregate == "block_median":
+        block_alpha = {b: statistics.median(v) for b, v in sorted(by_block.items())}
+    else:
+        block_alpha = {b: sum(v) / len(v) for b, v in sorted(by_block.items())}
+    metric = [fits[m.name].alpha if aggregate == "matrix" else block_alpha[m.block] for m in matrices]
 
     ratios = alpha_ratios(metric, epsilon)
     params = [m.params for m in matrices]

@@ -43,8 +43,8 @@ def plot_allocation(allocation: Allocation, path: str | Path) -> Path:
     ax_metric.grid(alpha=0.3)
 
     ax_sparsity.plot(blocks, [profile[b][1] for b in blocks], "s-", color="tab:red", label="block (param-weighted)")
-    per_block = {m.block for m in allocation.matrices}
-    if len(per_block) < len(allocation.matrices):
+    distinct = {(m.block, m.target) for m in allocation.matrices}
+    if len(distinct) > len(blocks):  # targets differ inside a block: show the matrices too
         ax_sparsity.scatter(
             [m.block for m in allocation.matrices], [m.target for m in allocation.matrices],
             s=8, color="tab:gray", alpha=0.6, label="matrix",
