@@ -9,13 +9,15 @@ not pruned again (and not evaluated again when its zero-shot scores exist).
 Layout under ``--root`` (default ``bench/out/sweep``): ``dense/``, ``<method>_<allocation>_<pattern>_s<NN>/``
 run directories and ``compare/`` (``comparison.md``, ``comparison.csv``, PNGs). The dense row is
 ``lmprune eval`` of the unpruned model, written as a run manifest with ``method: dense``. Zero-shot scores of a
-pruned cell come from ``lmprune eval --model CELL ... --out CELL/zeroshot.json``, which ``lmprune compare``
-reads beside ``lmprune.json``.
+pruned cell are computed by ``lmprune prune --tasks`` into its manifest; a cell pruned earlier without them
+gets ``lmprune eval --model CELL ... --out CELL/zeroshot.json``, which ``lmprune compare`` reads beside
+``lmprune.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shlex
@@ -29,28 +31,29 @@ ALL_TASKS = "piqa,arc_easy,arc_challenge,hellaswag,winogrande,boolq,rte,openbook
 ZEROSHOT_SIDECAR = "zeroshot.json"
 
 
-def cell_name(method: str, allocation: str, pattern: str, sparsity: float) -> str:
+def cell_name(method: str, allocation: str, pattern: str, sparsity: float, refine: str = "none") -> str:
     alloc = Path(allocation).stem if allocation.endswith(".json") else allocation
+    method = method if refine == "none" else f"{method}+{refine}"
     return f"{method}_{alloc}_{pattern.replace(':', 'of')}_s{round(100 * sparsity):02d}"
 
 
 def grid(args) -> list[dict]:
     """Every cell; an N:M pattern fixes the sparsity at 1 − N/M, so it gets one cell per method and allocation."""
     cells, seen = [], set()
-    for method in args.methods:
-        for allocation in args.allocations:
-            for pattern in args.patterns:
-                if ":" in pattern:
-                    n, m = (int(x) for x in pattern.split(":"))
-                    sparsities = [1 - n / m]
-                else:
-                    sparsities = args.sparsities
-                for s in sparsities:
-                    name = cell_name(method, allocation, pattern, s)
-                    if name not in seen:
-                        seen.add(name)
-                        cells.append({"name": name, "method": method, "allocation": allocation,
-                                      "pattern": pattern, "sparsity": s})
+    for method, refine, allocation, pattern in itertools.product(
+        args.methods, args.refines, args.allocations, args.patterns
+    ):
+        if ":" in pattern:
+            n, m = (int(x) for x in pattern.split(":"))
+            sparsities = [1 - n / m]
+        else:
+            sparsities = args.sparsities
+        for s in sparsities:
+            name = cell_name(method, allocation, pattern, s, refine)
+            if name not in seen:
+                seen.add(name)
+                cells.append({"name": name, "method": method, "refine": refine, "allocation": allocation,
+                              "pattern": pattern, "sparsity": s})
     return cells
 
 
@@ -81,10 +84,12 @@ def zeroshot_options(args) -> list[str]:
 def prune_command(args, cell: dict, out: Path) -> list[str]:
     cmd = args.lmprune + ["prune", "--model", args.model, "--method", cell["method"],
                           "--sparsity", f"{cell['sparsity']:g}", "--out", str(out),
-                          "--pattern", cell["pattern"], "--allocation", cell["allocation"],
-                          "--calib", args.calib, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
+                          "--pattern", cell["pattern"], "--allocation", cell["allocation"], "--refine", cell["refine"],
                           "--seed", str(args.seed)]
-    return cmd + ppl_options(args, "--eval") + common_options(args)
+    for flag, value in (("--calib", args.calib), ("--nsamples", args.nsamples), ("--seqlen", args.seqlen)):
+        if value is not None:  # otherwise the CLI's default
+            cmd += [flag, str(value)]
+    return cmd + ppl_options(args, "--eval") + zeroshot_options(args) + common_options(args)
 
 
 def zeroshot_command(args, model: str, out_file: Path) -> list[str]:
@@ -151,11 +156,9 @@ def sweep(args) -> int:
             if not run(prune_command(args, cell, out), args, log):
                 failed.append(cell["name"])
                 continue
-        if args.tasks and not args.dry_run and not has_zeroshot(out):
+        if args.tasks and not args.dry_run and not has_zeroshot(out):  # pruned earlier without --tasks
             if not run(zeroshot_command(args, str(out), out / ZEROSHOT_SIDECAR), args, log):
                 failed.append(cell["name"] + " (zero-shot)")
-        elif args.tasks and args.dry_run:
-            run(zeroshot_command(args, str(out), out / ZEROSHOT_SIDECAR), args, log)
 
     done = [str(d) for d in run_dirs if args.dry_run or (d / "lmprune.json").is_file()]
     if done:
@@ -174,9 +177,10 @@ def parse_args(argv=None):
     p.add_argument("--sparsities", type=lambda t: [float(x) for x in csv_list(t)], default=[0.5, 0.6, 0.7, 0.8])
     p.add_argument("--allocations", type=csv_list, default=["uniform"], help="uniform,owl,alpha or FILE.json")
     p.add_argument("--patterns", type=csv_list, default=["unstructured"], help="e.g. unstructured,2:4")
-    p.add_argument("--calib", default="c4")
-    p.add_argument("--nsamples", type=int, default=128)
-    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--refines", type=csv_list, default=["none"], help="e.g. none,dsnot")
+    p.add_argument("--calib", default=None, help="calibration data (default: the CLI's, c4)")
+    p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default: the CLI's, 128)")
+    p.add_argument("--seqlen", type=int, default=None, help="tokens per window (default: the CLI's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval", default="wikitext2,ptb,c4", help="perplexity datasets ('' for none)")
     p.add_argument("--eval-windows", type=int, default=20)

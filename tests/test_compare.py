@@ -100,6 +100,13 @@ def test_runs_without_zero_shot_have_no_average_column(tmp_path):
     assert load_run(b).series == "wanda (owl, 2:4)"
 
 
+def test_a_refiner_is_part_of_the_method_label(tmp_path):
+    run = _write_run(tmp_path, "r", method="wanda", sparsity=0.6, config={"refine": "dsnot"})
+    assert load_run(run).method == "wanda+dsnot"
+    plain = _write_run(tmp_path, "p", method="wanda", sparsity=0.6, config={"refine": "none"})
+    assert load_run(plain).method == "wanda"
+
+
 def test_block_stats_weights_sparsity_by_matrix_size():
     layers = [
         {"name": "model.layers.0.self_attn.q_proj", "shape": [4, 4], "sparsity": 0.25, "rel_error": 0.1},

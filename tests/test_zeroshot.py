@@ -174,6 +174,14 @@ def test_missing_task_file_is_a_clear_error(one_task_data_dir):
         evaluate_tasks(None, None, ["nope"], data_dir=one_task_data_dir)
 
 
+def test_data_dir_defaults_to_the_environment(one_task_data_dir, monkeypatch):
+    from lmprune.evaluation.zeroshot import evaluate_tasks
+
+    monkeypatch.setenv("LMPRUNE_DATA_DIR", str(one_task_data_dir))
+    with pytest.raises(ValueError, match=f"{one_task_data_dir}.*boolq\\.jsonl not found"):
+        evaluate_tasks(None, None, ["boolq"])
+
+
 def test_missing_lm_eval_says_how_to_install(one_task_data_dir, monkeypatch):
     from lmprune.evaluation.zeroshot import evaluate_tasks
 

@@ -1,9 +1,9 @@
 """Zero-shot accuracy through lm-evaluation-harness (its ``HFLM`` wrapper and evaluator, 0-shot).
 
-Offline (``data_dir`` given), every task reads ``<data_dir>/zeroshot/<task>.jsonl``: a task YAML is written at
-run time into a temporary folder (``dataset_path: json`` with the file's absolute path) carrying the harness's
-own prompt for that task over the local field names (:mod:`lmprune.evaluation.prompts`), and a
-``TaskManager`` indexes only that folder. Online (``data_dir=None``), the harness's own task definitions run.
+Offline (a data directory given or in ``$LMPRUNE_DATA_DIR``), every task reads
+``<data_dir>/zeroshot/<task>.jsonl``: a task YAML is written at run time into a temporary folder
+(``dataset_path: json`` with the file's absolute path) carrying the harness's own prompt for that task over the
+local field names (:mod:`lmprune.evaluation.prompts`), and a ``TaskManager`` indexes only that folder. Online (no data directory), the harness's own task definitions run.
 
 lm-eval is an optional dependency: ``pip install 'lmprune[eval]'``.
 """
@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from ..data.sources import data_dir as resolve_data_dir
 from .prompts import DEFAULT_TASKS, TASKS, FunctionRef, task_spec
 
 _INSTALL_HINT = "zero-shot evaluation needs lm-evaluation-harness: pip install 'lmprune[eval]'"
@@ -139,12 +140,14 @@ def evaluate_tasks(
 ) -> dict[str, Any]:
     """Zero-shot scores of an in-memory causal LM on ``tasks``.
 
+    ``data_dir`` defaults to ``$LMPRUNE_DATA_DIR``; with neither, the harness's own (online) tasks run.
     ``limit`` keeps the first ``limit`` documents of each task. Returns
     ``{task: {"acc": .., "acc_norm": .., "acc_stderr": .., ...}, "limit": limit, "n_docs": {task: n},
     "lm_eval_version": .., "time_s": ..}`` (LAMBADA: ``acc`` and ``perplexity``), plus ``"samples"`` when
     ``log_samples``. The model is moved to ``device`` and put in eval mode.
     """
     tasks = list(tasks)
+    data_dir = resolve_data_dir(data_dir)
     if not tasks:
         raise ValueError("no zero-shot tasks given")
     if limit is not None and limit < 1:

@@ -22,7 +22,7 @@ _ZS_METRICS = ("acc", "acc_norm", "perplexity")
 
 @dataclass
 class Run:
-    """The fields of one manifest that a comparison shows."""
+    """The fields of one manifest that a comparison shows (``method`` carries a refiner as "wanda+dsnot")."""
 
     label: str
     path: Path
@@ -95,10 +95,12 @@ def load_run(path: Path) -> Run:
         if isinstance(s, dict) and any(_number(s.get(m)) is not None for m in _ZS_METRICS)
     }
     sparsity = _number(data.get("sparsity"))
+    refine = data.get("refine") or (data.get("config") or {}).get("refine")
+    method = _name(data.get("method"))
     return Run(
         label=manifest.parent.name,
         path=manifest.parent,
-        method=_name(data.get("method")),
+        method=method if refine in (None, "none") else f"{method}+{_name(refine)}",
         allocation=_name(data.get("allocation"), "uniform"),
         pattern=_name(data.get("pattern"), "unstructured"),
         sparsity=sparsity if sparsity is not None else 0.0,
