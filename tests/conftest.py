@@ -21,6 +21,9 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("LMPRUNE_DATA_DIR", REPO.parent / "shared" / "data"))
 VOCAB = 384
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if DATA_DIR.is_dir():
+    os.environ.setdefault("LMPRUNE_DATA_DIR", str(DATA_DIR))
 
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog near the river bank.",

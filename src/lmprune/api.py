@@ -211,14 +211,14 @@ def save_run(model: nn.Module, tokenizer: Any, manifest: dict[str, Any], out: Pa
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
     manifest["reload_check"] = reload_check(model, staging, manifest["layers"])
+    write_json(staging / MANIFEST, manifest)
     plot_files = {}
     if plots:
-        try:
-            from .report.plots import plot_run
-            plot_files = plot_run(manifest, staging)
-        except ImportError:
-            plot_files = {}
-    write_json(staging / MANIFEST, manifest)
+        from .report.plots import plot_run
+
+        png = plot_run(staging)
+        if png is not None:
+            plot_files["per-block sparsity and reconstruction error"] = Path(png).name
     (staging / REPORT).write_text(render_report(manifest, plot_files))
     if out.exists():
         shutil.rmtree(out)

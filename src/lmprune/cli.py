@@ -212,6 +212,10 @@ COMMANDS = {"prune": _cmd_prune, "eval": _cmd_eval, "allocate": _cmd_allocate, "
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
