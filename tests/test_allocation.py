@@ -293,3 +293,39 @@ def test_plot_written(tmp_path):
                 uniform.allocate(mats, 0.7)):
         path = plot_allocation(res, tmp_path / f"{res.method}.png")
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+# ---------------------------------------------------------------- every allocator with every solver, tiny model
+
+@pytest.mark.parametrize("allocation", ["uniform", "owl", "alpha"])
+def test_allocators_drive_every_solver_on_a_tiny_model(allocation, calib_file, tokenizer, tmp_path):
+    from conftest import make_model
+
+    from lmprune.api import prune
+    from lmprune.config import build_config, method_names
+    from lmprune.solvers import SOLVERS
+
+    options = {"epsilon": 0.3} if allocation == "alpha" else {"lam": 0.1} if allocation == "owl" else {}
+    saved = None
+    for method in list(SOLVERS) + [m for m in method_names() if m not in SOLVERS]:  # + block methods (SparseLLM)
+        model = make_model("llama", seed=1)
+        config = build_config(method=method, sparsity=0.6, allocation=allocation, allocation_options=options,
+                              calib=str(calib_file), nsamples=2, seqlen=32, seed=0)
+        run = prune(model, tokenizer, config, progress=False)
+        targets = {m["name"]: m["target"] for m in run["allocation_detail"]["matrices"]}
+        assert abs(run["allocation_detail"]["weighted_mean_sparsity"] - 0.6) < 1e-6
+        assert {r["name"] for r in run["layers"]} == set(targets)
+        for r in run["layers"]:  # each solver met its matrix's own target (per-row rounding at most)
+            assert abs(r["sparsity"] - targets[r["name"]]) < 0.02, (method, r["name"])
+        assert abs(run["achieved_sparsity"] - 0.6) < 0.01
+        if allocation != "uniform":
+            assert len(set(targets.values())) > 1
+        saved = saved or Allocation.from_dict(run["allocation_detail"])
+
+    # the saved allocation feeds another run as FILE.json
+    path = tmp_path / "alloc.json"
+    saved.to_json(path)
+    config = build_config(method="magnitude", sparsity=0.6, allocation=str(path), calib=str(calib_file),
+                          nsamples=2, seqlen=32)
+    run = prune(make_model("llama", seed=1), tokenizer, config, progress=False)
+    assert {r["name"]: r["target"] for r in run["layers"]} == saved.targets
