@@ -4,7 +4,7 @@ not pruned again (and not evaluated again when its zero-shot scores exist).
 
     python bench/sweep.py --dry-run                                  # print the commands only
     python bench/sweep.py --methods wanda,sparsegpt --sparsities 0.5,0.7 \\
-        --eval wikitext2,ptb,c4 --eval-windows 20 --tasks all --limit 200
+        --eval wikitext2,ptb,c4 --eval-windows 20 --eval-seqlen 1024 --tasks all --limit 100
 
 Layout under ``--root`` (default ``bench/out/sweep``): ``dense/``, ``<method>_<allocation>_<pattern>_s<NN>/``
 run directories and ``compare/`` (``comparison.md``, ``comparison.csv``, PNGs). The dense row is
@@ -69,10 +69,14 @@ def common_options(args) -> list[str]:
     return opts
 
 
-def ppl_options(args, flag: str) -> list[str]:
+def ppl_options(args, flag: str, seqlen_flag: str) -> list[str]:
+    """Perplexity options; dense and pruned cells get the same window length so their figures compare."""
     if not args.eval:
         return []
-    return [flag, args.eval, "--eval-windows", str(args.eval_windows)]
+    eval_seqlen = args.eval_seqlen or args.seqlen
+    return [flag, args.eval, "--eval-windows", str(args.eval_windows)] + (
+        [seqlen_flag, str(eval_seqlen)] if eval_seqlen else []
+    )
 
 
 def zeroshot_options(args) -> list[str]:
@@ -89,7 +93,7 @@ def prune_command(args, cell: dict, out: Path) -> list[str]:
     for flag, value in (("--calib", args.calib), ("--nsamples", args.nsamples), ("--seqlen", args.seqlen)):
         if value is not None:  # otherwise the CLI's default
             cmd += [flag, str(value)]
-    return cmd + ppl_options(args, "--eval") + zeroshot_options(args) + common_options(args)
+    return cmd + ppl_options(args, "--eval", "--eval-seqlen") + zeroshot_options(args) + common_options(args)
 
 
 def zeroshot_command(args, model: str, out_file: Path) -> list[str]:
@@ -98,7 +102,7 @@ def zeroshot_command(args, model: str, out_file: Path) -> list[str]:
 
 
 def dense_command(args, out_file: Path) -> list[str]:
-    return args.lmprune + ["eval", "--model", args.model, *ppl_options(args, "--ppl"), *zeroshot_options(args),
+    return args.lmprune + ["eval", "--model", args.model, *ppl_options(args, "--ppl", "--seqlen"), *zeroshot_options(args),
                            "--out", str(out_file), *common_options(args)]
 
 
@@ -184,6 +188,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval", default="wikitext2,ptb,c4", help="perplexity datasets ('' for none)")
     p.add_argument("--eval-windows", type=int, default=20)
+    p.add_argument("--eval-seqlen", type=int, default=None,
+                   help="perplexity window length for every cell (default: --seqlen, else the CLI's)")
     p.add_argument("--tasks", default="", help=f"zero-shot tasks, comma-separated, or 'all' ({ALL_TASKS})")
     p.add_argument("--limit", type=int, default=None, help="documents per zero-shot task (default: all)")
     p.add_argument("--data-dir", default=os.environ.get("LMPRUNE_DATA_DIR"))
