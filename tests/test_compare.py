@@ -135,3 +135,10 @@ def test_plot_run_writes_the_per_block_plot_into_the_run(runs):
     assert plot_run(sparse).read_bytes()[:8] == PNG_MAGIC
     assert (sparse / "layers.png").is_file()
     assert plot_run(dense) is None  # no pruned layers, no plot
+
+
+def test_nested_zero_shot_form_is_read(tmp_path):
+    run = _write_run(tmp_path, "n", method="wanda", sparsity=0.5,
+                     zeroshot={"tasks": {"piqa": {"acc": 0.6, "acc_norm": 0.65}}, "limit": 10})
+    loaded = load_run(run)
+    assert loaded.zeroshot == {"piqa": {"acc": 0.6, "acc_norm": 0.65}} and loaded.zeroshot_limit == 10

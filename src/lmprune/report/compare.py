@@ -89,9 +89,10 @@ def load_run(path: Path) -> Run:
     ppl_block = data.get("perplexity") or {}
     perplexity = {k: float(v) for k, v in ppl_block.items() if k not in _PPL_META and _number(v) is not None}
     zs_block = data.get("zeroshot") or _sidecar_zeroshot(manifest.parent / ZEROSHOT_SIDECAR)
+    per_task = zs_block.get("tasks") if isinstance(zs_block.get("tasks"), dict) else zs_block  # nested form too
     zeroshot = {
         task: {m: float(s[m]) for m in _ZS_METRICS if _number(s.get(m)) is not None}
-        for task, s in zs_block.items()
+        for task, s in per_task.items()
         if isinstance(s, dict) and any(_number(s.get(m)) is not None for m in _ZS_METRICS)
     }
     sparsity = _number(data.get("sparsity"))
