@@ -78,7 +78,9 @@ def refine(
     patience: int = 3,
 ) -> SolveResult:
     if not isinstance(pattern, (Unstructured, NM)):
-        return SolveResult(result.weight, result.mask, {**result.stats, "dsnot": f"skipped: pattern {pattern.spec}"})
+        return SolveResult(
+            result.weight, result.mask, {**result.stats, "dsnot": f"skipped: pattern {pattern.spec}"}, result.pattern
+        )
     dtype = torch.float64 if dense_weight.device.type == "cpu" else torch.float32
     w = dense_weight.detach().to(dtype)
     w_hat = result.weight.detach().to(dtype).clone()
@@ -206,4 +208,4 @@ def refine(
         "dsnot_error_before": float(err_before.sum()),
         "dsnot_error_after": float(err_after.sum()),
     }
-    return SolveResult(w_hat.to(result.weight.dtype), keep, stats)
+    return SolveResult(w_hat.to(result.weight.dtype), keep, stats, result.pattern)

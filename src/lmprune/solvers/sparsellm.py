@@ -11,24 +11,26 @@ SwiGLU FFN (LLaMA: down(SiLU(gate x) ⊙ up x)), auxiliaries ``z`` (up output), 
 
     min  α‖z − X W_upᵀ‖² + α‖s − X W_gateᵀ‖² + γ‖p − SiLU(s) ⊙ z‖² + β‖Y − p W_downᵀ‖²
 
-Block-coordinate descent, one round =
+Block-coordinate descent from the dense weights and activations; one round =
 
 1. weights: least-squares refit of each matrix against its current target (float64 Cholesky of the damped
-   Gram of its input; skipped in round 0, which starts from the dense weights), then the inner per-matrix
-   solver prunes it with that Gram. The new sparse matrix replaces the previous round's only if it is
-   better on its own subproblem, so this step never raises the objective;
-2. ``p = (βWᵀW + γI)⁻¹(βWᵀ(Y − b) + γ·act)`` (exact, float64 Cholesky);
-3. ``z``: ReLU, the better of the branch minimisers ``max((γp + αm)/(γ + α), 0)`` and ``min(m, 0)``;
-   SwiGLU, ``(αm + γσp)/(α + γσ²)`` with ``σ = SiLU(s)`` (exact for every α, γ);
-4. SwiGLU only: ``s_steps`` safeguarded Gauss-Newton steps on the separable ``α(s − n)² + γ(p − SiLU(s)z)²``,
-   each element moving only if its own term falls.
+   Gram matrix of its input; round 0 starts from the dense weights instead), then the inner per-matrix
+   solver prunes it with that Gram matrix. The new sparse matrix replaces the previous round's only if it
+   is better on its own subproblem, so this step never raises the objective;
+2. ``p = (β(Y − b)W + γ·act)(βWᵀW + γI)⁻¹`` (exact; the SPD inverse in float64);
+3. ``z``: ReLU, the better of the branch minimisers ``max((γp + αm)/(γ + α), 0)`` and ``min(m, 0)``
+   (``m = X W1ᵀ + b1``); SwiGLU, ``(αm + γσp)/(α + γσ²)`` with ``σ = SiLU(s)`` (exact for every α, γ);
+4. SwiGLU only: ``s_steps`` safeguarded Gauss-Newton steps on the separable ``α(s − n)² + γ(p − SiLU(s)z)²``
+   (``n = X W_gateᵀ``), an element moving only if its own term falls.
 
-So the recorded objective (after each round's weight step) never increases. What is returned is not the
-last round but the round whose pruned weights give the smallest true FFN error ``‖Y − FFN(X)‖²``; round 0 is
-the plain layer-wise result (each matrix pruned from its dense weights, fc2/down with the dense activations),
-and a last candidate refits and prunes fc2/down on the activations the chosen fc1/up/gate really produce.
-Non-finite values never reach the weights: a round producing them ends the loop and the best round stands.
-Everything of size T x d_ff is processed in token chunks of ``chunk_tokens``.
+The objective recorded after each round's weight step therefore never increases. Each round also offers a
+second candidate: fc2/down refit by least squares and pruned on the activations that the round's pruned
+fc1/up/gate *really* produce (the auxiliary ``p`` is only a relaxation of them). The result is the candidate
+with the smallest true FFN error ``‖Y − FFN(X)‖²``; round 0 without the refit is exactly the plain layer-wise
+inner solver (fc2/down pruned from its dense weights on the dense activations), so the result is never worse
+than that. Non-finite values never reach the weights: a non-finite solver result is discarded, and a round
+producing non-finite auxiliaries ends the loop with the best round standing. All work on T x d_ff arrays
+runs in one fused pass per round over token chunks of ``chunk_tokens``.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ InnerSolve = Callable[[Tensor, Gram, float], SolveResult]
 class Options(SolverOptions):
     alpha: float = 1.0
     beta: float = 1.0
-    gamma: float = 1.0
+    gamma: float = 10.0
     rounds: int = 4
     s_steps: int = 3
     percdamp: float = 0.01
@@ -75,30 +77,50 @@ def _finite(*tensors: Tensor) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
-def _gram(t: Tensor, chunk: int) -> Gram:
-    h = torch.zeros(t.shape[1], t.shape[1], dtype=torch.float64, device=t.device)
-    total = torch.zeros(t.shape[1], dtype=torch.float64, device=t.device)
-    for sl in _chunks(t.shape[0], chunk):
-        c = t[sl].double()
-        h += c.T @ c
-        total += c.sum(0)
-    return Gram(h.float(), t.shape[0], total.float())
+def _sq(t: Tensor) -> float:
+    return float(t.double().pow(2).sum())
+
+
+class _Moments:
+    """Running ``Σ aᵀa``, ``Σ a``, ``Σ aᵀt`` and ``Σ‖t‖²`` over token chunks (fp32 products, fp64 sums)."""
+
+    def __init__(self, d_in: int, d_out: int, device: torch.device, gram: bool = True):
+        f64 = dict(dtype=torch.float64, device=device)
+        self.h = torch.zeros(d_in, d_in, **f64) if gram else None
+        self.s = torch.zeros(d_in, **f64)
+        self.c = torch.zeros(d_in, d_out, **f64)
+        self.tt = 0.0
+        self.n = 0
+
+    def add(self, a: Tensor, t: Tensor) -> None:
+        if self.h is not None:
+            self.h += (a.T @ a).double()
+        self.s += a.sum(0).double()
+        self.c += (a.T @ t).double()
+        self.tt += _sq(t)
+        self.n += a.shape[0]
+
+    def subproblem(self, gram: Gram | None = None) -> "_Subproblem":
+        if gram is None:
+            gram = Gram(self.h.float(), self.n, self.s.float())
+        return _Subproblem(gram, self.c, self.tt, self.h)
 
 
 class _Subproblem:
-    """``min_W ‖T − A Wᵀ‖²`` for one matrix, kept as ``AᵀA`` (the Gram) and ``AᵀT``."""
+    """``min_W ‖T − A Wᵀ‖²`` for one matrix, kept as the Gram matrix ``AᵀA``, ``AᵀT`` and ``‖T‖²``."""
 
-    def __init__(self, gram: Gram, cross: Tensor):
+    def __init__(self, gram: Gram, cross: Tensor, tt: float, h64: Tensor | None = None):
         self.gram = gram
         self.cross = cross  # in x out, float64
+        self.tt = tt
+        self.h64 = gram.matrix.double() if h64 is None else h64
 
     def value(self, w: Tensor) -> float:
-        """The objective up to the constant ‖T‖²."""
         w = w.double()
-        return float(((w @ self.gram.matrix.double()) * w).sum() - 2 * (w * self.cross.T).sum())
+        return self.tt + float(((w @ self.h64) * w).sum() - 2 * (w * self.cross.T).sum())
 
     def ridge(self, percdamp: float) -> Tensor:
-        """Damped least-squares solution (out x in, float32), damping raised tenfold until H is PD."""
+        """Damped least-squares solution (out x in, float32); damping raised tenfold until H is PD."""
         damp = percdamp
         for _ in range(6):
             try:
@@ -109,12 +131,178 @@ class _Subproblem:
         raise torch.linalg.LinAlgError("least-squares refit: Gram matrix not positive definite")
 
 
-def _cross(a: Tensor, t: Tensor, chunk: int, a_shift: Tensor | None = None, t_shift: Tensor | None = None) -> Tensor:
-    out = torch.zeros(a.shape[1], t.shape[1], dtype=torch.float64, device=a.device)
-    for sl in _chunks(a.shape[0], chunk):
-        tc = t[sl].double() if t_shift is None else t[sl].double() - t_shift.double()
-        out += a[sl].double().T @ tc
-    return out
+def _spd_inverse(w_out: Tensor, beta: float, gamma: float) -> Tensor:
+    """``(βWᵀW + γI)⁻¹`` in float32, factorised in float64 (γ > 0 keeps it SPD)."""
+    w = w_out.double()
+    a = beta * (w.T @ w)
+    a.diagonal().add_(gamma)
+    return torch.cholesky_inverse(torch.linalg.cholesky(a)).float()
+
+
+@dataclass
+class _Sweep:
+    objective: float
+    error: float
+    refit: _Moments | None
+
+
+class _ReluFFN:
+    """State of the ReLU problem: data, auxiliaries ``z``, ``p`` and the moments for the next weight step."""
+
+    roles = ("fc1", "fc2")
+    down = "fc2"
+
+    def __init__(self, x, y, w1, b1, w2, b2, alpha, beta, gamma, chunk, s_steps=0):
+        self.x, self.y, self.ch = x, y, chunk
+        self.alpha, self.beta, self.gamma = alpha, beta, gamma
+        dev = x.device
+        self.b1 = torch.zeros(w1.shape[0], device=dev) if b1 is None else b1.detach().float()
+        self.b2 = torch.zeros(w2.shape[0], device=dev) if b2 is None else b2.detach().float()
+        self.dense = {"fc1": w1.detach().float(), "fc2": w2.detach().float()}
+        self.z = torch.empty(x.shape[0], w1.shape[0], device=dev)
+        self.gx = _Moments(x.shape[1], 0, dev)
+        self.next = {"fc1": _Moments(x.shape[1], w1.shape[0], dev, gram=False), "fc2": _Moments(w1.shape[0], y.shape[1], dev)}
+        for sl in _chunks(x.shape[0], chunk):
+            self.z[sl] = x[sl] @ self.dense["fc1"].T + self.b1
+            self.gx.add(x[sl], x[sl][:, :0])
+            self.next["fc2"].add(torch.relu(self.z[sl]), y[sl] - self.b2)
+        self.p = torch.relu(self.z)
+        self.gram_x = self.gx.subproblem().gram
+
+    def subproblems(self) -> dict[str, _Subproblem]:
+        return {"fc1": self.next["fc1"].subproblem(self.gram_x), "fc2": self.next["fc2"].subproblem()}
+
+    def aux(self) -> tuple[Tensor, ...]:
+        return self.z, self.p
+
+    def sweep(self, w: dict[str, Tensor], update: bool, refit: bool) -> _Sweep:
+        x, y, z, p, b1, b2 = self.x, self.y, self.z, self.p, self.b1, self.b2
+        al, be, ga = self.alpha, self.beta, self.gamma
+        w1, w2 = w["fc1"].float(), w["fc2"].float()
+        dev = x.device
+        ref = _Moments(w1.shape[0], y.shape[1], dev) if refit else None
+        if update:
+            a_inv = _spd_inverse(w2, be, ga)
+            self.next = {"fc1": _Moments(x.shape[1], w1.shape[0], dev, gram=False), "fc2": _Moments(w1.shape[0], y.shape[1], dev)}
+        obj = err = 0.0
+        for sl in _chunks(x.shape[0], self.ch):
+            xc, tc = x[sl], y[sl] - b2
+            m = xc @ w1.T + b1
+            act = torch.relu(m)
+            err += _sq(tc - act @ w2.T)
+            if ref is not None:
+                ref.add(act, tc)
+            zc, pc = z[sl], p[sl]
+            obj += al * _sq(zc - m) + ga * _sq(pc - torch.relu(zc)) + be * _sq(tc - pc @ w2.T)
+            if update:
+                pc = (be * (tc @ w2) + ga * torch.relu(zc)) @ a_inv
+                zp = ((ga * pc + al * m) / (ga + al)).clamp_min(0)
+                zn = m.clamp_max(0)
+                keep_pos = ga * (pc - zp).pow(2) + al * (zp - m).pow(2) <= ga * pc.pow(2) + al * (zn - m).pow(2)
+                zc = torch.where(keep_pos, zp, zn)
+                p[sl], z[sl] = pc, zc
+                self.next["fc1"].add(xc, zc - b1)
+                self.next["fc2"].add(pc, tc)
+        return _Sweep(obj, err, ref)
+
+
+def _silu_grad(s: Tensor) -> Tensor:
+    sig = torch.sigmoid(s)
+    return sig * (1 + s * (1 - sig))
+
+
+def _s_steps(s: Tensor, n: Tensor, z: Tensor, p: Tensor, alpha: float, gamma: float, steps: int) -> Tensor:
+    """Safeguarded Gauss-Newton on the separable ``α(s−n)² + γ(p − SiLU(s)z)²``; returns the new ``s``."""
+
+    def f(v: Tensor) -> Tensor:
+        return alpha * (v - n).pow(2) + gamma * (p - F.silu(v) * z).pow(2)
+
+    for _ in range(steps):
+        d = _silu_grad(s) * z
+        grad = 2 * alpha * (s - n) - 2 * gamma * (p - F.silu(s) * z) * d
+        step = grad / (2 * alpha + 2 * gamma * d.pow(2))
+        f0 = f(s)
+        moved = torch.zeros_like(s, dtype=torch.bool)
+        for scale in (1.0, 0.5, 0.25):
+            trial = s - scale * step
+            better = ~moved & (f(trial) < f0)
+            s = torch.where(better, trial, s)
+            moved |= better
+    return s
+
+
+class _SwiGLUFFN:
+    """State of the SwiGLU problem: data, auxiliaries ``z``, ``s``, ``p`` and the next weight step's moments."""
+
+    roles = ("up", "gate", "down")
+    down = "down"
+
+    def __init__(self, x, y, w_up, w_gate, w_down, alpha, beta, gamma, chunk, s_steps=3):
+        self.x, self.y, self.ch, self.s_steps = x, y, chunk, s_steps
+        self.alpha, self.beta, self.gamma = alpha, beta, gamma
+        dev = x.device
+        self.dense = {"up": w_up.detach().float(), "gate": w_gate.detach().float(), "down": w_down.detach().float()}
+        dff = w_up.shape[0]
+        self.z = torch.empty(x.shape[0], dff, device=dev)
+        self.s = torch.empty_like(self.z)
+        self.p = torch.empty_like(self.z)
+        self.gx = _Moments(x.shape[1], 0, dev)
+        self.next = self._fresh(dev)
+        for sl in _chunks(x.shape[0], chunk):
+            xc = x[sl]
+            self.z[sl] = xc @ self.dense["up"].T
+            self.s[sl] = xc @ self.dense["gate"].T
+            self.p[sl] = F.silu(self.s[sl]) * self.z[sl]
+            self.gx.add(xc, xc[:, :0])
+            self.next["down"].add(self.p[sl], y[sl])
+        self.gram_x = self.gx.subproblem().gram
+
+    def _fresh(self, dev) -> dict[str, _Moments]:
+        d, dff = self.x.shape[1], self.z.shape[1]
+        return {
+            "up": _Moments(d, dff, dev, gram=False),
+            "gate": _Moments(d, dff, dev, gram=False),
+            "down": _Moments(dff, self.y.shape[1], dev),
+        }
+
+    def subproblems(self) -> dict[str, _Subproblem]:
+        return {
+            "up": self.next["up"].subproblem(self.gram_x),
+            "gate": self.next["gate"].subproblem(self.gram_x),
+            "down": self.next["down"].subproblem(),
+        }
+
+    def aux(self) -> tuple[Tensor, ...]:
+        return self.z, self.s, self.p
+
+    def sweep(self, w: dict[str, Tensor], update: bool, refit: bool) -> _Sweep:
+        x, y, z, s, p = self.x, self.y, self.z, self.s, self.p
+        al, be, ga = self.alpha, self.beta, self.gamma
+        wu, wg, wd = w["up"].float(), w["gate"].float(), w["down"].float()
+        ref = _Moments(wu.shape[0], y.shape[1], x.device) if refit else None
+        if update:
+            a_inv = _spd_inverse(wd, be, ga)
+            self.next = self._fresh(x.device)
+        obj = err = 0.0
+        for sl in _chunks(x.shape[0], self.ch):
+            xc, yc = x[sl], y[sl]
+            m, n = xc @ wu.T, xc @ wg.T
+            act = F.silu(n) * m
+            err += _sq(yc - act @ wd.T)
+            if ref is not None:
+                ref.add(act, yc)
+            zc, sc, pc = z[sl], s[sl], p[sl]
+            sig = F.silu(sc)
+            obj += al * (_sq(zc - m) + _sq(sc - n)) + ga * _sq(pc - sig * zc) + be * _sq(yc - pc @ wd.T)
+            if update:
+                pc = (be * (yc @ wd) + ga * sig * zc) @ a_inv
+                zc = (al * m + ga * sig * pc) / (al + ga * sig.pow(2))
+                sc = _s_steps(sc, n, zc, pc, al, ga, self.s_steps)
+                p[sl], z[sl], s[sl] = pc, zc, sc
+                self.next["up"].add(xc, zc)
+                self.next["gate"].add(xc, sc)
+                self.next["down"].add(pc, yc)
+        return _Sweep(obj, err, ref)
 
 
 def _prune(
@@ -124,43 +312,58 @@ def _prune(
     res = inner(start, sub.gram, target)
     if not _finite(res.weight):
         if previous is None:
-            raise FloatingPointError("inner solver returned non-finite weights")
+            raise FloatingPointError("inner solver returned non-finite weights for the dense start")
         return previous, True
     if previous is not None and sub.value(previous.weight) < sub.value(res.weight):
         return previous, True
     return res, False
 
 
-def _p_update(w_out: Tensor, target: Tensor, act: Tensor, beta: float, gamma: float, chunk: int, out: Tensor) -> None:
-    """``p = (β(Y−b)W + γ act)(βWᵀW + γI)⁻¹`` row by row, written into ``out``."""
-    w = w_out.double()
-    a = beta * (w.T @ w)
-    a.diagonal().add_(gamma)
-    lower = torch.linalg.cholesky(a)
-    for sl in _chunks(out.shape[0], chunk):
-        rhs = beta * (target[sl].double() @ w) + gamma * act(sl).double()
-        out[sl] = torch.cholesky_solve(rhs.T, lower).T.float()
-
-
-def _refit_down(
-    act: Callable[[slice], Tensor], target: Tensor, shape: torch.Size, sparsity: float, inner: InnerSolve,
-    percdamp: float, chunk: int,
-) -> SolveResult | None:
-    """fc2/down refit by least squares on the activations the pruned fc1/up/gate really produce, then pruned."""
-    a = torch.empty(shape, device=target.device)
-    for sl in _chunks(shape[0], chunk):
-        a[sl] = act(sl)
-    sub = _Subproblem(_gram(a, chunk), _cross(a, target, chunk))
-    del a
-    res = inner(sub.ridge(percdamp), sub.gram, sparsity)
-    return res if _finite(res.weight) else None
-
-
-def _ffn_error(y: Tensor, forward: Callable[[slice], Tensor], chunk: int) -> float:
-    err = 0.0
-    for sl in _chunks(y.shape[0], chunk):
-        err += float((y[sl].double() - forward(sl).double()).pow(2).sum())
-    return err
+def _run(ffn, targets: dict[str, float], inner: InnerSolve, rounds: int, percdamp: float, refit_down: bool) -> FFNPruneResult:
+    stats: dict[str, Any] = {"objective": [], "ffn_error": [], "refit_down_error": [], "kept_previous": [], "round_s": []}
+    res: dict[str, SolveResult | None] = {k: None for k in ffn.roles}
+    best: tuple[float, dict[str, SolveResult], Any] | None = None
+    for r in range(max(1, rounds)):
+        t0 = time.perf_counter()
+        subs = ffn.subproblems()
+        try:
+            starts = {k: ffn.dense[k] if r == 0 else subs[k].ridge(percdamp) for k in ffn.roles}
+        except torch.linalg.LinAlgError:
+            stats["stopped"] = f"round {r}: least-squares refit failed"
+            break
+        if not _finite(*starts.values()):
+            stats["stopped"] = f"round {r}: non-finite least-squares refit"
+            break
+        kept = []
+        for k in ffn.roles:
+            res[k], was_kept = _prune(subs[k], starts[k], targets[k], inner, res[k])
+            kept.append(was_kept)
+        stats["kept_previous"].append(kept)
+        weights = {k: v.weight for k, v in res.items()}
+        last = r == rounds - 1
+        sweep = ffn.sweep(weights, update=not last, refit=refit_down)
+        stats["objective"].append(sweep.objective)
+        stats["ffn_error"].append(sweep.error)
+        if best is None or sweep.error < best[0]:
+            best = (sweep.error, dict(res), r)
+        if sweep.refit is not None:
+            sub = sweep.refit.subproblem()
+            try:
+                cand = inner(sub.ridge(percdamp), sub.gram, targets[ffn.down])
+                cand_err = sub.value(cand.weight) if _finite(cand.weight) else float("inf")
+            except torch.linalg.LinAlgError:
+                cand_err = float("inf")
+            stats["refit_down_error"].append(cand_err)
+            if cand_err < best[0]:
+                best = (cand_err, {**res, ffn.down: cand}, f"{r}+refit_down")
+        stats["round_s"].append(time.perf_counter() - t0)
+        if not _finite(*ffn.aux()):
+            stats["stopped"] = f"round {r}: non-finite auxiliary variables"
+            break
+    err, chosen, r_best = best  # round 0 always yields a finite candidate or raised
+    stats.update(best_round=r_best, final_ffn_error=err, target_norm=_sq(ffn.y),
+                 aux_mb=sum(t.numel() for t in ffn.aux()) * 4 / 2**20)
+    return FFNPruneResult(chosen, stats)
 
 
 def _check(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -184,109 +387,19 @@ def prune_ffn_relu(
     inner: InnerSolve,
     alpha: float = 1.0,
     beta: float = 1.0,
-    gamma: float = 1.0,
+    gamma: float = 10.0,
     rounds: int = 4,
     percdamp: float = 0.01,
     chunk_tokens: int = 4096,
     refit_down: bool = True,
     s_steps: int = 0,
 ) -> FFNPruneResult:
-    """SparseLLM on ``Y ≈ ReLU(X W1ᵀ + b1) W2ᵀ + b2``; returns ``fc1`` and ``fc2`` (see module docstring)."""
+    """SparseLLM on ``Y ≈ ReLU(X W1ᵀ + b1) W2ᵀ + b2`` (biases fixed); returns ``fc1`` and ``fc2``.
+
+    ``inner(weight, gram, target)`` prunes one matrix into ``pattern``; ``s_steps`` is unused (no gate)."""
     x, y = _check(X, Y)
-    ch = chunk_tokens
-    b1 = torch.zeros(W1.shape[0], device=x.device) if b1 is None else b1.detach().float()
-    b2 = torch.zeros(W2.shape[0], device=x.device) if b2 is None else b2.detach().float()
-    gx = _gram(x, ch)
-    z = torch.empty(x.shape[0], W1.shape[0], device=x.device)
-    for sl in _chunks(x.shape[0], ch):
-        z[sl] = x[sl] @ W1.detach().float().T + b1
-    p = torch.relu(z)
-    dense1, dense2 = W1.detach().float(), W2.detach().float()
-
-    def true_error(w1: Tensor, w2: Tensor) -> float:
-        return _ffn_error(y, lambda sl: torch.relu(x[sl] @ w1.float().T + b1) @ w2.float().T + b2, ch)
-
-    def objective(w1: Tensor, w2: Tensor) -> float:
-        total = 0.0
-        for sl in _chunks(x.shape[0], ch):
-            m = x[sl] @ w1.float().T + b1
-            total += alpha * float((z[sl] - m).double().pow(2).sum())
-            total += gamma * float((p[sl] - torch.relu(z[sl])).double().pow(2).sum())
-            total += beta * float((y[sl] - b2 - p[sl] @ w2.float().T).double().pow(2).sum())
-        return total
-
-    stats: dict[str, Any] = {"objective": [], "ffn_error": [], "refit_down_error": [], "kept_previous": [], "round_s": []}
-    res1 = res2 = None
-    best: tuple[float, SolveResult, SolveResult, int] | None = None
-    for r in range(rounds):
-        t0 = time.perf_counter()
-        sub1 = _Subproblem(gx, _cross(x, z, ch, t_shift=b1))
-        gp = _gram(p, ch)
-        sub2 = _Subproblem(gp, _cross(p, y, ch, t_shift=b2))
-        start1 = dense1 if r == 0 else sub1.ridge(percdamp)
-        start2 = dense2 if r == 0 else sub2.ridge(percdamp)
-        if not _finite(start1, start2):
-            stats["nonfinite_round"] = r
-            break
-        res1, kept1 = _prune(sub1, start1, target1, inner, res1)
-        res2, kept2 = _prune(sub2, start2, target2, inner, res2)
-        w1, w2 = res1.weight.float(), res2.weight.float()
-        stats["kept_previous"].append([kept1, kept2])
-        stats["objective"].append(objective(w1, w2))
-        err = true_error(w1, w2)
-        stats["ffn_error"].append(err)
-        if best is None or err < best[0]:
-            best = (err, res1, res2, r)
-        if refit_down:
-            cand = _refit_down(lambda sl: torch.relu(x[sl] @ w1.T + b1), y - b2, z.shape, target2, inner, percdamp, ch)
-            cand_err = true_error(w1, cand.weight) if cand is not None else float("inf")
-            stats["refit_down_error"].append(cand_err)
-            if cand_err < best[0]:
-                best = (cand_err, res1, cand, f"{r}+refit_down")
-        if r < rounds - 1:
-            _p_update(w2, y - b2, lambda sl: torch.relu(z[sl]), beta, gamma, ch, p)
-            for sl in _chunks(x.shape[0], ch):
-                m = x[sl] @ w1.T + b1
-                pc = p[sl]
-                zp = ((gamma * pc + alpha * m) / (gamma + alpha)).clamp_min(0)
-                zn = m.clamp_max(0)
-                fp = gamma * (pc - zp).pow(2) + alpha * (zp - m).pow(2)
-                fn = gamma * pc.pow(2) + alpha * (zn - m).pow(2)
-                z[sl] = torch.where(fp <= fn, zp, zn)
-            if not _finite(p, z):
-                stats["nonfinite_round"] = r
-                break
-        stats["round_s"].append(time.perf_counter() - t0)
-    if best is None:
-        raise FloatingPointError("SparseLLM produced no finite round")
-    err, res1, res2, r_best = best
-    stats.update(best_round=r_best, final_ffn_error=err, aux_mb=2 * z.numel() * 4 / 2**20)
-    return FFNPruneResult({"fc1": res1, "fc2": res2}, stats)
-
-
-def _silu_grad(s: Tensor) -> Tensor:
-    sig = torch.sigmoid(s)
-    return sig * (1 + s * (1 - sig))
-
-
-def _s_steps(s: Tensor, n: Tensor, z: Tensor, p: Tensor, alpha: float, gamma: float, steps: int) -> None:
-    """Safeguarded Gauss-Newton on the separable ``α(s−n)² + γ(p − SiLU(s)z)²``, in place."""
-
-    def f(v: Tensor) -> Tensor:
-        return alpha * (v - n).pow(2) + gamma * (p - F.silu(v) * z).pow(2)
-
-    for _ in range(steps):
-        d = _silu_grad(s)
-        res = p - F.silu(s) * z
-        grad = 2 * alpha * (s - n) - 2 * gamma * res * z * d
-        step = grad / (2 * alpha + 2 * gamma * (z * d).pow(2))
-        f0 = f(s)
-        moved = torch.zeros_like(s, dtype=torch.bool)
-        for scale in (1.0, 0.5, 0.25):
-            trial = s - scale * step
-            better = ~moved & (f(trial) < f0) & torch.isfinite(trial)
-            s.copy_(torch.where(better, trial, s))
-            moved |= better
+    ffn = _ReluFFN(x, y, W1, b1, W2, b2, alpha, beta, gamma, chunk_tokens)
+    return _run(ffn, {"fc1": target1, "fc2": target2}, inner, rounds, percdamp, refit_down)
 
 
 def prune_ffn_swiglu(
@@ -300,87 +413,19 @@ def prune_ffn_swiglu(
     inner: InnerSolve,
     alpha: float = 1.0,
     beta: float = 1.0,
-    gamma: float = 1.0,
+    gamma: float = 10.0,
     rounds: int = 4,
     s_steps: int = 3,
     percdamp: float = 0.01,
     chunk_tokens: int = 4096,
     refit_down: bool = True,
 ) -> FFNPruneResult:
-    """SparseLLM on ``Y ≈ (SiLU(X W_gateᵀ) ⊙ X W_upᵀ) W_downᵀ``; returns ``up``, ``gate``, ``down``."""
+    """SparseLLM on ``Y ≈ (SiLU(X W_gateᵀ) ⊙ X W_upᵀ) W_downᵀ``; returns ``up``, ``gate``, ``down``.
+
+    ``targets`` is one sparsity or one per role; ``inner(weight, gram, target)`` prunes one matrix into
+    ``pattern``."""
     x, y = _check(X, Y)
-    ch = chunk_tokens
     if not isinstance(targets, dict):
-        targets = {"up": targets, "gate": targets, "down": targets}
-    gx = _gram(x, ch)
-    dense = {"up": W_up.detach().float(), "gate": W_gate.detach().float(), "down": W_down.detach().float()}
-    z = torch.empty(x.shape[0], W_up.shape[0], device=x.device)
-    s = torch.empty_like(z)
-    for sl in _chunks(x.shape[0], ch):
-        z[sl] = x[sl] @ dense["up"].T
-        s[sl] = x[sl] @ dense["gate"].T
-    p = F.silu(s) * z
-
-    def true_error(w: dict[str, Tensor]) -> float:
-        return _ffn_error(
-            y, lambda sl: (F.silu(x[sl] @ w["gate"].T) * (x[sl] @ w["up"].T)) @ w["down"].T, ch
-        )
-
-    def objective(w: dict[str, Tensor]) -> float:
-        total = 0.0
-        for sl in _chunks(x.shape[0], ch):
-            total += alpha * float((z[sl] - x[sl] @ w["up"].T).double().pow(2).sum())
-            total += alpha * float((s[sl] - x[sl] @ w["gate"].T).double().pow(2).sum())
-            total += gamma * float((p[sl] - F.silu(s[sl]) * z[sl]).double().pow(2).sum())
-            total += beta * float((y[sl] - p[sl] @ w["down"].T).double().pow(2).sum())
-        return total
-
-    stats: dict[str, Any] = {"objective": [], "ffn_error": [], "refit_down_error": [], "kept_previous": [], "round_s": []}
-    res: dict[str, SolveResult | None] = {"up": None, "gate": None, "down": None}
-    best: tuple[float, dict[str, SolveResult], Any] | None = None
-    for r in range(rounds):
-        t0 = time.perf_counter()
-        subs = {
-            "up": _Subproblem(gx, _cross(x, z, ch)),
-            "gate": _Subproblem(gx, _cross(x, s, ch)),
-            "down": _Subproblem(_gram(p, ch), _cross(p, y, ch)),
-        }
-        starts = {k: dense[k] if r == 0 else subs[k].ridge(percdamp) for k in subs}
-        if not _finite(*starts.values()):
-            stats["nonfinite_round"] = r
-            break
-        kept = []
-        for k in ("up", "gate", "down"):
-            res[k], was_kept = _prune(subs[k], starts[k], targets[k], inner, res[k])
-            kept.append(was_kept)
-        w = {k: v.weight.float() for k, v in res.items()}
-        stats["kept_previous"].append(kept)
-        stats["objective"].append(objective(w))
-        err = true_error(w)
-        stats["ffn_error"].append(err)
-        if best is None or err < best[0]:
-            best = (err, dict(res), r)
-        if refit_down:
-            cand = _refit_down(
-                lambda sl: F.silu(x[sl] @ w["gate"].T) * (x[sl] @ w["up"].T), y, z.shape, targets["down"], inner, percdamp, ch
-            )
-            cand_err = true_error({**w, "down": cand.weight.float()}) if cand is not None else float("inf")
-            stats["refit_down_error"].append(cand_err)
-            if cand_err < best[0]:
-                best = (cand_err, {**res, "down": cand}, f"{r}+refit_down")
-        if r < rounds - 1:
-            _p_update(w["down"], y, lambda sl: F.silu(s[sl]) * z[sl], beta, gamma, ch, p)
-            for sl in _chunks(x.shape[0], ch):
-                sig = F.silu(s[sl])
-                m = x[sl] @ w["up"].T
-                z[sl] = (alpha * m + gamma * sig * p[sl]) / (alpha + gamma * sig.pow(2))
-                _s_steps(s[sl], x[sl] @ w["gate"].T, z[sl], p[sl], alpha, gamma, s_steps)
-            if not _finite(p, z, s):
-                stats["nonfinite_round"] = r
-                break
-        stats["round_s"].append(time.perf_counter() - t0)
-    if best is None:
-        raise FloatingPointError("SparseLLM produced no finite round")
-    err, chosen, r_best = best
-    stats.update(best_round=r_best, final_ffn_error=err, aux_mb=3 * z.numel() * 4 / 2**20)
-    return FFNPruneResult(chosen, stats)
+        targets = {k: float(targets) for k in _SwiGLUFFN.roles}
+    ffn = _SwiGLUFFN(x, y, W_up, W_gate, W_down, alpha, beta, gamma, chunk_tokens, s_steps)
+    return _run(ffn, targets, inner, rounds, percdamp, refit_down)

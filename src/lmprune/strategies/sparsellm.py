@@ -1,0 +1,110 @@
+"""SparseLLM as a block strategy: attention by the inner solver, then the FFN jointly (solvers/sparsellm.py).
+
+Order inside a block:
+
+1. the attention linears, input group by input group (q/k/v, then o_proj on the pruned q/k/v's output), each
+   by the configured inner solver (+ refiner) from its dense weights;
+2. one pass through the block *with the pruned attention* records the FFN input ``X``; the target ``Y`` is the
+   dense FFN applied to that ``X`` (the reference used the dense attention's ``X`` and ``Y``, so the FFN never
+   saw the attention pruning);
+3. the FFN is pruned jointly, every matrix at its own target sparsity, and written back.
+
+FFNs other than fc1 → ReLU → fc2 and SwiGLU fall back to layer-wise pruning (recorded in the layer stats).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ..solvers.base import Gram
+from ..solvers.sparsellm import FFNPruneResult, Options, prune_ffn_relu, prune_ffn_swiglu
+
+
+class StrategyOptions(Options):
+    #: Solve o_proj on the outputs of the already pruned q/k/v (true sequential) rather than the dense ones.
+    sequential_attention: bool = True
+
+
+def _prune_layerwise(ctx, rels: list[list[str]], note: str | None = None) -> None:
+    for stage in rels:
+        grams = ctx.collect_grams(stage)
+        for rel in stage:
+            start = time.perf_counter()
+            dense = ctx.linear(rel).weight.detach().clone()
+            result = ctx.inner_solve(rel, dense.float(), grams[rel])
+            if note:
+                result.stats["sparsellm"] = note
+            ctx.commit(rel, result, grams[rel], dense, time.perf_counter() - start)
+        for g in {id(g): g for g in grams.values()}.values():
+            g.release()
+
+
+def _supported(ffn) -> bool:
+    return (ffn.kind == "relu" and ffn.act == "relu") or (ffn.kind == "swiglu" and ffn.act == "silu" and ffn.gate)
+
+
+@torch.no_grad()
+def prune_block(ctx, options: dict | None = None) -> None:
+    opts = StrategyOptions(**(options or {}))
+    ffn = ctx.adapter.ffn
+    roles = {"up": ffn.up, "down": ffn.down} | ({"gate": ffn.gate} if ffn.gate else {})
+    ffn_rels = set(roles.values())
+    attention = [list(g) for g in ctx.adapter.groups if not set(g) & ffn_rels]
+    ffn_groups = [list(g) for g in ctx.adapter.groups if set(g) & ffn_rels]
+    _prune_layerwise(ctx, attention if opts.sequential_attention else [[r for g in attention for r in g]])
+    if not _supported(ffn):
+        _prune_layerwise(ctx, ffn_groups, note=f"layer-wise fallback: unsupported FFN {ffn.kind}/{ffn.act}")
+        return
+
+    start = time.perf_counter()
+    x = ctx.capture([ffn.up], "input")[ffn.up]
+    lin = {role: ctx.linear(rel) for role, rel in roles.items()}
+    dense = {role: lin[role].weight.detach().clone() for role in roles}
+    w = {role: t.float() for role, t in dense.items()}
+    solver_opts = opts.model_dump(exclude={"sequential_attention"})
+    if ffn.kind == "relu":
+        b1 = None if lin["up"].bias is None else lin["up"].bias.detach().float()
+        b2 = None if lin["down"].bias is None else lin["down"].bias.detach().float()
+        y = torch.relu(x @ w["up"].T + (0 if b1 is None else b1)) @ w["down"].T + (0 if b2 is None else b2)
+        out = prune_ffn_relu(
+            x, y, w["up"], b1, w["down"], b2, ctx.pattern, ctx.target(ffn.up), ctx.target(ffn.down),
+            lambda weight, gram, target: ctx.inner_solve(ffn.up, weight, gram, target), **solver_opts,
+        )
+        results = {"up": out.results["fc1"], "down": out.results["fc2"]}
+        act = torch.relu(x @ results["up"].weight.float().T + (0 if b1 is None else b1))
+    else:
+        y = (F.silu(x @ w["gate"].T) * (x @ w["up"].T)) @ w["down"].T
+        targets = {role: ctx.target(rel) for role, rel in roles.items()}
+        out = prune_ffn_swiglu(
+            x, y, w["up"], w["gate"], w["down"], ctx.pattern, targets,
+            lambda weight, gram, target: ctx.inner_solve(ffn.up, weight, gram, target), **solver_opts,
+        )
+        results = out.results
+        act = F.silu(x @ results["gate"].weight.float().T) * (x @ results["up"].weight.float().T)
+    seconds = (time.perf_counter() - start) / len(roles)
+    summary = _summary(out, float(y.double().pow(2).sum()))
+    grams = {"up": Gram.from_inputs(x), "down": Gram.from_inputs(act)}
+    grams["gate"] = grams["up"]
+    del act, x, y
+    for role, rel in roles.items():
+        results[role].stats.update(summary)
+        ctx.commit(rel, results[role], grams[role], dense[role], seconds)
+
+
+def _summary(out: FFNPruneResult, y_norm: float) -> dict:
+    """Scalar statistics of the joint FFN solve, stored with each of its matrices."""
+    st = out.stats
+    scale = y_norm if y_norm > 0 else 1.0
+    return {
+        "sparsellm_ffn_rel_error": st["final_ffn_error"] / scale,
+        "sparsellm_layerwise_ffn_rel_error": st["ffn_error"][0] / scale,
+        "sparsellm_best_round": str(st["best_round"]),
+        "sparsellm_rounds_run": len(st["objective"]),
+        "sparsellm_objective_first": st["objective"][0],
+        "sparsellm_objective_last": st["objective"][-1],
+        "sparsellm_aux_mb": st["aux_mb"],
+        "sparsellm_stopped": st.get("stopped", ""),
+    }
