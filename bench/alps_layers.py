@@ -83,6 +83,35 @@ def run(layers, settings, variants, problems) -> list[dict]:
     return rows
 
 
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
+
+def run_blocks(blocks, settings, variants, problems) -> list[dict]:
+    """Whole blocks as the engine solves them: one Gram object per input group (q/k/v, gate/up share)."""
+    rows = []
+    for block in blocks:
+        for setting in settings:
+            spec, sparsity = setting_of(setting)
+            pattern = parse_pattern(spec)
+            for label, solver, overrides in variants:
+                sol = get_solver(solver)
+                opts = sol.options(overrides).model_dump()
+                errs, secs = [], 0.0
+                for group in GROUPS:
+                    gram = gram_of(problems[f"{block}.{group[0]}"])
+                    for name in group:
+                        w = problems[f"{block}.{name}"]["weight"]
+                        start = time.perf_counter()
+                        res = sol.solve_fn()(w, gram, pattern, sparsity, **opts)
+                        secs += time.perf_counter() - start
+                        errs.append(reconstruction_error(w, res.weight, gram)[1])
+                row = {"layer": f"block {block}", "setting": setting, "method": label,
+                       "rel_error": statistics.mean(errs), "time_s": secs}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
 def markdown(rows: list[dict], labels: list[str]) -> str:
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     layers = list(dict.fromkeys(r["layer"] for r in rows))
@@ -115,6 +144,8 @@ def main() -> None:
     p.add_argument("--settings", default="0.4,0.5,0.6,0.7,0.8,0.9,2:4")
     p.add_argument("--methods", default="magnitude,wanda,sparsegpt,alps,alps-fast")
     p.add_argument("--variant", action="append", default=[], help="label=solver:key=value,...")
+    p.add_argument("--blocks", default="", help="instead of --layers: whole blocks (all 7 linears, shared Grams); "
+                   "e = mean relative error over the 7, s = seconds for the block")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=512)
@@ -123,7 +154,10 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     problems = load_problems(a.windows, a.seqlen)
     variants = [(m, m, {}) for m in filter(None, a.methods.split(","))] + [parse_variant(v) for v in a.variant]
-    rows = run(a.layers.split(","), a.settings.split(","), variants, problems)
+    if a.blocks:
+        rows = run_blocks(a.blocks.split(","), a.settings.split(","), variants, problems)
+    else:
+        rows = run(a.layers.split(","), a.settings.split(","), variants, problems)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(rows, indent=1))
     print()

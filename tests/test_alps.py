@@ -73,6 +73,17 @@ def test_projection_is_exact_in_weight_layout(spec):
         assert energy[rows].min() >= energy[~rows].max()
 
 
+def test_nm_rank_projection_keeps_exactly_n_with_ties():
+    torch.manual_seed(11)
+    b = (torch.randn(64, 24) * 2).round()  # many ties
+    for n, m in ((2, 4), (1, 4), (4, 8), (3, 8)):
+        keep = alps.keep_mask_scaled(parse_pattern(f"{n}:{m}"), b, 1 - n / m)
+        groups = b.abs().T.reshape(24, 64 // m, m)
+        kept = keep.T.reshape(24, 64 // m, m)
+        assert (kept.sum(-1) == n).all()
+        assert (groups.masked_fill(~kept, float("inf")).amin(-1) >= groups.masked_fill(kept, -1).amax(-1)).all()
+
+
 def test_masked_pcg_matches_exact_solve_per_column():
     torch.manual_seed(2)
     n, c = 40, 12
@@ -109,7 +120,7 @@ def test_masked_pcg_with_jacobi_preconditioner_and_monotone_objective():
 def test_alps_feasible_and_no_worse_than_sparsegpt(spec, sparsity):
     w, gram = planted()
     pattern = parse_pattern(spec)
-    res = alps.solve(w, gram, pattern, sparsity)
+    res = alps.solve(w, gram, pattern, sparsity, pcg_track=True)
     assert pattern.verify(res.weight, sparsity).ok
     assert torch.equal(res.weight != 0, res.mask) or bool(((res.weight != 0) <= res.mask).all())
     ours = reconstruction_error(w, res.weight, gram)[1]

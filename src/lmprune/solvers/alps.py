@@ -25,13 +25,13 @@ columns at once by masked batched conjugate gradient (:func:`.pcg.masked_pcg`; u
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from ..patterns import Pattern, Unstructured
+from ..patterns import NM, Pattern, Unstructured
 from .base import Gram, SolveResult, SolverOptions
 from .pcg import masked_pcg
 
@@ -52,7 +52,11 @@ class Options(SolverOptions):
     grow_from_start: bool = False
     #: False: keep ρ = rho0 for ``max_iter`` iterations (the fixed-penalty ADMM the schedule improves on)
     schedule: bool = True
-    pcg_iters: int = 10
+    #: the reference runs 10; from ADMM's converged iterate, steps 4–10 changed the layer error by < 0.01%
+    #: on SmolLM2 blocks (bench/RESULTS.md) while costing ~10% of the solve
+    pcg_iters: int = 3
+    #: record the PCG objective after every step (stats["pcg_objective"]); otherwise only before and after
+    pcg_track: bool = False
     percdamp: float = 0.01
     #: initial feasible point D⁰: scaled magnitude (ALPS), or the mask/weights of Wanda or SparseGPT
     warm_start: Literal["magnitude", "wanda", "sparsegpt"] = "magnitude"
@@ -76,6 +80,9 @@ class ScaledGram:
     q: Tensor | None = None
     lam: Tensor | None = None
     eigh_s: float = 0.0
+    #: ``(H̃ + ρI)⁻¹`` by ρ, shared by the matrices of one input group (their schedules often agree early)
+    inverses: dict = field(default_factory=dict)
+    max_inverses: int = 16
 
     def eig(self) -> tuple[Tensor, Tensor]:
         if self.q is None:
@@ -123,8 +130,17 @@ class RidgeSolver:
             q, lam = self.sg.eig()
             return torch.mm(q, (q.T @ rhs).div_((lam + rho).unsqueeze(1)), out=out)
         if rho != self._rho:
-            self._m, self._rho = self._inverse(rho), rho
+            self._m, self._rho = self._shared_inverse(rho), rho
         return torch.mm(self._m, rhs, out=out)
+
+    def _shared_inverse(self, rho: float) -> Tensor:
+        key = (self.mode, rho)
+        cache = self.sg.inverses
+        if key not in cache:
+            if len(cache) >= self.sg.max_inverses:
+                cache.pop(next(iter(cache)))
+            cache[key] = self._inverse(rho)
+        return cache[key]
 
     def _inverse(self, rho: float) -> Tensor:
         if self.mode == "inverse":
@@ -143,7 +159,25 @@ def keep_mask_scaled(pattern: Pattern, b: Tensor, sparsity: float) -> Tensor:
     """The pattern's projection support for ``B`` (``in x out``), applied in the weight layout ``Bᵀ``."""
     if isinstance(pattern, Unstructured) and pattern.scope == "matrix":
         return pattern.keep_mask(b.abs(), sparsity)  # layout-free: skip the transpose copy
+    if isinstance(pattern, NM) and pattern.m <= 8:
+        pattern.validate(b.T.shape)
+        return _nm_keep_by_rank(b.abs(), pattern.n, pattern.m)
     return pattern.keep_mask(b.abs().T, sparsity).T
+
+
+def _nm_keep_by_rank(scores: Tensor, n: int, m: int) -> Tensor:
+    """N:M support of ``B`` (groups of ``m`` consecutive rows): keep an entry when fewer than ``n`` of its
+    group beat it (ties go to the lower index), so exactly ``n`` per group. ``m²`` comparisons of contiguous
+    slices instead of ``topk`` over many tiny groups (6× faster on CPU for 2:4)."""
+    x = scores.view(-1, m, scores.shape[1])
+    keep = torch.empty_like(x, dtype=torch.bool)
+    for i in range(m):
+        beaten = torch.zeros_like(x[:, i], dtype=torch.uint8)
+        for j in range(m):
+            if j != i:
+                beaten += x[:, j] >= x[:, i] if j < i else x[:, j] > x[:, i]
+        torch.lt(beaten, n, out=keep[:, i])
+    return keep.view_as(scores)
 
 
 def _initial_point(weight: Tensor, gram: Gram, pattern: Pattern, sparsity: float, b0: Tensor, d: Tensor, warm_start: str, percdamp: float) -> tuple[Tensor, Tensor]:
@@ -183,7 +217,7 @@ def solve(
 
     w = weight.detach().to(wd).clone()
     w[:, gram.dead()] = 0
-    b0 = sg.d.unsqueeze(1) * w.T
+    b0 = (sg.d.unsqueeze(1) * w.T).contiguous()
     g = sg.h @ b0
     r0 = float((b0 * g).sum())
     ridge = RidgeSolver(sg, b0.shape[1], opt.update_iter, opt.ridge)
@@ -253,7 +287,7 @@ def solve(
     else:
         mask = keep_mask_scaled(pattern, b, sparsity)
         x0 = b * mask
-    pcg = masked_pcg(sg.h, g, mask, x0, iters=opt.pcg_iters)
+    pcg = masked_pcg(sg.h, g, mask, x0, iters=opt.pcg_iters, track_objective=True if opt.pcg_track else "ends")
     x = pcg.x * mask
     err_before = (2 * pcg.objective[0] + r0) / r0 if pcg.objective else None
     err_after = (2 * pcg.objective[-1] + r0) / r0 if pcg.objective else None

@@ -23,7 +23,7 @@ from torch import Tensor
 class PCGResult:
     x: Tensor
     iterations: int
-    #: ``f(X)`` at the start and after every iteration (summed over columns).
+    #: ``f(X)`` (summed over columns) at the start and after every iteration, or at the start and the end.
     objective: list[float] = field(default_factory=list)
 
 
@@ -40,12 +40,14 @@ def masked_pcg(
     iters: int = 10,
     inv_diag: Tensor | None = None,
     rtol: float = 0.0,
-    track_objective: bool = True,
+    track_objective: bool | str = True,
 ) -> PCGResult:
     """Minimise ``½ tr(XᵀHX) − ⟨G, X⟩`` over ``X`` supported on ``mask`` by ``iters`` steps of batched PCG.
 
     ``h``: ``n x n`` symmetric positive definite; ``g``, ``mask``, ``x0``: ``n x c``. Stops early once every
     column's masked residual norm is at most ``rtol`` times its masked right-hand side norm.
+    ``track_objective``: record ``f`` after every step (True), only at the start and the end ("ends"), or
+    not at all (False).
     """
     m = mask.to(g.dtype)
     x = torch.zeros_like(g) if x0 is None else x0.to(g.dtype) * m
@@ -53,7 +55,7 @@ def masked_pcg(
     z = r if inv_diag is None else r * inv_diag.unsqueeze(1)
     p = z.clone()
     hp, tmp = torch.empty_like(g), torch.empty_like(g)  # reused: fresh large tensors cost page faults
-    rz = torch.mul(r, z, out=tmp).sum(0)
+    rz = torch.linalg.vecdot(r, z, dim=0)
     tiny = torch.finfo(g.dtype).tiny
     goal = rtol * (g * m).norm(dim=0) if rtol > 0 else None
 
@@ -66,16 +68,18 @@ def masked_pcg(
         if goal is not None and bool((r.norm(dim=0) <= goal).all()):
             break
         torch.mm(h, p, out=hp)
-        curv = torch.mul(p, hp, out=tmp).sum(0)
+        curv = torch.linalg.vecdot(p, hp, dim=0)
         alpha = torch.where(curv > tiny, rz / curv.clamp_min(tiny), torch.zeros_like(rz))
-        x.addcmul_(p, alpha)
+        x.add_(torch.mul(p, alpha, out=tmp))
         r.sub_(hp.mul_(m).mul_(alpha))
         z = r if inv_diag is None else torch.mul(r, inv_diag.unsqueeze(1), out=z)
-        rz_new = torch.mul(r, z, out=tmp).sum(0)
+        rz_new = torch.linalg.vecdot(r, z, dim=0)
         beta = torch.where(rz > tiny, rz_new / rz.clamp_min(tiny), torch.zeros_like(rz))
         p.mul_(beta).add_(z)
         rz = rz_new
         done += 1
-        if track_objective:
+        if track_objective is True:
             objective.append(objective_now())
+    if track_objective == "ends":
+        objective.append(objective_now())
     return PCGResult(x, done, objective)
