@@ -53,7 +53,7 @@ def weights_hash(matrices: Sequence[MatrixInfo]) -> str:
 
 
 def _cache_path(cache_dir: str | Path, model_hash: str) -> Path:
-    return Path(cache_dir) / f"alpha-{model_hash}.json"
+    return Path(cache_dir).expanduser() / f"alpha-{model_hash}.json"
 
 
 def _read_cache(path: Path, key: str) -> dict[str, dict]:
