@@ -50,11 +50,14 @@ def _row_errors(delta: Tensor, h: Tensor) -> Tensor:
     return ((delta @ h) * delta).sum(dim=1)
 
 
-def _sorted_candidates(score: Tensor, valid: Tensor, descending: bool) -> tuple[Tensor, Tensor]:
-    """Per row: column indices of the valid entries ordered by ``score``, and how many there are."""
-    key = score.masked_fill(~valid, float("inf") if not descending else float("-inf"))
-    order = torch.argsort(key, dim=1, descending=descending, stable=True)
-    return order, valid.sum(dim=1)
+def _sorted_candidates(score: Tensor, valid: Tensor, descending: bool, k: int) -> tuple[Tensor, Tensor]:
+    """Per row: the first ``k`` valid column indices ordered by ``score``, and how many valid ones there are.
+
+    A row consumes at most one candidate per cycle, so ``k = max_cycles`` suffices (top-k, not a full sort)."""
+    key = score.masked_fill(~valid, float("-inf") if descending else float("inf"))
+    k = max(1, min(k, score.shape[1]))
+    order = torch.topk(key, k, dim=1, largest=descending, sorted=True).indices
+    return order, valid.sum(dim=1).clamp(max=k)
 
 
 def _take(order: Tensor, ptr: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
@@ -95,8 +98,8 @@ def refine(
     norms = gram.column_norms().to(dtype)
 
     delta = w - w_hat
-    err_before = _row_errors(delta, h)
-    r_mat = delta @ h
+    r_mat = delta @ h  # R = (W − Ŵ) H, kept current through the swaps
+    err_before = (r_mat * delta).sum(dim=1)
     eps = delta @ mu
 
     grow_metric = w * mu  # ε falls by this when the weight is grown to its dense value
@@ -104,14 +107,14 @@ def refine(
     wanda = w_hat.abs() * norms.unsqueeze(0)
     pruned0 = ~keep
     grow_score = grow_metric / var.pow(pow_of_var).unsqueeze(0)
-    grow_pos, n_grow_pos = _sorted_candidates(grow_score, pruned0 & (grow_metric > 0), descending=True)
-    grow_neg, n_grow_neg = _sorted_candidates(grow_score, pruned0 & (grow_metric < 0), descending=False)
+    grow_pos, n_grow_pos = _sorted_candidates(grow_score, pruned0 & (grow_metric > 0), descending=True, k=max_cycles)
+    grow_neg, n_grow_neg = _sorted_candidates(grow_score, pruned0 & (grow_metric < 0), descending=False, k=max_cycles)
     del grow_score
     nm = isinstance(pattern, NM)
     if not nm:
         # zero-metric survivors (e.g. kept zeros) are free either way and sit in both lists
-        prune_pos, n_prune_pos = _sorted_candidates(wanda, keep & (prune_metric >= 0), descending=False)
-        prune_neg, n_prune_neg = _sorted_candidates(wanda, keep & (prune_metric <= 0), descending=False)
+        prune_pos, n_prune_pos = _sorted_candidates(wanda, keep & (prune_metric >= 0), descending=False, k=max_cycles)
+        prune_neg, n_prune_neg = _sorted_candidates(wanda, keep & (prune_metric <= 0), descending=False, k=max_cycles)
     movable = keep.clone()  # original survivors not yet pruned by DSnoT
 
     zeros = torch.zeros(rows, dtype=torch.long, device=w.device)
