@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from . import __version__
 from .allocation.base import Allocation, uniform
+from .checkpoint import CHECKPOINT, MARKER, Checkpoint, staging_dir
 from .config import BLOCK_METHODS, ConfigError, PruneConfig
 from .data.calibration import sample_windows
 from .data.sources import load_source
@@ -105,8 +106,12 @@ def prune(
     config: PruneConfig,
     progress: bool = True,
     on_block_done: Callable | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> dict[str, Any]:
-    """Prune ``model`` in place according to ``config``; returns the manifest fields of the run."""
+    """Prune ``model`` in place according to ``config``; returns the manifest fields of the run.
+
+    With a ``checkpoint``, every finished block is checkpointed and a matching earlier checkpoint is resumed.
+    """
     torch.manual_seed(config.seed)
     adapter = get_adapter(model)
     n_blocks = len(adapter.blocks(model))
@@ -122,16 +127,33 @@ def prune(
 
     source = load_source(config.calib, "calib", config.data_dir)
     windows = sample_windows(source, tokenizer, config.nsamples, seqlen, config.seed)
-    alloc = allocate(model, adapter, config, blocks, windows, progress)
+    windows_sha = hashlib.sha256(windows.numpy().tobytes()).hexdigest()
+    start_block, start_inputs, done_records, done_times = 0, None, [], []
+    if checkpoint is not None and checkpoint.done_block() >= 0:
+        checkpoint.verify({"windows_sha256": windows_sha})
+        start_block, start_inputs, done_records, done_times, alloc_dict = checkpoint.restore(model, adapter, windows)
+        alloc = Allocation.from_dict(alloc_dict)
+    else:
+        alloc = allocate(model, adapter, config, blocks, windows, progress)
+    if checkpoint is not None:
+        save_block = checkpoint.writer(model, adapter, alloc.to_dict(), {"windows_sha256": windows_sha})
+        user_callback = on_block_done
+
+        def on_block_done(i, inputs_next, records):
+            save_block(i, inputs_next, records)
+            if user_callback is not None:
+                user_callback(i, inputs_next, records)
+
     strategy, strategy_options = block_strategy(config)
     result: EngineResult = run_engine(
         model, adapter, windows, config.pattern_obj, alloc.targets, make_inner(config), strategy,
-        strategy_options, blocks, config.device, progress, on_block_done,
+        strategy_options, blocks, config.device, progress, on_block_done, start_block, start_inputs,
     )
     elapsed = time.perf_counter() - start
-    layers = [asdict(r) for r in result.records]
-    params = sum(r.shape[0] * r.shape[1] for r in result.records)
-    zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in result.records)
+    all_records = done_records + result.records
+    layers = [asdict(r) for r in all_records]
+    params = sum(r.shape[0] * r.shape[1] for r in all_records)
+    zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in all_records)
     return {
         "method": config.method,
         "sparsity": config.sparsity,
@@ -145,15 +167,16 @@ def prune(
         "allocation_detail": alloc.to_dict(),
         "time_s": elapsed,
         "calibration_time_s": result.calibration_time_s,
-        "solver_time_s": sum(r.time_s for r in result.records),
-        "block_times_s": result.block_times,
+        "solver_time_s": sum(r.time_s for r in all_records),
+        "block_times_s": done_times + result.block_times,
+        "resumed_from_block": start_block or None,
         "seed": config.seed,
         "calibration": {
             "source": source.origin,
             "sha256": source.sha256,
             "nsamples": config.nsamples,
             "seqlen": seqlen,
-            "windows_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
+            "windows_sha256": windows_sha,
         },
         "config": config.model_dump(),
     }
@@ -204,10 +227,11 @@ def check_out_dir(out: Path, model_spec: str, config: PruneConfig, overwrite: bo
 def save_run(model: nn.Module, tokenizer: Any, manifest: dict[str, Any], out: Path, plots: bool = True) -> Path:
     """Write model, tokenizer, manifest and report into a sibling temp dir, check the reload, then rename."""
     out = Path(out)
-    staging = out.with_name(f".{out.name}.partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    staging = staging_dir(out)
+    staging.mkdir(parents=True, exist_ok=True)
+    for child in staging.iterdir():  # leftovers of an earlier attempt; the checkpoint stays until the end
+        if child.name not in (CHECKPOINT, MARKER):
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
     manifest["reload_check"] = reload_check(model, staging, manifest["layers"])
@@ -220,9 +244,15 @@ def save_run(model: nn.Module, tokenizer: Any, manifest: dict[str, Any], out: Pa
         if png is not None:
             plot_files["per-block sparsity and reconstruction error"] = Path(png).name
     (staging / REPORT).write_text(render_report(manifest, plot_files))
+    shutil.rmtree(staging / CHECKPOINT, ignore_errors=True)
+    (staging / MARKER).unlink(missing_ok=True)
+    old = out.with_name(f".{out.name}.replaced")
+    if old.exists():
+        shutil.rmtree(old)
     if out.exists():
-        shutil.rmtree(out)
+        out.rename(old)
     staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
     return out
 
 
@@ -263,12 +293,24 @@ def run(
     task_limit: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    resume: bool | None = None,
 ) -> dict[str, Any]:
-    """Load → (dense eval) → prune → eval → save. Returns the manifest written to ``out/lmprune.json``."""
+    """Load → (dense eval) → prune → eval → save. Returns the manifest written to ``out/lmprune.json``.
+
+    An interrupted run of the same configuration into ``out`` is resumed from its last finished block
+    (``resume=None``: when there is one; ``True``: require one; ``False``: discard it and start over).
+    """
     from .models.loading import load_model
 
     out = Path(out)
     check_out_dir(out, model_spec, config, overwrite)
+    checkpoint = Checkpoint(staging_dir(out), _config_key({"model": {"spec": model_spec},
+                                                            "config": config.model_dump()}))
+    if overwrite or resume is False:
+        shutil.rmtree(checkpoint.staging, ignore_errors=True)
+    elif resume and checkpoint.done_block() < 0:
+        raise ConfigError(f"--resume: no interrupted run to resume at {checkpoint.staging}")
+    checkpoint.verify(keys=list(checkpoint.fingerprint))
     if eval_datasets:
         for ds in eval_datasets:  # fail on a missing data file before hours of pruning
             load_source(ds, "eval", config.data_dir)
@@ -283,7 +325,8 @@ def run(
         dense_ppl = evaluate_perplexity(model, tokenizer, eval_datasets, seqlen, eval_windows, config.data_dir,
                                         config.device, progress)
         model.to("cpu")
-    manifest.update(prune(model, tokenizer, config, progress))
+    checkpoint.fingerprint["model_sha256"] = source.sha256
+    manifest.update(prune(model, tokenizer, config, progress, checkpoint=checkpoint))
     manifest["model"] = {
         "spec": model_spec, "kind": source.kind, "path": source.path, "sha256": source.sha256,
         "model_type": model.config.model_type, "parameters": sum(p.numel() for p in model.parameters()),

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alloc-opt", action="append", metavar="KEY=VALUE", help="allocator option (repeatable)")
     p.add_argument("--refine-opt", action="append", metavar="KEY=VALUE", help="refiner option (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
+                   help="continue an interrupted run into --out from its last finished block (default: whenever "
+                        "its configuration matches); --no-resume discards it and starts over")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model or run directory")
@@ -136,7 +139,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     try:
         manifest = api.run(
             model, config, out, eval_list, args.eval_windows, args.eval_seqlen, args.eval_dense,
-            _csv(args.tasks), args.limit, args.overwrite, not args.quiet,
+            _csv(args.tasks), args.limit, args.overwrite, not args.quiet, resume=args.resume,
         )
     except api.RunExists as e:
         print(f"lmprune: {e}")
@@ -158,6 +161,7 @@ def _print_summary(m: dict[str, Any], out: str) -> None:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from . import api
+    from .evaluation.zeroshot import score_table
 
     result = api.evaluate(
         args.model, _csv(args.ppl), args.eval_windows, args.seqlen, _csv(args.tasks), args.limit, args.data_dir,
@@ -169,7 +173,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     for ds, v in result.get("perplexity", {}).items():
         if isinstance(v, float):
             print(f"{ds} perplexity: {v:.3f}")
-    for task, r in (result.get("zeroshot", {}).get("tasks") or {}).items():
+    for task, r in score_table(result.get("zeroshot") or {}).items():
         print(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in r.items() if isinstance(v, float)))
     if not args.out and not result.get("perplexity") and not result.get("zeroshot"):
         print(text)

@@ -1,0 +1,186 @@
+"""Per-block checkpoints, so an interrupted run continues where it stopped.
+
+A run writes everything into the staging directory ``.OUT.partial`` beside ``OUT`` and renames it to ``OUT``
+only when the model, the manifest and the report are all written (see :func:`lmprune.api.save_run`). While it
+prunes, ``.OUT.partial/checkpoint/`` holds, after every finished block ``k``:
+
+* ``block_KKKK.safetensors``: the pruned block's state dict (blocks left dense are not stored);
+* ``inputs_KKKK.safetensors``: the inputs of block ``k + 1`` (the pruned block's outputs), ``nsamples x L x d``;
+* ``state.json``: the configuration fingerprint, the last finished block, the per-layer records, block times
+  and the allocation, written last and atomically, so it only ever names files that are complete.
+
+Tensors go through safetensors only; nothing is ever unpickled. The block keyword arguments (attention mask,
+rotary embeddings) are not stored: they are recaptured from one calibration window, which runs the embedding
+only and is deterministic. A resumed run is therefore bit-identical to an uninterrupted one.
+
+``.OUT.partial/INCOMPLETE`` says in words that the directory is an interrupted run.
+
+For tests, ``LMPRUNE_TEST_HOLD_AFTER_BLOCK=k`` makes the process sleep after checkpointing block ``k``, so a
+test can kill it with SIGKILL at a known point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .config import ConfigError
+from .engine import LayerRecord, capture_block_inputs
+from .models.adapters import FamilyAdapter
+from .report.manifest import write_json
+
+CHECKPOINT = "checkpoint"
+STATE = "state.json"
+MARKER = "INCOMPLETE"
+FORMAT = 1
+HOLD_ENV = "LMPRUNE_TEST_HOLD_AFTER_BLOCK"
+
+
+class ResumeMismatch(ConfigError):
+    """The staging directory holds an interrupted run of a different configuration."""
+
+
+def staging_dir(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(f".{out.name}.partial")
+
+
+def _save(tensors: dict[str, Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+class Checkpoint:
+    """The checkpoint of one run: ``fingerprint`` is what must match for a resume (config, model, data)."""
+
+    def __init__(self, staging: str | Path, fingerprint: dict[str, Any]):
+        self.staging = Path(staging)
+        self.dir = self.staging / CHECKPOINT
+        self.fingerprint = json.loads(json.dumps(fingerprint, default=str))
+        self._last = time.perf_counter()
+        self._state: dict[str, Any] | None = None
+
+    # reading ---------------------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any] | None:
+        path = self.dir / STATE
+        if not path.is_file():
+            return None
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            raise ConfigError(f"checkpoint {path} is unreadable; re-run with --no-resume to start over") from None
+        if state.get("format") != FORMAT:
+            raise ConfigError(f"checkpoint {path} has format {state.get('format')}, expected {FORMAT}; "
+                              "re-run with --no-resume")
+        return state
+
+    def differences(self, extra: dict[str, Any] | None = None, keys: list[str] | None = None) -> list[str]:
+        """Fingerprint keys whose stored value differs from this run's (only ``keys`` when given)."""
+        state = self.state()
+        if state is None:
+            return []
+        mine = {**self.fingerprint, **json.loads(json.dumps(extra or {}, default=str))}
+        theirs = state["fingerprint"]
+        names = keys if keys is not None else sorted(set(mine) | set(theirs))
+        return [k for k in names if mine.get(k) != theirs.get(k)]
+
+    def verify(self, extra: dict[str, Any] | None = None, keys: list[str] | None = None) -> None:
+        diff = self.differences(extra, keys)
+        if diff:
+            raise ResumeMismatch(
+                f"{self.staging} holds an interrupted run with a different configuration (differs in: "
+                f"{', '.join(diff)}); repeat the original command to resume it, or pass --no-resume to discard it"
+            )
+
+    def done_block(self) -> int:
+        """Index of the last finished block, -1 when there is nothing to resume."""
+        state = self.state()
+        return -1 if state is None else int(state["done_block"])
+
+    @torch.no_grad()
+    def restore(
+        self, model: nn.Module, adapter: FamilyAdapter, windows: Tensor, progress: bool = False
+    ) -> tuple[int, tuple[list[Tensor], dict[str, Any]], list[LayerRecord], list[float], dict]:
+        """Load finished blocks into ``model``; ``(next block, (its inputs, block kwargs), records, block
+        times, allocation dict)``."""
+        state = self.state()
+        assert state is not None, "nothing to restore"
+        self._state = state
+        blocks = adapter.blocks(model)
+        for i in state["saved_blocks"]:
+            tensors = load_file(str(self.dir / f"block_{i:04d}.safetensors"))
+            block = blocks[i]
+            ref = block.state_dict()
+            if set(tensors) != set(ref):
+                raise ConfigError(f"checkpoint block {i} does not fit the model; re-run with --no-resume")
+            block.load_state_dict({k: v.to(ref[k].dtype) for k, v in tensors.items()})
+        done = int(state["done_block"])
+        stacked = load_file(str(self.dir / f"inputs_{done:04d}.safetensors"))["inputs"]
+        inputs = list(stacked.split(1))
+        _, kwargs = capture_block_inputs(model, adapter, windows[:1], progress=False)
+        records = [LayerRecord(**r) for r in state["records"]]
+        return done + 1, (inputs, kwargs), records, list(state["block_times"]), state["allocation"]
+
+    # writing ---------------------------------------------------------------------------------------------
+    def writer(self, model: nn.Module, adapter: FamilyAdapter, allocation: dict[str, Any], extra: dict[str, Any]):
+        """The engine's ``on_block_done`` callback that checkpoints every finished block."""
+        if self._state is None:
+            self._state = {
+                "format": FORMAT,
+                "fingerprint": {**self.fingerprint, **json.loads(json.dumps(extra, default=str))},
+                "done_block": -1,
+                "saved_blocks": [],
+                "records": [],
+                "block_times": [],
+                "allocation": allocation,
+            }
+        state = self._state
+        self._last = time.perf_counter()
+
+        def on_block_done(i: int, inputs_next: list[Tensor], records: list[LayerRecord]) -> None:
+            self._start()
+            if records:
+                _save(adapter.blocks(model)[i].state_dict(), self.dir / f"block_{i:04d}.safetensors")
+                state["saved_blocks"].append(i)
+            _save({"inputs": torch.cat([x.detach().cpu() for x in inputs_next])},
+                  self.dir / f"inputs_{i:04d}.safetensors")
+            previous = state["done_block"]
+            state["done_block"] = i
+            state["records"].extend(asdict(r) for r in records)
+            now = time.perf_counter()
+            state["block_times"].append(now - self._last)
+            self._last = now
+            write_json(self.dir / STATE, state)
+            if previous >= 0:
+                (self.dir / f"inputs_{previous:04d}.safetensors").unlink(missing_ok=True)
+            if os.environ.get(HOLD_ENV) == str(i):
+                print(f"lmprune: test hold after block {i}", file=sys.stderr, flush=True)
+                time.sleep(3600)
+
+        return on_block_done
+
+    def _start(self) -> None:
+        if not self.dir.is_dir():
+            self.dir.mkdir(parents=True)
+            (self.staging / MARKER).write_text(
+                "This directory is an interrupted lmprune run, not a finished one. Run the same command again to "
+                "resume from the last finished block (see checkpoint/state.json), or pass --no-resume to "
+                "start over.\n"
+            )
+
+    def discard(self) -> None:
+        """Forget the checkpoint (at the end of a run, or for --no-resume/--overwrite)."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+        (self.staging / MARKER).unlink(missing_ok=True)
+        self._state = None

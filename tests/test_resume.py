@@ -1,0 +1,171 @@
+"""Runs that survive: a run killed with SIGKILL mid-way resumes to the same bits; outputs appear atomically."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from conftest import _config
+from lmprune import checkpoint as ckpt_mod
+from lmprune.checkpoint import HOLD_ENV, MARKER, staging_dir
+from lmprune.cli import main
+
+
+@pytest.fixture(scope="module")
+def deep_model(tmp_path_factory, tokenizer) -> Path:
+    """A tiny LLaMA with four blocks, so a run can stop in the middle."""
+    cfg = _config("llama")
+    cfg.num_hidden_layers = 4
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("deep") / "llama4"
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _args(model, out, calib, **over):
+    opts = {"--model": model, "--method": "sparsegpt", "--sparsity": "0.5", "--out": out, "--calib": calib,
+            "--nsamples": "3", "--seqlen": "24", **over}
+    return ["prune", "--quiet"] + [str(x) for kv in opts.items() for x in kv]
+
+
+def _tensors(run: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(run.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    ta, tb = _tensors(a), _tensors(b)
+    assert set(ta) == set(tb)
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+    la = json.loads((a / "lmprune.json").read_text())["layers"]
+    lb = json.loads((b / "lmprune.json").read_text())["layers"]
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "time_s"} for r in rs]  # noqa: E731
+    assert strip(la) == strip(lb)
+
+
+def _state(out: Path) -> dict | None:
+    path = staging_dir(out) / "checkpoint" / "state.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path, deep_model, calib_file, capsys):
+    out = tmp_path / "run"
+    env = {**os.environ, HOLD_ENV: "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lmprune.cli", *_args(deep_model, out, calib_file)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and ((_state(out) or {}).get("done_block", -1) < 1):
+        assert proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.1)
+    assert (_state(out) or {}).get("done_block") == 1
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    proc.stderr.close()
+
+    staging = staging_dir(out)
+    assert not out.exists()  # nothing at OUT looks finished
+    assert (staging / MARKER).is_file() and not (staging / "lmprune.json").exists()
+    assert sorted(p.name for p in (staging / "checkpoint").iterdir()) == [
+        "block_0000.safetensors", "block_0001.safetensors", "inputs_0001.safetensors", "state.json"]
+
+    # a different configuration is refused, naming the difference, and the checkpoint survives
+    assert main(_args(deep_model, out, calib_file, **{"--sparsity": "0.6"})) == 2
+    assert "differs in: sparsity" in capsys.readouterr().err
+    assert _state(out)["done_block"] == 1
+
+    assert main(_args(deep_model, out, calib_file)) == 0
+    manifest = json.loads((out / "lmprune.json").read_text())
+    assert manifest["resumed_from_block"] == 2
+    assert len(manifest["layers"]) == 4 * 7 and len(manifest["block_times_s"]) == 4
+    assert not staging.exists() and not (out / "checkpoint").exists() and not (out / MARKER).exists()
+
+    whole = tmp_path / "whole"
+    assert main(_args(deep_model, whole, calib_file)) == 0
+    assert json.loads((whole / "lmprune.json").read_text())["resumed_from_block"] is None
+    _assert_same_run(out, whole)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _interrupt_after(monkeypatch, block: int) -> None:
+    """Make the checkpoint writer raise after checkpointing ``block`` (an in-process stand-in for a kill)."""
+    original = ckpt_mod.Checkpoint.writer
+
+    def writer(self, *a, **kw):
+        save = original(self, *a, **kw)
+
+        def on_block_done(i, inputs_next, records):
+            save(i, inputs_next, records)
+            if i == block:
+                raise _Interrupt
+
+        return on_block_done
+
+    monkeypatch.setattr(ckpt_mod.Checkpoint, "writer", writer)
+
+
+@pytest.mark.parametrize("method,extra", [("wanda", {"--allocation": "owl"}), ("sparsegpt", {"--pattern": "2:4"})])
+def test_resume_in_process_matches(tmp_path, deep_model, calib_file, monkeypatch, method, extra):
+    out = tmp_path / "run"
+    args = _args(deep_model, out, calib_file, **{"--method": method, **extra})
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 2)
+        with pytest.raises(_Interrupt):
+            main(args)
+    assert _state(out)["done_block"] == 2 and not out.exists()
+    assert main(args) == 0
+    assert json.loads((out / "lmprune.json").read_text())["resumed_from_block"] == 3
+    whole = tmp_path / "whole"
+    assert main(_args(deep_model, whole, calib_file, **{"--method": method, **extra})) == 0
+    _assert_same_run(out, whole)
+
+
+def test_no_resume_starts_over_and_resume_requires_checkpoint(tmp_path, deep_model, calib_file, monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert main(_args(deep_model, out, calib_file) + ["--resume"]) == 2
+    assert "no interrupted run to resume" in capsys.readouterr().err
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 0)
+        with pytest.raises(_Interrupt):
+            main(_args(deep_model, out, calib_file))
+    assert _state(out)["done_block"] == 0
+    assert main(_args(deep_model, out, calib_file, **{"--sparsity": "0.6"}) + ["--no-resume"]) == 0
+    m = json.loads((out / "lmprune.json").read_text())
+    assert m["resumed_from_block"] is None and m["sparsity"] == 0.6
+
+
+def test_failed_save_leaves_no_finished_looking_dir(tmp_path, deep_model, calib_file, monkeypatch):
+    """An error while writing the report (after the model files) must not leave OUT or a manifest at OUT."""
+    from lmprune import api
+
+    out = tmp_path / "run"
+
+    def broken(*a, **kw):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(api, "render_report", broken)
+    assert main(_args(deep_model, out, calib_file)) == 2
+    assert not out.exists()
+    staging = staging_dir(out)
+    assert (staging / MARKER).is_file() and _state(out)["done_block"] == 3
+    monkeypatch.undo()
+    assert main(_args(deep_model, out, calib_file)) == 0  # everything pruned: resumes straight to saving
+    assert json.loads((out / "lmprune.json").read_text())["resumed_from_block"] == 4
+    assert not staging.exists()
