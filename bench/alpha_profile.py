@@ -4,7 +4,7 @@
                                   [--out bench/out/alpha_profile]
 
 Prints Markdown: the SVD time, the per-block mean α under the three xmin rules, mean α per matrix kind, and for
-every (S, ε) the block sparsity range, the number of clamped matrices and the largest ε that needs no clamping.
+every (S, ε) and block aggregate (mean, median) the block sparsity range, the number of clamped matrices and the largest ε that needs no clamping.
 With ``--out`` it also writes the per-matrix fits (JSON) and one allocation plot per sparsity.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-sparsity", type=float, default=0.99)
     ap.add_argument("--out", default=None)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rules", default=",".join(RULES), help="xmin rules to fit (peak is always included)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     epsilons = [float(x) for x in args.epsilons.split(",")]
@@ -63,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     kinds = sorted({m.name.split(".")[-1] for m in mats}, key=[m.name.split(".")[-1] for m in mats].index)
     n_blocks = max(m.block for m in mats) + 1
 
+    rules = ["peak"] + [r for r in args.rules.split(",") if r != "peak"]
     fits, seconds = {}, {}
-    for rule in RULES:
+    for rule in rules:
         t = time.perf_counter()
         fits[rule], _ = alpha_alloc.compute_alphas(mats, rule)
         seconds[rule] = time.perf_counter() - t
@@ -73,15 +76,15 @@ def main(argv: list[str] | None = None) -> int:
           + f" ({args.threads} thread(s), float32 SVD on CPU)\n")
 
     print("## Mean α per block (arithmetic mean over the block's matrices)\n")
-    print("| block | " + " | ".join(RULES) + " | min matrix α (peak) | max matrix α (peak) |")
-    print("|---|" + "---|" * (len(RULES) + 2))
+    print("| block | " + " | ".join(rules) + " | median (peak) | min matrix α (peak) | max matrix α (peak) |")
+    print("|---|" + "---|" * (len(rules) + 3))
     for b in range(n_blocks):
         row = []
-        for rule in RULES:
+        for rule in rules:
             vals = [fits[rule][m.name].alpha for m in mats if m.block == b]
             row.append(f"{sum(vals) / len(vals):.3f}")
         peak = [fits["peak"][m.name].alpha for m in mats if m.block == b]
-        print(f"| {b} | " + " | ".join(row) + f" | {min(peak):.2f} | {max(peak):.2f} |")
+        print(f"| {b} | " + " | ".join(row) + f" | {statistics.median(peak):.3f} | {min(peak):.2f} | {max(peak):.2f} |")
 
     print("\n## Mean α per matrix kind (peak rule), and the mean tail size\n")
     print("| kind | mean α | min | max | mean n_tail / n_eigs |")
@@ -93,22 +96,27 @@ def main(argv: list[str] | None = None) -> int:
               f"{sum(f.n_tail / f.n_eigs for f in fs) / len(fs):.2f} |")
 
     params = [m.params for m in mats]
-    block_alpha = defaultdict(list)
-    for m in mats:
-        block_alpha[m.block].append(fits["peak"][m.name].alpha)
-    metric = [sum(block_alpha[m.block]) / len(block_alpha[m.block]) for m in mats]
-    print(f"\n## Block sparsities for target S and ε (peak rule, block mean, clamp to [0, {args.max_sparsity}])\n")
-    print("| S | ε | min block | max block | clamped matrices | reference η·r max |")
-    print("|---|---|---|---|---|---|")
-    for s in sparsities:
-        for eps in epsilons:
-            r = alpha_alloc.alpha_ratios(metric, eps)
-            t = fit_weighted_mean([0.0] * len(r), r, params, s, 0.0, args.max_sparsity)
-            eta = s * sum(params) / sum(n * x for n, x in zip(params, r))
-            clamped = sum(x >= args.max_sparsity for x in t)
-            print(f"| {s} | {eps} | {min(t):.3f} | {max(t):.3f} | {clamped} | {eta * max(r):.3f} |")
-    print("\nLargest ε with no clamping (the reference's formula stays ≤ max sparsity): "
-          + ", ".join(f"S={s}: {largest_clean_epsilon(metric, params, s, args.max_sparsity)}" for s in sparsities))
+    for aggregate in ("block", "block_median"):
+        block_alpha = defaultdict(list)
+        for m in mats:
+            block_alpha[m.block].append(fits["peak"][m.name].alpha)
+        agg = statistics.median if aggregate == "block_median" else statistics.fmean
+        metric = [agg(block_alpha[m.block]) for m in mats]
+        print(f"\n## Block sparsities for target S and ε (peak rule, aggregate={aggregate}, "
+              f"clamp to [0, {args.max_sparsity}])\n")
+        print("| S | ε | min block | max block | block at max | clamped matrices | reference η·r max |")
+        print("|---|---|---|---|---|---|---|")
+        for s in sparsities:
+            for eps in epsilons:
+                r = alpha_alloc.alpha_ratios(metric, eps)
+                t = fit_weighted_mean([0.0] * len(r), r, params, s, 0.0, args.max_sparsity)
+                eta = s * sum(params) / sum(n * x for n, x in zip(params, r))
+                clamped = sum(x >= args.max_sparsity for x in t)
+                top = mats[max(range(len(t)), key=t.__getitem__)].block
+                print(f"| {s} | {eps} | {min(t):.3f} | {max(t):.3f} | {top} | {clamped} | {eta * max(r):.3f} |")
+        print("\nLargest ε with no clamping (the reference's formula stays ≤ max sparsity): "
+              + ", ".join(f"S={s}: {largest_clean_epsilon(metric, params, s, args.max_sparsity)}"
+                          for s in sparsities))
 
     if args.out:
         out = Path(args.out)
