@@ -38,7 +38,7 @@ XMIN_RULES = ("peak", "peak_reference", "median")
 class PowerLawFit:
     alpha: float
     xmin: float
-    ks: float  # KS distance of the chosen tail (nan for a rule without a search when the tail is degenerate)
+    ks: float  # KS distance between the chosen tail and its fit
     n_tail: int
     n_eigs: int
 
@@ -63,7 +63,7 @@ def _tail_fits(eigs: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
     n = (n_all - idx).to(eigs.dtype)
     alpha = 1.0 + n / (tail_log[idx] - n * log_e[idx])
 
-    # row c of `rows` is log λ from idx[c] onwards, padded with +inf (zero-copy Hankel view when idx is a range)
+    # hankel[i] = ln λ from index i onwards, padded with +inf (a strided view; only the selected rows are copied)
     padded = torch.cat([log_e, torch.full((n_all,), math.inf, dtype=eigs.dtype, device=eigs.device)])
     hankel = padded.as_strided((n_all, n_all), (1, 1))
     q = torch.arange(n_all, dtype=eigs.dtype, device=eigs.device)
