@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from ..evaluation.zeroshot import score_table
+
 
 def _fmt(x: Any, digits: int = 4) -> str:
     if isinstance(x, float):
@@ -39,9 +41,9 @@ def render_report(m: dict[str, Any], plots: dict[str, str] | None = None) -> str
                          f"{d['windows']}/{d['windows_available']} | {d['tokens_evaluated']} |")
         lines.append("")
     zs = m.get("zeroshot") or {}
-    if zs.get("tasks"):
+    if score_table(zs):
         lines += ["## Zero-shot", "", f"limit: {zs.get('limit') or 'none'}", "", "| task | acc | acc_norm |", "|---|---|---|"]
-        for task, r in zs["tasks"].items():
+        for task, r in score_table(zs).items():
             lines.append(f"| {task} | {_fmt(r.get('acc'))} | {_fmt(r.get('acc_norm', '–'))} |")
         lines.append("")
     if plots:
