@@ -1,8 +1,9 @@
 """Backsolve table: masked batched PCG at several iteration counts against an exact per-column solve.
 
 On a fixed support of a real SmolLM2-135M layer, solve min ½ tr(XᵀH̃X) − ⟨H̃B0, X⟩ over X on the support (ALPS's
-post-processing problem, unit-diagonal damped H̃). Two starts: the magnitude support with the masked scaled
-weights (a cold start), and the support and last iterate of a short ALPS run (what ALPS hands to PCG).
+post-processing problem, unit-diagonal damped H̃). Three starts: the magnitude support with the masked scaled
+weights (a cold start), and the support and last iterate of the ADMM phase of ``alps-fast`` and of ``alps``
+(what each hands to PCG).
 Reported: relative layer error e (undamped H), distance to the exact solution, time.
 
     python bench/alps_backsolve.py [--layers 0.q_proj,29.down_proj] [--sparsity 0.7] [--iters 0,1,2,3,5,10,20,50]
@@ -21,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from alps_grams import gram_of, load_problems  # noqa: E402
 
 from lmprune.patterns import parse_pattern  # noqa: E402
-from lmprune.solvers import alps  # noqa: E402
+from lmprune.solvers import alps, get_solver  # noqa: E402
 from lmprune.solvers.base import reconstruction_error  # noqa: E402
 from lmprune.solvers.pcg import masked_pcg  # noqa: E402
 
@@ -57,13 +58,15 @@ def main() -> None:
         b0 = sg.d.unsqueeze(1) * w.T
         b0[gram.dead()] = 0
         g = sg.h @ b0
-        short = alps.solve(w, gram, pattern, a.sparsity, max_iter=12, switch_iter=9, switch_tol=3e-3, pcg_iters=0)
-        starts = {
-            "magnitude": alps.keep_mask_scaled(pattern, b0, a.sparsity),
-            "alps 12 it": short.mask.T,
+        fast = get_solver("alps-fast").options({"pcg_iters": 0}).model_dump()
+        admm = {
+            "alps-fast ADMM": alps.solve(w, gram, pattern, a.sparsity, **fast),
+            "alps ADMM": alps.solve(w, gram, pattern, a.sparsity, pcg_iters=0),
         }
-        for label, mask in starts.items():
-            x0 = b0 * mask if label == "magnitude" else sg.d.unsqueeze(1) * short.weight.T
+        magnitude = alps.keep_mask_scaled(pattern, b0, a.sparsity)
+        starts = {"magnitude": (magnitude, b0 * magnitude)}
+        starts.update({k: (r.mask.T, sg.d.unsqueeze(1) * r.weight.T) for k, r in admm.items()})
+        for label, (mask, x0) in starts.items():
             t = time.perf_counter()
             exact = exact_per_column(sg.h.double(), g.double(), mask).float()
             t_exact = time.perf_counter() - t
