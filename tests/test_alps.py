@@ -150,6 +150,12 @@ def test_schedule_stops_before_max_iter_on_easy_problem():
     assert res.stats["support_history"][-1]["changed"] <= 0.0003 * 256 or res.stats["iterations"] < 30
 
 
+def test_zero_sparsity_keeps_the_weight():
+    w, gram = planted(seed=12)
+    res = alps.solve(w, gram, parse_pattern("unstructured"), 0.0)
+    assert torch.equal(res.weight, w) and bool(res.mask.all())
+
+
 def test_same_inputs_same_mask():
     w, gram = planted(seed=6)
     pattern = parse_pattern("unstructured")
