@@ -42,6 +42,12 @@ def test_prune_end_to_end(tmp_path, prune_args, data_dir, capsys):
     assert m["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert m["reload_check"]["ok"]
     assert (out / "report.md").read_text().startswith("# lmprune run")
+    assert (out / "layers.png").is_file() and (out / "allocation.png").is_file()
+    alloc = json.loads((out / "allocation.json").read_text())
+    assert all(m["achieved"] == pytest.approx(0.5, abs=1e-3) for m in alloc["matrices"])
+    again = tmp_path / "again"
+    assert main(prune_args(again, **{"--allocation": out / "allocation.json"})) == 0
+    assert json.loads((again / "lmprune.json").read_text())["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     w = reloaded.model.layers[0].self_attn.q_proj.weight
     assert (w == 0).float().mean().item() == pytest.approx(0.5, abs=1e-3)

@@ -34,6 +34,9 @@ from .solvers import get_solver
 from .solvers.base import Gram, SolveResult
 
 
+ALPHA_CACHE = Path("~/.cache/lmprune/alpha").expanduser()
+
+
 def default_seqlen(model: nn.Module) -> int:
     return int(min(getattr(model.config, "max_position_embeddings", 2048) or 2048, 2048))
 
@@ -89,14 +92,17 @@ def allocate(
 
         infos = [MatrixInfo(n, b, lin.weight.detach()) for n, b, lin in chosen]
         module = importlib.import_module(f"lmprune.allocation.{kind}")
+        options = dict(config.allocation_options)
+        if kind == "alpha":
+            options.setdefault("cache_dir", str(ALPHA_CACHE))
         if kind == "owl":
             if windows is None:
                 raise ValueError("OWL allocation needs calibration windows")
             norms = collect_input_norms(model, adapter, windows, config.device, progress)
-            alloc = module.allocate(infos, norms, target, **config.allocation_options)
+            alloc = module.allocate(infos, norms, target, **options)
         else:
-            alloc = module.allocate(infos, target, **config.allocation_options)
-    alloc.time_s = alloc.time_s or time.perf_counter() - start
+            alloc = module.allocate(infos, target, **options)
+    alloc.time_s = time.perf_counter() - start  # includes OWL's calibration pass
     return alloc
 
 
@@ -151,6 +157,9 @@ def prune(
     )
     elapsed = time.perf_counter() - start
     all_records = done_records + result.records
+    achieved = {r.name: r.sparsity for r in all_records}
+    for m in alloc.matrices:
+        m.achieved = achieved.get(m.name)
     layers = [asdict(r) for r in all_records]
     params = sum(r.shape[0] * r.shape[1] for r in all_records)
     zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in all_records)
@@ -243,6 +252,14 @@ def save_run(model: nn.Module, tokenizer: Any, manifest: dict[str, Any], out: Pa
         png = plot_run(staging)
         if png is not None:
             plot_files["per-block sparsity and reconstruction error"] = Path(png).name
+    if "allocation_detail" in manifest:
+        from .allocation.plot import plot_allocation
+
+        allocation = Allocation.from_dict(manifest["allocation_detail"])
+        allocation.to_json(staging / "allocation.json")
+        if plots:
+            plot_allocation(allocation, staging / "allocation.png")
+            plot_files["allocation: metric and target sparsity per block"] = "allocation.png"
     (staging / REPORT).write_text(render_report(manifest, plot_files))
     shutil.rmtree(staging / CHECKPOINT, ignore_errors=True)
     (staging / MARKER).unlink(missing_ok=True)
@@ -294,18 +311,26 @@ def run(
     overwrite: bool = False,
     progress: bool = True,
     resume: bool | None = None,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    trust_pickle: bool = False,
+    memory_check: bool = True,
+    invocation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Load → (dense eval) → prune → eval → save. Returns the manifest written to ``out/lmprune.json``.
 
     An interrupted run of the same configuration into ``out`` is resumed from its last finished block
     (``resume=None``: when there is one; ``True``: require one; ``False``: discard it and start over).
+    ``dtype`` is the precision the model is loaded, propagated and saved in ("auto": as saved); solves are
+    float32 whatever it is. With ``memory_check`` a run whose estimated peak exceeds the available memory stops
+    before loading the weights.
     """
     from .models.loading import load_model
 
     out = Path(out)
     check_out_dir(out, model_spec, config, overwrite)
-    checkpoint = Checkpoint(staging_dir(out), _config_key({"model": {"spec": model_spec},
-                                                            "config": config.model_dump()}))
+    checkpoint = Checkpoint(staging_dir(out), {**_config_key({"model": {"spec": model_spec},
+                                                              "config": config.model_dump()}), "dtype": dtype})
     if overwrite or resume is False:
         shutil.rmtree(checkpoint.staging, ignore_errors=True)
     elif resume and checkpoint.done_block() < 0:
@@ -314,11 +339,23 @@ def run(
     if eval_datasets:
         for ds in eval_datasets:  # fail on a missing data file before hours of pruning
             load_source(ds, "eval", config.data_dir)
-    model, tokenizer, source = load_model(model_spec)
+    memory_plan = None
+    if memory_check:
+        from .memory import check_fits, plan_for_spec
+
+        memory_plan = plan_for_spec(model_spec, config, dtype, eval_datasets, eval_seqlen, trust_remote_code)
+        check_fits(memory_plan)
+    model, tokenizer, source = load_model(model_spec, dtype, trust_remote_code, trust_pickle)
     if config.device != "cpu" and not torch.cuda.is_available():
         raise ConfigError(f"device {config.device} requested but CUDA is not available")
     seqlen = eval_seqlen or config.seqlen or default_seqlen(model)
     manifest: dict[str, Any] = {"lmprune_version": __version__, "created": now_iso()}
+    if invocation:
+        manifest["invocation"] = invocation
+    manifest["run_options"] = {"dtype": dtype, "trust_remote_code": trust_remote_code, "trust_pickle": trust_pickle,
+                               "resume": resume}
+    if memory_plan is not None:
+        manifest["memory_plan"] = memory_plan.to_dict()
     dense_ppl = None
     if eval_dense and eval_datasets:
         model.to(config.device)
@@ -330,6 +367,7 @@ def run(
     manifest["model"] = {
         "spec": model_spec, "kind": source.kind, "path": source.path, "sha256": source.sha256,
         "model_type": model.config.model_type, "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         **source.details,
     }
     if eval_datasets:

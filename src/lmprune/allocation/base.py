@@ -35,6 +35,7 @@ class MatrixAllocation:
     params: int
     target: float
     metric: float | None = None  # the allocator's per-matrix statistic (α, outlier ratio, ...)
+    achieved: float | None = None  # filled in after pruning
 
 
 @dataclass
