@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -64,7 +65,7 @@ def command(cell: dict, args) -> list[str]:
         "--method", cell["method"], "--sparsity", f"{cell['sparsity']:.4f}", "--pattern", cell["pattern"],
         "--out", str(Path(args.root) / cell["name"]), "--calib", args.calib, "--nsamples", str(args.nsamples),
         "--seqlen", str(args.seqlen), "--eval", args.eval, "--eval-windows", str(args.eval_windows),
-        "--blocks", cell["protocol"],
+        "--blocks", cell["protocol"], "--data-dir", args.data_dir,
     ]
     if args.eval_seqlen:
         cmd += ["--eval-seqlen", str(args.eval_seqlen)]
@@ -92,6 +93,7 @@ def main() -> None:
     ap.add_argument("--sparsities", type=lambda s: [float(v) for v in s.split(",")], default=[0.7, 0.8, 0.9])
     ap.add_argument("--patterns", type=lambda s: s.split(","), default=["unstructured", "2:4"])
     ap.add_argument("--protocols", type=lambda s: s.split(","), default=["all", "first-half"])
+    ap.add_argument("--data-dir", default=os.environ.get("LMPRUNE_DATA_DIR", "/work/shared/data"))
     ap.add_argument("--calib", default="c4")
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)

@@ -95,3 +95,12 @@ def test_options_validate():
     assert Options(max_cycles=10).max_cycles == 10
     with pytest.raises(Exception):
         Options(bogus=1)
+
+
+def test_gram_without_mean_is_left_alone():
+    w, gram = _problem(seed=9)
+    bare = Gram(gram.matrix, gram.n_tokens)
+    pattern = parse_pattern("unstructured")
+    before = get_solver("wanda").solve_fn()(w, bare, pattern, 0.5)
+    after = refine(w, before, bare, pattern, 0.5)
+    assert torch.equal(after.weight, before.weight) and "dsnot" in after.stats

@@ -80,10 +80,11 @@ def refine(
     guard: bool = True,
     patience: int = 3,
 ) -> SolveResult:
-    if not isinstance(pattern, (Unstructured, NM)):
-        return SolveResult(
-            result.weight, result.mask, {**result.stats, "dsnot": f"skipped: pattern {pattern.spec}"}, result.pattern
-        )
+    skip = None if isinstance(pattern, (Unstructured, NM)) else f"skipped: pattern {pattern.spec}"
+    if gram.sum_x is None:
+        skip = "skipped: the Gram matrix carries no input mean"
+    if skip:
+        return SolveResult(result.weight, result.mask, {**result.stats, "dsnot": skip}, result.pattern)
     dtype = torch.float64 if dense_weight.device.type == "cpu" else torch.float32
     w = dense_weight.detach().to(dtype)
     w_hat = result.weight.detach().to(dtype).clone()
