@@ -84,6 +84,7 @@ BAD = [
     ({"--calib": "/no/such/file.txt"}, "unknown dataset '/no/such/file.txt'"),
     ({"--pattern": "2:4", "--allocation": "owl"}, "cannot apply, use uniform"),
     ({"--allocation": "bogus"}, "allocation must be one of"),
+    ({"--tasks": "piqa,nosuchtask"}, "unknown zero-shot task 'nosuchtask'"),
 ]
 
 

@@ -54,6 +54,15 @@ def task_file(data_dir: Path, task: str) -> Path:
     return path
 
 
+def check_tasks(tasks: list[str], data_dir: Path | str | None = None) -> None:
+    """Fail early (before hours of pruning) on an unknown task, a missing task file or a missing lm-eval."""
+    _require_lm_eval()
+    directory = resolve_data_dir(data_dir)
+    if directory is not None:  # online, the harness itself knows which task names exist
+        for task in tasks:
+            task_file(directory, task)
+
+
 def task_config(task: str, data_file: Path) -> dict[str, Any]:
     """The harness task config (YAML-ready) of ``task`` reading the local JSONL ``data_file``."""
     spec = task_spec(task)
