@@ -339,6 +339,10 @@ def run(
     if eval_datasets:
         for ds in eval_datasets:  # fail on a missing data file before hours of pruning
             load_source(ds, "eval", config.data_dir)
+    if tasks:
+        from .evaluation.zeroshot import check_tasks
+
+        check_tasks(tasks, config.data_dir)
     memory_plan = None
     if memory_check:
         from .memory import check_fits, plan_for_spec

@@ -76,6 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
                    help="continue an interrupted run into --out from its last finished block (default: whenever "
                         "its configuration matches); --no-resume discards it and starts over")
+    p.add_argument("--dtype", default="float32", choices=("auto", "float32", "float16", "bfloat16"),
+                   help="precision the model is loaded, propagated and saved in (auto: as saved); every solve "
+                        "runs in float32")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the estimated peak memory by component from the model's config; load no weights")
+    p.add_argument("--skip-memory-check", action="store_true",
+                   help="start even when the estimated peak exceeds the available memory")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model's repository")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow pickled .bin weights (read with torch.load(weights_only=True))")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model or run directory")
@@ -136,10 +146,18 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     if not model or not out or "sparsity" not in fields or "method" not in fields:
         raise ConfigError("prune needs --model, --method, --sparsity and --out (or a --recipe giving them)")
     config = build_config(**fields)
+    if args.dry_run:
+        from .memory import plan_for_spec
+
+        plan = plan_for_spec(model, config, args.dtype, eval_list, args.eval_seqlen, args.trust_remote_code)
+        print(plan.table())
+        return 0
     try:
         manifest = api.run(
             model, config, out, eval_list, args.eval_windows, args.eval_seqlen, args.eval_dense,
-            _csv(args.tasks), args.limit, args.overwrite, not args.quiet, resume=args.resume,
+            _csv(args.tasks), args.limit, args.overwrite, not args.quiet, resume=args.resume, dtype=args.dtype,
+            trust_remote_code=args.trust_remote_code, trust_pickle=args.trust_pickle,
+            memory_check=not args.skip_memory_check, invocation={"argv": ["lmprune", *args.argv]},
         )
     except api.RunExists as e:
         print(f"lmprune: {e}")
@@ -216,6 +234,7 @@ COMMANDS = {"prune": _cmd_prune, "eval": _cmd_eval, "allocate": _cmd_allocate, "
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if getattr(args, "quiet", False):
         from transformers.utils import logging as hf_logging
 

@@ -84,18 +84,53 @@ def _drop_quantizer(model: PreTrainedModel) -> None:
     model.is_quantized = False if hasattr(model, "is_quantized") else None
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _refuse_pickles(path: Path, spec: str) -> None:
+    """A directory whose weights exist only as pickles is refused: unpickling can run arbitrary code."""
+    if any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(f.name for f in path.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelLoadError(
+            f"{spec} holds only pickle weights ({', '.join(pickles[:2])}), which can run code when loaded; "
+            "convert them to safetensors or pass --trust-pickle"
+        )
+
+
+def _dtype_arg(dtype: torch.dtype | str | None, gguf: bool):
+    """``"auto"`` keeps the saved dtype (GGUF weights are dequantised to float32)."""
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    if gguf and dtype == "auto":
+        return torch.float32
+    return dtype
+
+
 def load_model(
     spec: str,
     dtype: torch.dtype | str | None = torch.float32,
     trust_remote_code: bool = False,
+    trust_pickle: bool = False,
 ) -> tuple[PreTrainedModel, object, ModelSource]:
-    """Load ``(model, tokenizer, source)`` on the CPU. GGUF files are dequantised to ``dtype`` (float32)."""
+    """Load ``(model, tokenizer, source)`` on the CPU in ``dtype`` (``"auto"``: as saved; GGUF: float32).
+
+    Weights are read from safetensors or GGUF only; pickled ``.bin`` checkpoints need ``trust_pickle`` (and are
+    then read by transformers with ``torch.load(weights_only=True)``). Remote code runs only with
+    ``trust_remote_code``.
+    """
+    from safetensors import SafetensorError
+
     source = resolve(spec)
     kwargs: dict = {"trust_remote_code": trust_remote_code}
+    gguf = source.kind in ("alias", "gguf")
     if dtype is not None:
-        kwargs["dtype"] = dtype
+        kwargs["dtype"] = _dtype_arg(dtype, gguf)
+    if not gguf and not trust_pickle:
+        kwargs["use_safetensors"] = True
     try:
-        if source.kind in ("alias", "gguf"):
+        if gguf:
             path = Path(source.path)
             source.sha256 = file_sha256(path)
             model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
@@ -104,13 +139,14 @@ def load_model(
         else:
             if source.kind == "dir":
                 source.sha256 = _dir_fingerprint(Path(source.path))
+                if not trust_pickle:
+                    _refuse_pickles(Path(source.path), spec)
             model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
     except ModelLoadError:
         raise
-    except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"cannot load model {spec!r}: {first}") from e
+    except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError, SafetensorError, EOFError) as e:
+        raise ModelLoadError(f"cannot load model {spec!r}: {_first_line(e)}") from e
     model.eval()
     model.config.use_cache = False
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
@@ -127,12 +163,25 @@ def check_finite(model: torch.nn.Module) -> None:
             raise ModelLoadError(f"model weight {name} contains NaN or Inf")
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    if "custom code" in text:
+        return "the model needs its own Python code from its repository; pass --trust-remote-code if you trust it"
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def load_config(spec: str, trust_remote_code: bool = False):
+    """The model's ``PretrainedConfig`` without its weights (for dry runs and memory planning)."""
+    source = resolve(spec)
+    try:
+        if source.kind in ("alias", "gguf"):
+            path = Path(source.path)
+            return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        return AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read the configuration of {spec!r}: {_first_line(e)}") from e
+
+
 def model_config_summary(spec: str) -> dict:
     """Config without weights (for dry runs)."""
-    source = resolve(spec)
-    if source.kind in ("alias", "gguf"):
-        path = Path(source.path)
-        cfg = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-    else:
-        cfg = AutoConfig.from_pretrained(source.path)
-    return cfg.to_dict()
+    return load_config(spec).to_dict()

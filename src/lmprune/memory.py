@@ -1,0 +1,292 @@
+"""Peak-memory planning from the model's configuration alone (no weights are read).
+
+The model is instantiated on PyTorch's ``meta`` device, which gives every parameter's shape without allocating
+storage; the plan adds, per phase of a run, the memory its components hold at the same time:
+
+=========  ==============================================================================================
+phase      components
+=========  ==============================================================================================
+load       runtime + model weights + loader transient (GGUF dequantisation, safetensors staging)
+calibrate  runtime + weights + tokenising the calibration text (a stream source is tokenised whole:
+           about 400 bytes per token while the tokenizer's encoding and the Python id list coexist)
+allocate   runtime + weights + (OWL) dense activations and one block's Gram matrices
+prune      runtime + weights + calibration activations (inputs and outputs of the current block, in the
+           model's dtype) + one block's forward intermediates + its Gram matrices (float32 ``in x in`` per
+           shared input) + the solver's workspace on its largest matrix
+eval       runtime + weights + logits of one evaluation window (float32 ``seqlen x vocab``, x3 for the loss)
+save       runtime + weights + serialisation buffer + the reloaded copy the reload check compares against
+=========  ==============================================================================================
+
+On a CUDA device the weights stay on the host and the block, activations, Gram matrices and workspace are
+planned for the device instead (plus the CUDA context). "runtime" is measured: the resident size of this
+process once the modules a run imports are loaded.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .config import BLOCK_METHODS, ConfigError, PruneConfig
+
+MiB = 2**20
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: Extra host memory while loading, as a fraction of the weights (measured on SmolLM2-135M; see bench/memory.py).
+LOAD_TRANSIENT = {"gguf": 0.45, "dir": 0.25}
+#: Peak bytes per token while a text is tokenised in one call (Rust encoding + Python list; measured ~390).
+TOKENISE_BYTES = 400
+CUDA_CONTEXT = 500 * MiB
+
+
+@dataclass
+class Component:
+    name: str
+    bytes: float
+    phases: tuple[str, ...]
+    where: str = "host"  # or "device"
+
+
+@dataclass
+class MemoryPlan:
+    model: str
+    summary: dict[str, Any]
+    device: str
+    components: list[Component] = field(default_factory=list)
+
+    PHASES = ("load", "calibrate", "allocate", "prune", "eval", "save")
+
+    def add(self, name: str, nbytes: float, phases: tuple[str, ...] | str = PHASES, where: str = "host") -> None:
+        phases = (phases,) if isinstance(phases, str) else tuple(phases)
+        self.components.append(Component(name, float(nbytes), phases, where))
+
+    def phase_total(self, phase: str, where: str = "host") -> float:
+        return sum(c.bytes for c in self.components if phase in c.phases and c.where == where)
+
+    def peak(self, where: str = "host") -> tuple[str, float]:
+        """``(phase, bytes)`` of the largest phase."""
+        return max(((p, self.phase_total(p, where)) for p in self.PHASES), key=lambda t: t[1])
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {
+            "model": self.model, **self.summary, "device": self.device,
+            "components_mib": {c.name: round(c.bytes / MiB, 1) for c in self.components},
+            "phases_mib": {p: round(self.phase_total(p) / MiB, 1) for p in self.PHASES},
+            "peak_host_mib": round(self.peak()[1] / MiB, 1),
+            "peak_phase": self.peak()[0],
+        }
+        if self.device != "cpu":
+            out["peak_device_mib"] = round(self.peak("device")[1] / MiB, 1)
+        return out
+
+    def table(self) -> str:
+        s = self.summary
+        lines = [
+            f"memory plan for {self.model}: {s['model_type']}, {s['blocks']} blocks, {s['parameters'] / 1e6:.1f}M "
+            f"parameters in {s['dtype']}; {s['method']} on {self.device}, {s['nsamples']} x {s['seqlen']} tokens",
+            f"{'component':48s} {'where':6s} {'phases':32s} {'MiB':>10s}",
+        ]
+        for c in self.components:
+            lines.append(f"{c.name:48s} {c.where:6s} {','.join(c.phases):32s} {c.bytes / MiB:10.1f}")
+        for where in ("host", "device") if self.device != "cpu" else ("host",):
+            phase, peak = self.peak(where)
+            lines.append(f"estimated peak {where} memory: {peak / MiB:.0f} MiB (during {phase})")
+        return "\n".join(lines)
+
+    def advice(self) -> str:
+        return ("lower --nsamples or --seqlen (calibration activations grow with both), use --dtype bfloat16, "
+                "prune on --device cuda, or skip --eval")
+
+
+def _meta_model(config: Any):
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def runtime_bytes() -> float:
+    """Resident size of this process after importing what a run imports (torch, transformers, lmprune)."""
+    import psutil
+
+    for name in ("lmprune.api", "lmprune.report.plots", "safetensors.torch"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    return float(psutil.Process().memory_info().rss)
+
+
+def _solver_workspace(method: str, out: int, inp: int, tokens: int, d_ff: int, inner: str, refine: str) -> float:
+    """float32 bytes a solver holds beyond its inputs for one ``out x in`` matrix."""
+    mat, sq = out * inp, inp * inp
+    base = 2 * mat  # the engine's dense clone and the float32 copy handed to the solver
+    per = {
+        "magnitude": 3 * mat,
+        "wanda": 5 * mat,
+        "sparsegpt": 3 * sq + 4 * mat,
+        "alps": 3 * sq + 5 * mat,
+        "alps-fast": 3 * sq + 5 * mat,
+    }
+    if method in BLOCK_METHODS:
+        work = per.get(inner, 3 * sq + 5 * mat) + 4 * tokens * d_ff
+    else:
+        work = per.get(method, 3 * sq + 5 * mat)
+    if refine != "none":
+        work += 3 * mat
+    return 4.0 * (base + work)
+
+
+def plan_memory(
+    model_spec: str,
+    config: PruneConfig,
+    model_config: Any,
+    dtype: str = "float32",
+    source_kind: str = "dir",
+    eval_datasets: list[str] | None = None,
+    eval_seqlen: int | None = None,
+    runtime: float | None = None,
+    text_tokens: dict[str, int] | None = None,
+) -> MemoryPlan:
+    """Estimate the peak memory of ``lmprune prune`` with ``config`` on a model with ``model_config``.
+
+    ``text_tokens`` maps a stream text (the calibration source under "calib", evaluation datasets by name) to
+    its token count, for the tokenisation transients; absent texts are left out of the plan.
+    """
+    from .models.adapters import get_adapter
+
+    model = _meta_model(model_config)
+    adapter = get_adapter(model)
+    blocks = adapter.blocks(model)
+    if dtype == "auto":
+        tdtype = next(model.parameters()).dtype if source_kind not in ("gguf", "alias") else torch.float32
+        saved = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
+        if isinstance(saved, str) and saved in _DTYPES:
+            tdtype = _DTYPES[saved]
+        elif isinstance(saved, torch.dtype):
+            tdtype = saved
+    else:
+        tdtype = _DTYPES[dtype]
+    width = torch.finfo(tdtype).bits // 8
+    n_params = sum(p.numel() for p in model.parameters())
+    weights = n_params * width
+    block_params = max(sum(p.numel() for p in b.parameters()) for b in blocks)
+    seqlen = config.seqlen or int(min(getattr(model_config, "max_position_embeddings", 2048) or 2048, 2048))
+    n, d = config.nsamples, int(model_config.hidden_size)
+    tokens = n * seqlen
+    heads = int(getattr(model_config, "num_attention_heads", 1))
+    vocab = int(model_config.vocab_size)
+    linears = adapter.linears(blocks[0])
+    d_ff = max(lin.out_features for lin in linears.values())
+    leaders = [g[0] for g in adapter.groups]
+    gram_sizes = [linears[r].in_features for r in leaders]
+    grams = 4.0 * (max(i * i + i for i in gram_sizes) if config.sequential else sum(i * i + i for i in gram_sizes))
+    work = max(
+        _solver_workspace(config.method, lin.out_features, lin.in_features, tokens, d_ff, config.inner, config.refine)
+        for lin in linears.values()
+    )
+    if config.method in BLOCK_METHODS:
+        grams += 4.0 * sum(i * i for i in gram_sizes)  # the FFN's own Gram matrices beside the attention's
+    activations = 2.0 * tokens * d * width
+    forward = 4.0 * (heads * seqlen * seqlen + 4 * seqlen * d + 3 * seqlen * d_ff)
+
+    on_device = config.device != "cpu"
+    where = "device" if on_device else "host"
+    plan = MemoryPlan(model_spec, {
+        "model_type": model_config.model_type, "blocks": len(blocks), "parameters": n_params,
+        "dtype": str(tdtype).removeprefix("torch."), "method": config.method, "nsamples": n, "seqlen": seqlen,
+    }, config.device)
+    plan.add("runtime (Python, torch, transformers)", runtime_bytes() if runtime is None else runtime)
+    plan.add("model weights", weights)
+    kind = "gguf" if source_kind in ("gguf", "alias") else "dir"
+    plan.add(f"loader transient ({kind})", LOAD_TRANSIENT[kind] * n_params * 4, "load")
+    text_tokens = text_tokens or {}
+    if text_tokens.get("calib"):
+        plan.add(f"calibration tokenisation ({text_tokens['calib']} tokens)", TOKENISE_BYTES * text_tokens["calib"],
+                 "calibrate")
+    prune = ("allocate", "prune") if config.allocation == "owl" else ("prune",)
+    plan.add(f"calibration activations (2 x {n} x {seqlen} x {d})", activations, prune, where)
+    plan.add("block forward intermediates (one window)", forward, prune, where)
+    plan.add("Gram matrices of one block (float32)", grams, prune, where)
+    plan.add(f"solver workspace ({config.solver_name if config.method not in BLOCK_METHODS else config.method})",
+             work, "prune", where)
+    if on_device:
+        plan.add("one block's weights", block_params * width, "prune", "device")
+        plan.add("CUDA context", CUDA_CONTEXT, ("prune", "eval"), "device")
+    if eval_datasets:
+        L = eval_seqlen or seqlen
+        plan.add(f"evaluation logits ({L} x {vocab}, float32, x3)", 12.0 * L * vocab, "eval", where)
+        biggest = max((text_tokens.get(ds, 0) for ds in eval_datasets), default=0)
+        if biggest:
+            plan.add(f"evaluation tokenisation ({biggest} tokens)", TOKENISE_BYTES * biggest, "eval")
+        if on_device:
+            plan.add("model weights on the device for evaluation", weights, "eval", "device")
+    plan.add("serialisation buffer", weights, "save")
+    plan.add("reload check copy", weights, "save")
+    return plan
+
+
+class InsufficientMemory(ConfigError):
+    """The run's estimated peak does not fit in the memory available now."""
+
+
+def plan_for_spec(
+    model_spec: str, config: PruneConfig, dtype: str = "float32", eval_datasets: list[str] | None = None,
+    eval_seqlen: int | None = None, trust_remote_code: bool = False,
+) -> MemoryPlan:
+    """:func:`plan_memory` for a model spec, reading only its configuration."""
+    from .models.loading import load_config, resolve
+
+    source = resolve(model_spec)
+    cfg = load_config(model_spec, trust_remote_code)
+    texts = {"calib": config.calib, **{ds: ds for ds in eval_datasets or []}}
+    tokens = _stream_tokens(source, texts, config.data_dir, trust_remote_code)
+    return plan_memory(model_spec, config, cfg, dtype, source.kind, eval_datasets, eval_seqlen, text_tokens=tokens)
+
+
+def _stream_tokens(source: Any, texts: dict[str, str], data_dir: str | None, trust_remote_code: bool) -> dict:
+    """Token counts of the stream texts a run tokenises whole, from the tokenizer's rate on a 50k-char sample."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from .data.sources import DataError, load_source
+
+    try:
+        if source.kind in ("alias", "gguf"):
+            path = Path(source.path)
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        else:
+            tok = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return {}
+    out = {}
+    for key, spec in texts.items():
+        try:
+            text = load_source(spec, "calib" if key == "calib" else "eval", data_dir)
+        except (DataError, OSError):
+            continue
+        if not text.stream and key == "calib":
+            continue  # documents are tokenised one at a time
+        joined = text.joined()
+        sample = joined[:50_000]
+        if sample:
+            per_char = len(tok(sample, add_special_tokens=False)["input_ids"]) / len(sample)
+            out[key] = int(per_char * len(joined))
+    return out
+
+
+def check_fits(plan: MemoryPlan, current_rss: float | None = None) -> None:
+    """Raise :class:`InsufficientMemory` with the estimate and what to change when the host cannot hold the plan."""
+    import psutil
+
+    rss = psutil.Process().memory_info().rss if current_rss is None else current_rss
+    phase, peak = plan.peak()
+    available = psutil.virtual_memory().available
+    if peak - rss > available:
+        raise InsufficientMemory(
+            f"estimated peak memory {peak / MiB:.0f} MiB (during {phase}) exceeds the {(available + rss) / MiB:.0f} "
+            f"MiB available; {plan.advice()} (run with --dry-run for the breakdown, --skip-memory-check to try anyway)"
+        )
