@@ -60,25 +60,13 @@ class PruneConfig(BaseModel):
     def _pattern(cls, v: str) -> str:
         return parse_pattern(v).spec
 
-    @field_validator("method")
+    @field_validator("method", "inner", "refine")
     @classmethod
-    def _method(cls, v: str) -> str:
-        if v not in method_names():
-            raise ValueError(f"unknown method {v!r}; choose from {', '.join(method_names())}")
-        return v
-
-    @field_validator("inner")
-    @classmethod
-    def _inner(cls, v: str) -> str:
-        if v not in SOLVERS:
-            raise ValueError(f"unknown inner solver {v!r}; choose from {', '.join(sorted(SOLVERS))}")
-        return v
-
-    @field_validator("refine")
-    @classmethod
-    def _refine(cls, v: str) -> str:
-        if v not in REFINERS:
-            raise ValueError(f"unknown refiner {v!r}; choose from {', '.join(REFINERS)}")
+    def _known_name(cls, v: str, info) -> str:
+        choices = {"method": method_names(), "inner": sorted(SOLVERS), "refine": list(REFINERS)}[info.field_name]
+        if v not in choices:
+            what = {"method": "method", "inner": "inner solver", "refine": "refiner"}[info.field_name]
+            raise ValueError(f"unknown {what} {v!r}; choose from {', '.join(choices)}")
         return v
 
     @field_validator("device")
