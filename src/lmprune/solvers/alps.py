@@ -52,7 +52,7 @@ class Options(SolverOptions):
     grow_from_start: bool = False
     #: False: keep ρ = rho0 for ``max_iter`` iterations (the fixed-penalty ADMM the schedule improves on)
     schedule: bool = True
-    #: the reference runs 10; from ADMM's converged iterate steps 4–10 lowered the layer error by 0.02–0.25%
+    #: the reference runs 10; from ADMM's converged iterate steps 4–10 lowered the layer error by 0.02–0.16%
     #: on SmolLM2 layers (bench/RESULTS.md) and cost 10–15% of the solve
     pcg_iters: int = 3
     #: record the PCG objective after every step (stats["pcg_objective"]); otherwise only before and after
@@ -80,9 +80,13 @@ class ScaledGram:
     q: Tensor | None = None
     lam: Tensor | None = None
     eigh_s: float = 0.0
-    #: ``(H̃ + ρI)⁻¹`` by ρ, shared by the matrices of one input group (their schedules often agree early)
+    #: ``(H̃ + ρI)⁻¹`` by ρ, shared by the matrices of one input group (their ρ sequences usually agree)
     inverses: dict = field(default_factory=dict)
-    max_inverses: int = 16
+
+    @property
+    def max_inverses(self) -> int:
+        """A whole schedule's worth (about 12), within 2 GiB per Gram (in = 11008 keeps 4)."""
+        return max(1, min(16, (2 << 30) // (self.h.numel() * self.h.element_size())))
 
     def eig(self) -> tuple[Tensor, Tensor]:
         if self.q is None:
