@@ -215,3 +215,17 @@ def test_alps_prunes_tiny_model_end_to_end(fam, spec, tokenizer, calib_file):
     assert manifest["pattern_ok"]
     assert abs(manifest["achieved_sparsity"] - 0.5) < 0.02
     assert all(layer["rel_error"] < 1.0 for layer in manifest["layers"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("spec", ["unstructured", "2:4"])
+def test_alps_runs_on_cuda_like_on_cpu(spec):
+    w, gram = planted(seed=13)
+    pattern = parse_pattern(spec)
+    cpu = alps.solve(w, gram, pattern, 0.6, dtype="float64")
+    gpu = alps.solve(w.cuda(), Gram(gram.matrix.cuda(), gram.n_tokens), pattern, 0.6, dtype="float64")
+    assert gpu.weight.device.type == "cuda" and pattern.verify(gpu.weight.cpu(), 0.6).ok
+    assert (gpu.mask.cpu() != cpu.mask).float().mean() < 0.01
+    e_cpu = reconstruction_error(w, cpu.weight, gram)[1]
+    e_gpu = reconstruction_error(w, gpu.weight.cpu(), gram)[1]
+    assert abs(e_gpu - e_cpu) <= 0.02 * e_cpu
