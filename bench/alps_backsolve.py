@@ -47,7 +47,7 @@ def main() -> None:
     problems = load_problems()
     pattern = parse_pattern(a.pattern)
     counts = [int(i) for i in a.iters.split(",")]
-    print(f"pattern {a.pattern}, sparsity {a.sparsity}, {a.threads} thread(s); H̃ float64 for the exact solve, float32 PCG\n")
+    print(f"pattern {a.pattern}, sparsity {a.sparsity}, {a.threads} thread(s); exact solve float64, PCG float32\n")
     print("| layer | start | PCG iters | e (undamped) | ‖X−X*‖/‖X*‖ | PCG s | exact s |")
     print("|---|---|---|---|---|---|---|")
     for layer in a.layers.split(","):

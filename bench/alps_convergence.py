@@ -49,13 +49,15 @@ def main() -> None:
     for layer in a.layers.split(","):
         entry = problems[layer]
         for label, opts in runs.items():
-            res = alps.solve(entry["weight"], gram_of(entry), pattern, a.sparsity, max_iter=a.max_iter, trace=marks, **opts)
+            w = entry["weight"]
+            res = alps.solve(w, gram_of(entry), pattern, a.sparsity, max_iter=a.max_iter, trace=marks, **opts)
             got = {t["iter"]: t for t in res.stats["trace"]}
             cells = []
             for c in marks:
                 t = got.get(c)
                 cells.append("–" if t is None else f"{t['rel_error_d']:.4g} / {t['support_change']} / {t['rho']:.3g}")
-            print(f"| {layer} | {label} | {' | '.join(cells)} | {res.stats['iterations']} | {res.stats['rel_error_scaled']:.4g} |", flush=True)
+            cells += [str(res.stats["iterations"]), f"{res.stats['rel_error_scaled']:.4g}"]
+            print(f"| {layer} | {label} | {' | '.join(cells)} |", flush=True)
 
 
 if __name__ == "__main__":

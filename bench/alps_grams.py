@@ -58,7 +58,8 @@ def build(windows: int, seqlen: int, blocks: list[int]) -> dict:
     for b in blocks:
         layer = model.model.layers[b]
         for name in LINEARS:
-            lin = layer.self_attn.get_submodule(name) if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else layer.mlp.get_submodule(name)
+            parent = layer.self_attn if name in LINEARS[:4] else layer.mlp
+            lin = parent.get_submodule(name)
             key = f"{b}.{name}"
             grams[key] = {"weight": lin.weight.detach().clone(), "gram": 0.0, "sum_x": 0.0, "n_tokens": 0}
 

@@ -116,25 +116,22 @@ def markdown(rows: list[dict], labels: list[str]) -> str:
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     get = {(r["layer"], r["setting"], r["method"]): r for r in rows}
+
+    def header(first: str) -> str:
+        return "| " + " | ".join([first] + [f"{m} e" for m in labels] + [f"{m} s" for m in labels]) + " |"
+
     lines = ["Mean over layers " + ", ".join(layers) + " (e = relative error, s = seconds per solve):", ""]
-    lines.append("| setting | " + " | ".join(f"{m} e" for m in labels) + " | " + " | ".join(f"{m} s" for m in labels) + " |")
-    lines.append("|---" * (1 + 2 * len(labels)) + "|")
+    lines += [header("setting"), "|---" * (1 + 2 * len(labels)) + "|"]
     for s in settings:
-        errs = [statistics.mean(get[(l, s, m)]["rel_error"] for l in layers) for m in labels]
-        secs = [statistics.mean(get[(l, s, m)]["time_s"] for l in layers) for m in labels]
-        lines.append(f"| {s} | " + " | ".join(f"{e:.4g}" for e in errs) + " | " + " | ".join(f"{t:.3f}" for t in secs) + " |")
-    lines += ["", "Per layer:", ""]
-    lines.append("| layer | setting | " + " | ".join(f"{m} e" for m in labels) + " | " + " | ".join(f"{m} s" for m in labels) + " |")
-    lines.append("|---" * (2 + 2 * len(labels)) + "|")
-    for l in layers:
+        errs = [statistics.mean(get[(lay, s, m)]["rel_error"] for lay in layers) for m in labels]
+        secs = [statistics.mean(get[(lay, s, m)]["time_s"] for lay in layers) for m in labels]
+        lines.append("| " + " | ".join([s] + [f"{e:.4g}" for e in errs] + [f"{t:.3f}" for t in secs]) + " |")
+    lines += ["", "Per layer:", "", header("layer | setting"), "|---" * (2 + 2 * len(labels)) + "|"]
+    for lay in layers:
         for s in settings:
-            lines.append(
-                f"| {l} | {s} | "
-                + " | ".join(f"{get[(l, s, m)]['rel_error']:.4g}" for m in labels)
-                + " | "
-                + " | ".join(f"{get[(l, s, m)]['time_s']:.3f}" for m in labels)
-                + " |"
-            )
+            cells = [f"{get[(lay, s, m)]['rel_error']:.4g}" for m in labels]
+            cells += [f"{get[(lay, s, m)]['time_s']:.3f}" for m in labels]
+            lines.append(f"| {lay} | {s} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

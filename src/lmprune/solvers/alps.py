@@ -185,7 +185,11 @@ def _nm_keep_by_rank(scores: Tensor, n: int, m: int) -> Tensor:
     return keep.view_as(scores)
 
 
-def _initial_point(weight: Tensor, gram: Gram, pattern: Pattern, sparsity: float, b0: Tensor, d: Tensor, warm_start: str, percdamp: float) -> tuple[Tensor, Tensor]:
+def _initial_point(
+    weight: Tensor, gram: Gram, pattern: Pattern, sparsity: float, b0: Tensor, d: Tensor, warm_start: str,
+    percdamp: float,
+) -> tuple[Tensor, Tensor]:
+    """Feasible start ``D⁰`` (``in x out``) and its support."""
     if warm_start == "magnitude":
         keep = keep_mask_scaled(pattern, b0, sparsity)
         return b0 * keep, keep
