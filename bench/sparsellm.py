@@ -32,7 +32,7 @@ from lmprune.solvers import SOLVERS
 HERE = Path(__file__).resolve().parent
 
 
-def methods(include_alps: bool) -> list[dict]:
+def methods(include_alps: bool, alps_solver: str = "alps") -> list[dict]:
     out = [
         {"label": "SparseGPT", "method": "sparsegpt"},
         {"label": "SparseLLM(SparseGPT)", "method": "sparsellm", "inner": "sparsegpt"},
@@ -40,8 +40,8 @@ def methods(include_alps: bool) -> list[dict]:
         {"label": "Wanda+DSnoT", "method": "wanda", "refine": "dsnot"},
         {"label": "SparseGPT+DSnoT", "method": "sparsegpt", "refine": "dsnot"},
     ]
-    if include_alps and "alps" in SOLVERS:
-        out.insert(2, {"label": "SparseLLM(ALPS)", "method": "sparsellm", "inner": "alps"})
+    if include_alps and alps_solver in SOLVERS:
+        out.insert(2, {"label": f"SparseLLM({alps_solver})", "method": "sparsellm", "inner": alps_solver})
     return out
 
 
@@ -51,7 +51,7 @@ def cells(args) -> list[dict]:
         for pattern in args.patterns:
             sparsities = [1 - int(pattern.split(":")[0]) / int(pattern.split(":")[1])] if ":" in pattern else args.sparsities
             for s in sparsities:
-                for m in methods(not args.no_alps):
+                for m in methods(not args.no_alps, args.alps_solver):
                     parts = [protocol, m["method"], m.get("inner"), m.get("refine"), pattern.replace(":", "of"),
                              f"s{round(100 * s):02d}"]
                     name = "_".join(p for p in parts if p)
@@ -102,6 +102,7 @@ def main() -> None:
     ap.add_argument("--eval-seqlen", type=int, default=1024)
     ap.add_argument("--method-opt", action="append", default=[], help="SparseLLM option KEY=VALUE (repeatable)")
     ap.add_argument("--no-alps", action="store_true", help="skip SparseLLM(ALPS) even when ALPS is registered")
+    ap.add_argument("--alps-solver", default="alps", help="inner solver of the SparseLLM(ALPS) rows: alps | alps-fast")
     ap.add_argument("--dry-run", action="store_true")
     args = ap.parse_args()
 

@@ -93,7 +93,7 @@ def main() -> None:
     ap.add_argument("--sparsity", default="0.7,0.9")
     ap.add_argument("--pattern", default="unstructured")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--grid", default=GRID, help="alpha,beta,gamma,rounds;... (rounds 1 = layer-wise + down refit)")
+    ap.add_argument("--grid", default=GRID, help="alpha,beta,gamma,rounds[,percdamp];... (rounds 1 = layer-wise + down refit)")
     ap.add_argument("--no-refit", action="store_true", help="also run every setting without the down refit")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -132,17 +132,17 @@ def main() -> None:
             sequential = {**lw, "down": inner(w["down"], Gram.from_inputs(pruned_act), s).weight}
             for name, ws in (("layerwise", layerwise), ("sequential", sequential)):
                 print(f"| {b} | {s} | {name} | {rel(y, x, ws):.4f} | {rel(yh, xh, ws):.4f} | – | – |", flush=True)
-            grid = [tuple(float(v) for v in item.split(",")) for item in args.grid.split(";")]
-            for alpha, beta, gamma, rounds in grid:
-                rounds = int(rounds)
+            grid = [[float(v) for v in item.split(",")] for item in args.grid.split(";")]
+            for alpha, beta, gamma, rounds, *damp in grid:
+                rounds, percdamp = int(rounds), (damp or [0.01])[0]
                 for refit in ((False, True) if args.no_refit else (True,)):
                     t0 = time.perf_counter()
                     out = prune_ffn_swiglu(
                         x, y, w["up"], w["gate"], w["down"], pattern, s, inner,
-                        alpha=alpha, beta=beta, gamma=gamma, rounds=rounds, refit_down=refit,
+                        alpha=alpha, beta=beta, gamma=gamma, rounds=rounds, refit_down=refit, percdamp=percdamp,
                     )
                     ws = {k: r.weight for k, r in out.results.items()}
-                    label = f"α={alpha} β={beta} γ={gamma} R={rounds}{' +refit' if refit else ''}"
+                    label = f"α={alpha} β={beta} γ={gamma} R={rounds} damp={percdamp}{' +refit' if refit else ''}"
                     print(
                         f"| {b} | {s} | {label} | {rel(y, x, ws):.4f} | {rel(yh, xh, ws):.4f} | "
                         f"{out.stats['best_round']} | {time.perf_counter() - t0:.1f} |",

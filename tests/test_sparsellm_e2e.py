@@ -12,6 +12,7 @@ from lmprune.cli import main
 from lmprune.config import build_config
 from lmprune.models.adapters import get_adapter
 from lmprune.patterns import parse_pattern
+from lmprune.solvers import SOLVERS
 from lmprune.strategies import sparsellm as strategy
 
 FAST = {"rounds": 2, "s_steps": 1}
@@ -100,3 +101,14 @@ def test_cli_sparsellm_with_dsnot(tmp_path, tiny_model_dirs, calib_file):
     assert manifest["method"] == "sparsellm" and manifest["config"]["refine"] == "dsnot"
     assert manifest["achieved_sparsity"] == pytest.approx(0.7, abs=0.01)
     assert any("sparsellm_ffn_rel_error" in r.get("stats", {}) for r in manifest["layers"])
+
+
+@pytest.mark.skipif("alps" not in SOLVERS, reason="ALPS solver not registered")
+def test_sparsellm_with_alps_inner(tokenizer, calib_file):
+    model = make_model("llama")
+    report = api.prune(model, tokenizer, _config(calib_file, inner="alps", blocks="0"), progress=False)
+    assert report["pattern_ok"]
+    mlp = [r for r in report["layers"] if ".mlp." in r["name"]]
+    assert len(mlp) == 3
+    assert all(r["stats"]["sparsellm_ffn_rel_error"] <= r["stats"]["sparsellm_layerwise_ffn_rel_error"] * (1 + 1e-6)
+               for r in mlp)
