@@ -1,7 +1,7 @@
 """Peak RSS and wall time of ``lmprune prune`` next to the ``--dry-run`` estimate.
 
-Each configuration runs in a fresh subprocess; its peak RSS is ``getrusage(RUSAGE_SELF).ru_maxrss`` read by the
-process itself at exit. Results are appended to ``bench/out/memory.jsonl`` and printed as a Markdown table.
+Each configuration runs in a fresh subprocess; its peak RSS is ``VmHWM`` from ``/proc/self/status`` read by the process
+itself at exit. Results are appended to ``bench/out/memory.jsonl`` and printed as a Markdown table.
 
     python bench/memory.py --model smollm2-135m --method sparsegpt --nsamples 32 64 128 --seqlen 2048
     python bench/memory.py --model smollm2-135m --method wanda --nsamples 8 --seqlen 256   # quick check
@@ -18,9 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
+# VmHWM (peak RSS of this process's own address space), not ru_maxrss: Linux carries ru_maxrss across
+# fork+exec, so a child of a large process would report its parent's peak.
 WRAPPER = (
-    "import resource, sys; from lmprune.cli import main; rc = main(sys.argv[1:]); "
-    "print('PEAK_RSS_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)"
+    "import re, sys; from lmprune.cli import main; rc = main(sys.argv[1:]); "
+    "hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1); "
+    "print('PEAK_RSS_KIB', hwm, file=sys.stderr); sys.exit(rc)"
 )
 
 

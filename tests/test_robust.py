@@ -17,9 +17,12 @@ from lmprune import api
 from lmprune.cli import main
 from lmprune.config import build_config
 
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec, so a child of a big pytest process would
+# report the parent's peak.
 WRAPPER = (
-    "import resource, sys; from lmprune.cli import main; rc = main(sys.argv[1:]); "
-    "print('PEAK_RSS_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)"
+    "import re, sys; from lmprune.cli import main; rc = main(sys.argv[1:]); "
+    "hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1); "
+    "print('PEAK_RSS_KIB', hwm, file=sys.stderr); sys.exit(rc)"
 )
 
 
@@ -67,6 +70,7 @@ def test_dry_run_estimate_within_30_percent_of_peak_rss(tmp_path, wide_model, ca
     real = subprocess.run([sys.executable, "-c", WRAPPER, *args], capture_output=True, text=True)
     assert real.returncode == 0, real.stderr
     peak = int(re.search(r"PEAK_RSS_KIB (\d+)", real.stderr).group(1)) / 1024
+    print(f"dry-run estimate {estimate:.0f} MiB, measured peak RSS {peak:.0f} MiB")
     assert abs(estimate / peak - 1) < 0.30, (estimate, peak)
     plan = json.loads((tmp_path / "run" / "lmprune.json").read_text())["memory_plan"]
     assert plan["peak_host_mib"] > plan["components_mib"]["model weights"] > 0
