@@ -273,3 +273,41 @@ def test_manifest_records_how_to_rerun(tmp_path, tiny_model_dirs, calib_file):
     assert len(m["calibration"]["sha256"]) == 64 and len(m["calibration"]["windows_sha256"]) == 64
     assert m["model"]["sha256"] and m["run_options"]["dtype"] == "float32"
     assert {"torch", "transformers", "lmprune", "python"} <= set(m["versions"])
+
+
+# --- streaming -----------------------------------------------------------------------------------------------
+
+def test_streaming_peak_below_model_size_and_same_weights(tmp_path, calib_file):
+    """A 12-block model of ~107 MiB: the streamed run's peak stays well below the in-memory run's, whose peak
+    holds the whole model (twice, with the reload check); both write the same pruned weights."""
+    cfg = _config("llama")
+    cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers = 512, 1376, 12
+    cfg.num_attention_heads, cfg.num_key_value_heads = 8, 4
+    torch.manual_seed(0)
+    model_dir = tmp_path / "big"
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(model_dir, max_shard_size="40MB")
+    make_tokenizer().save_pretrained(model_dir)
+    size_mib = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 2**20
+    assert size_mib > 100 and len(list(model_dir.glob("*.safetensors"))) > 1
+    peaks = {}
+    for mode in ("stream", "memory"):
+        args = _prune(model_dir, tmp_path / mode, calib_file, *(["--stream"] if mode == "stream" else []),
+                      **{"--method": "magnitude"})
+        r = subprocess.run([sys.executable, "-c", WRAPPER, *args], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        peaks[mode] = int(re.search(r"PEAK_RSS_KIB (\d+)", r.stderr).group(1)) / 1024
+    print(f"model {size_mib:.0f} MiB; peak RSS streamed {peaks['stream']:.0f} MiB, in memory {peaks['memory']:.0f} MiB")
+    assert peaks["memory"] - peaks["stream"] > size_mib, peaks
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "stream").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "memory").state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    m = json.loads((tmp_path / "stream" / "lmprune.json").read_text())
+    assert m["run_options"]["stream"] and m["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_streaming_refuses_what_it_cannot_do(tmp_path, tiny_model_dirs, calib_file, capsys):
+    base = _prune(tiny_model_dirs["llama"], tmp_path / "run", calib_file, "--stream")
+    assert main(base + ["--eval", "wikitext2"]) == 2
+    assert "--stream cannot evaluate" in _err(capsys)
+    assert main(base + ["--allocation", "owl"]) == 2
+    assert "uniform only" in _err(capsys)

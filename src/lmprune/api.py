@@ -113,6 +113,7 @@ def prune(
     progress: bool = True,
     on_block_done: Callable | None = None,
     checkpoint: Checkpoint | None = None,
+    before_block: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Prune ``model`` in place according to ``config``; returns the manifest fields of the run.
 
@@ -153,7 +154,7 @@ def prune(
     strategy, strategy_options = block_strategy(config)
     result: EngineResult = run_engine(
         model, adapter, windows, config.pattern_obj, alloc.targets, make_inner(config), strategy,
-        strategy_options, blocks, config.device, progress, on_block_done, start_block, start_inputs,
+        strategy_options, blocks, config.device, progress, on_block_done, start_block, start_inputs, before_block,
     )
     elapsed = time.perf_counter() - start
     all_records = done_records + result.records

@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-memory-check", action="store_true",
                    help="start even when the estimated peak exceeds the available memory")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model's repository")
+    p.add_argument("--stream", action="store_true",
+                   help="larger-than-memory models: read one block at a time from the safetensors shards and write "
+                        "it out when done (uniform allocation, no --eval/--tasks, no resume)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow pickled .bin weights (read with torch.load(weights_only=True))")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -151,6 +154,16 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
         plan = plan_for_spec(model, config, args.dtype, eval_list, args.eval_seqlen, args.trust_remote_code)
         print(plan.table())
+        return 0
+    if args.stream:
+        from .streaming import run_streaming
+
+        if eval_list or args.tasks:
+            raise ConfigError("--stream cannot evaluate in the same run; run lmprune eval on the output afterwards")
+        manifest = run_streaming(model, config, out, args.overwrite, not args.quiet, args.dtype,
+                                 args.trust_remote_code, {"argv": ["lmprune", *args.argv]})
+        print(f"pruned {model} block by block to {manifest['achieved_sparsity']:.4f} sparsity in "
+              f"{manifest['time_s']:.1f} s, peak RSS {manifest['peak_rss_mb']:.0f} MiB\nrun directory: {out}")
         return 0
     try:
         manifest = api.run(

@@ -269,8 +269,12 @@ def run_engine(
     on_block_done: Callable[[int, list[Tensor], list[LayerRecord]], None] | None = None,
     start_block: int = 0,
     start_inputs: tuple[list[Tensor], dict[str, Any]] | None = None,
+    before_block: Callable[[int], None] | None = None,
 ) -> EngineResult:
-    """Prune ``model`` in place, block by block. Blocks not in ``blocks`` are propagated but left dense."""
+    """Prune ``model`` in place, block by block. Blocks not in ``blocks`` are propagated but left dense.
+
+    ``before_block(i)`` runs before block ``i`` is touched (streaming loads its weights there).
+    """
     device = torch.device(device)
     all_blocks = adapter.blocks(model)
     selected = set(range(len(all_blocks)) if blocks is None else blocks)
@@ -288,6 +292,8 @@ def run_engine(
     bar = tqdm(range(start_block, len(all_blocks)), desc="blocks", disable=not progress)
     for i in bar:
         start = time.perf_counter()
+        if before_block is not None:
+            before_block(i)
         block = all_blocks[i]
         home = next(block.parameters()).device
         block.to(device)

@@ -93,6 +93,9 @@ class MemoryPlan:
         for where in ("host", "device") if self.device != "cpu" else ("host",):
             phase, peak = self.peak(where)
             lines.append(f"estimated peak {where} memory: {peak / MiB:.0f} MiB (during {phase})")
+        import psutil
+
+        lines.append(f"host memory available now: {psutil.virtual_memory().available / MiB:.0f} MiB")
         return "\n".join(lines)
 
     def advice(self) -> str:
