@@ -14,7 +14,8 @@ prune      runtime + weights + calibration activations (inputs and outputs of th
            model's dtype) + one block's forward intermediates + its Gram matrices (float32 ``in x in`` per
            shared input) + the solver's workspace on its largest matrix
 eval       runtime + weights + logits of one evaluation window (float32 ``seqlen x vocab``, x3 for the loss)
-save       runtime + weights + serialisation buffer + the reloaded copy the reload check compares against
+save       runtime + weights + serialisation buffer
+reload     runtime + weights + the reloaded copy the reload check compares against (+ its loader transient)
 =========  ==============================================================================================
 
 On a CUDA device the weights stay on the host and the block, activations, Gram matrices and workspace are
@@ -56,7 +57,7 @@ class MemoryPlan:
     device: str
     components: list[Component] = field(default_factory=list)
 
-    PHASES = ("load", "calibrate", "allocate", "prune", "eval", "save")
+    PHASES = ("load", "calibrate", "allocate", "prune", "eval", "save", "reload")
 
     def add(self, name: str, nbytes: float, phases: tuple[str, ...] | str = PHASES, where: str = "host") -> None:
         phases = (phases,) if isinstance(phases, str) else tuple(phases)
@@ -227,7 +228,7 @@ def plan_memory(
         if on_device:
             plan.add("model weights on the device for evaluation", weights, "eval", "device")
     plan.add("serialisation buffer", weights, "save")
-    plan.add("reload check copy", weights, "save")
+    plan.add("reload check copy (+ loader transient)", weights + LOAD_TRANSIENT["dir"] * n_params * 4, "reload")
     return plan
 
 
@@ -267,6 +268,8 @@ def _stream_tokens(source: Any, texts: dict[str, str], data_dir: str | None, tru
         return {}
     out = {}
     for key, spec in texts.items():
+        if key == "calib" and spec == "c4":
+            continue  # C4 calibration samples single documents
         try:
             text = load_source(spec, "calib" if key == "calib" else "eval", data_dir)
         except (DataError, OSError):
