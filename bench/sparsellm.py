@@ -49,7 +49,11 @@ def cells(args) -> list[dict]:
     out = []
     for protocol in args.protocols:
         for pattern in args.patterns:
-            sparsities = [1 - int(pattern.split(":")[0]) / int(pattern.split(":")[1])] if ":" in pattern else args.sparsities
+            if ":" in pattern:
+                n, m = (int(v) for v in pattern.split(":"))
+                sparsities = [1 - n / m]
+            else:
+                sparsities = args.sparsities
             for s in sparsities:
                 for m in methods(not args.no_alps, args.alps_solver):
                     parts = [protocol, m["method"], m.get("inner"), m.get("refine"), pattern.replace(":", "of"),
@@ -112,7 +116,8 @@ def main() -> None:
     lines = [
         f"Model {args.model}; calibration {args.calib} {args.nsamples}×{args.seqlen}; perplexity over the first "
         f"{args.eval_windows} windows of {args.eval_seqlen or args.seqlen} tokens. Protocol `first-half`: only the "
-        "first half of the decoder blocks is pruned, for every method (the SparseLLM paper's protocol); `all`: every block.",
+        "first half of the decoder blocks is pruned, for every method (the SparseLLM paper's protocol); "
+        "`all`: every block.",
         "",
         "| protocol | sparsity | method | " + " | ".join(f"{d} ppl" for d in datasets) + " | time s | peak RSS MiB |",
         "|---|---|---|" + "---|" * len(datasets) + "---|---|",

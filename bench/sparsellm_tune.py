@@ -65,7 +65,8 @@ def capture(model, ids: torch.Tensor, blocks: list[int]) -> dict[int, tuple[torc
     hooks = []
     for b in blocks:
         def hook(_m, inputs, output, b=b):
-            got[b].append((inputs[0].reshape(-1, inputs[0].shape[-1]).clone(), output.reshape(-1, output.shape[-1]).clone()))
+            x, y = inputs[0], output
+            got[b].append((x.reshape(-1, x.shape[-1]).clone(), y.reshape(-1, y.shape[-1]).clone()))
 
         hooks.append(model.model.layers[b].mlp.register_forward_hook(hook))
     with torch.no_grad():
@@ -93,7 +94,8 @@ def main() -> None:
     ap.add_argument("--sparsity", default="0.7,0.9")
     ap.add_argument("--pattern", default="unstructured")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--grid", default=GRID, help="alpha,beta,gamma,rounds[,percdamp];... (rounds 1 = layer-wise + down refit)")
+    ap.add_argument("--grid", default=GRID,
+                    help="alpha,beta,gamma,rounds[,percdamp];... (rounds 1 = layer-wise + down refit)")
     ap.add_argument("--no-refit", action="store_true", help="also run every setting without the down refit")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -165,13 +165,17 @@ class _ReluFFN:
         self.dense = {"fc1": w1.detach().float(), "fc2": w2.detach().float()}
         self.z = torch.empty(x.shape[0], w1.shape[0], device=dev)
         self.gx = _Moments(x.shape[1], 0, dev)
-        self.next = {"fc1": _Moments(x.shape[1], w1.shape[0], dev, gram=False), "fc2": _Moments(w1.shape[0], y.shape[1], dev)}
+        self.next = self._fresh(dev)
         for sl in _chunks(x.shape[0], chunk):
             self.z[sl] = x[sl] @ self.dense["fc1"].T + self.b1
             self.gx.add(x[sl], x[sl][:, :0])
             self.next["fc2"].add(torch.relu(self.z[sl]), y[sl] - self.b2)
         self.p = torch.relu(self.z)
         self.gram_x = self.gx.subproblem().gram
+
+    def _fresh(self, dev) -> dict[str, _Moments]:
+        d, dff = self.x.shape[1], self.dense["fc1"].shape[0]
+        return {"fc1": _Moments(d, dff, dev, gram=False), "fc2": _Moments(dff, self.y.shape[1], dev)}
 
     def subproblems(self) -> dict[str, _Subproblem]:
         return {"fc1": self.next["fc1"].subproblem(self.gram_x), "fc2": self.next["fc2"].subproblem()}
@@ -187,7 +191,7 @@ class _ReluFFN:
         ref = _Moments(w1.shape[0], y.shape[1], dev) if refit else None
         if update:
             a_inv = _spd_inverse(w2, be, ga)
-            self.next = {"fc1": _Moments(x.shape[1], w1.shape[0], dev, gram=False), "fc2": _Moments(w1.shape[0], y.shape[1], dev)}
+            self.next = self._fresh(dev)
         obj = err = 0.0
         for sl in _chunks(x.shape[0], self.ch):
             xc, tc = x[sl], y[sl] - b2
@@ -323,8 +327,10 @@ def _prune(
     return res, False
 
 
-def _run(ffn, targets: dict[str, float], inner: InnerSolve, rounds: int, percdamp: float, refit_down: bool) -> FFNPruneResult:
-    stats: dict[str, Any] = {"objective": [], "ffn_error": [], "refit_down_error": [], "kept_previous": [], "round_s": []}
+def _run(
+    ffn, targets: dict[str, float], inner: InnerSolve, rounds: int, percdamp: float, refit_down: bool
+) -> FFNPruneResult:
+    stats: dict[str, Any] = {k: [] for k in ("objective", "ffn_error", "refit_down_error", "kept_previous", "round_s")}
     res: dict[str, SolveResult | None] = {k: None for k in ffn.roles}
     best: tuple[float, dict[str, SolveResult], Any] | None = None
     for r in range(max(1, rounds)):
@@ -372,7 +378,9 @@ def _run(ffn, targets: dict[str, float], inner: InnerSolve, rounds: int, percdam
 
 def _check(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
-        raise ValueError(f"X and Y must be tokens x features with equal token counts, got {tuple(x.shape)}, {tuple(y.shape)}")
+        raise ValueError(
+            f"X and Y must be tokens x features with equal token counts, got {tuple(x.shape)}, {tuple(y.shape)}"
+        )
     if not _finite(x, y):
         raise ValueError("FFN inputs or targets contain NaN/Inf")
     return x.float(), y.float()
