@@ -298,6 +298,11 @@ def test_streaming_peak_below_model_size_and_same_weights(tmp_path, calib_file):
         peaks[mode] = int(re.search(r"PEAK_RSS_KIB (\d+)", r.stderr).group(1)) / 1024
     print(f"model {size_mib:.0f} MiB; peak RSS streamed {peaks['stream']:.0f} MiB, in memory {peaks['memory']:.0f} MiB")
     assert peaks["memory"] - peaks["stream"] > size_mib, peaks
+    dry_args = _prune(model_dir, tmp_path / "x", calib_file, "--stream", "--dry-run", **{"--method": "magnitude"})
+    dry = subprocess.run([sys.executable, "-m", "lmprune.cli", *dry_args], capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stderr
+    estimate = float(re.search(r"estimated peak host memory: (\d+) MiB", dry.stdout).group(1))
+    assert abs(estimate / peaks["stream"] - 1) < 0.30, (estimate, peaks)
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "stream").state_dict()
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "memory").state_dict()
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

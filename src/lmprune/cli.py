@@ -152,7 +152,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     if args.dry_run:
         from .memory import plan_for_spec
 
-        plan = plan_for_spec(model, config, args.dtype, eval_list, args.eval_seqlen, args.trust_remote_code)
+        plan = plan_for_spec(model, config, args.dtype, eval_list, args.eval_seqlen, args.trust_remote_code,
+                             args.stream)
         print(plan.table())
         return 0
     if args.stream:

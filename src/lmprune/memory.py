@@ -153,11 +153,13 @@ def plan_memory(
     eval_seqlen: int | None = None,
     runtime: float | None = None,
     text_tokens: dict[str, int] | None = None,
+    stream: bool = False,
 ) -> MemoryPlan:
     """Estimate the peak memory of ``lmprune prune`` with ``config`` on a model with ``model_config``.
 
     ``text_tokens`` maps a stream text (the calibration source under "calib", evaluation datasets by name) to
-    its token count, for the tokenisation transients; absent texts are left out of the plan.
+    its token count, for the tokenisation transients; absent texts are left out of the plan. ``stream``
+    plans ``--stream``: the non-block weights plus one block, each block written as its own shard.
     """
     from .models.adapters import get_adapter
 
@@ -203,9 +205,15 @@ def plan_memory(
         "dtype": str(tdtype).removeprefix("torch."), "method": config.method, "nsamples": n, "seqlen": seqlen,
     }, config.device)
     plan.add("runtime (Python, torch, transformers)", runtime_bytes() if runtime is None else runtime)
-    plan.add("model weights", weights)
-    kind = "gguf" if source_kind in ("gguf", "alias") else "dir"
-    plan.add(f"loader transient ({kind})", LOAD_TRANSIENT[kind] * n_params * 4, "load")
+    block_bytes = block_params * width
+    if stream:
+        plan.add("non-block weights (embeddings, norm, head)", weights - len(blocks) * block_bytes)
+        plan.add("one block's weights (+ its shard read back)", 2 * block_bytes,
+                 ("prune", "save", "reload"))
+    else:
+        plan.add("model weights", weights)
+        kind = "gguf" if source_kind in ("gguf", "alias") else "dir"
+        plan.add(f"loader transient ({kind})", LOAD_TRANSIENT[kind] * n_params * 4, "load")
     text_tokens = text_tokens or {}
     if text_tokens.get("calib"):
         plan.add(f"calibration tokenisation ({text_tokens['calib']} tokens)", TOKENISE_BYTES * text_tokens["calib"],
@@ -227,8 +235,9 @@ def plan_memory(
             plan.add(f"evaluation tokenisation ({biggest} tokens)", TOKENISE_BYTES * biggest, "eval")
         if on_device:
             plan.add("model weights on the device for evaluation", weights, "eval", "device")
-    plan.add("serialisation buffer", weights, "save")
-    plan.add("reload check copy (+ loader transient)", weights + LOAD_TRANSIENT["dir"] * n_params * 4, "reload")
+    if not stream:
+        plan.add("serialisation buffer", weights, "save")
+        plan.add("reload check copy (+ loader transient)", weights + LOAD_TRANSIENT["dir"] * n_params * 4, "reload")
     return plan
 
 
@@ -238,7 +247,7 @@ class InsufficientMemory(ConfigError):
 
 def plan_for_spec(
     model_spec: str, config: PruneConfig, dtype: str = "float32", eval_datasets: list[str] | None = None,
-    eval_seqlen: int | None = None, trust_remote_code: bool = False,
+    eval_seqlen: int | None = None, trust_remote_code: bool = False, stream: bool = False,
 ) -> MemoryPlan:
     """:func:`plan_memory` for a model spec, reading only its configuration."""
     from .models.loading import load_config, resolve
@@ -247,7 +256,8 @@ def plan_for_spec(
     cfg = load_config(model_spec, trust_remote_code)
     texts = {"calib": config.calib, **{ds: ds for ds in eval_datasets or []}}
     tokens = _stream_tokens(source, texts, config.data_dir, trust_remote_code)
-    return plan_memory(model_spec, config, cfg, dtype, source.kind, eval_datasets, eval_seqlen, text_tokens=tokens)
+    return plan_memory(model_spec, config, cfg, dtype, source.kind, eval_datasets, eval_seqlen, text_tokens=tokens,
+                       stream=stream)
 
 
 def _stream_tokens(source: Any, texts: dict[str, str], data_dir: str | None, trust_remote_code: bool) -> dict:
