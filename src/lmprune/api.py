@@ -95,6 +95,7 @@ def allocate(
         options = dict(config.allocation_options)
         if kind == "alpha":
             options.setdefault("cache_dir", str(ALPHA_CACHE))
+            options.setdefault("device", config.device)  # the SVDs run where the solvers do
         if kind == "owl":
             if windows is None:
                 raise ValueError("OWL allocation needs calibration windows")

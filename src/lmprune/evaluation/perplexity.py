@@ -9,6 +9,7 @@ it is cut into ``seqlen``-token windows, the last partial window is dropped, and
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import asdict, dataclass
 
 import torch
@@ -35,9 +36,19 @@ class PerplexityResult:
         return asdict(self)
 
 
+_STREAMS: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
+
+
 def token_stream(source: TextSource, tokenizer) -> torch.Tensor:
-    """The whole evaluation text tokenised once, as the papers do (special tokens as the tokenizer adds them)."""
-    return tokenizer(source.joined(), return_tensors="pt").input_ids
+    """The whole evaluation text tokenised once, as the papers do (special tokens as the tokenizer adds them).
+
+    Kept per tokenizer object, so the dense and pruned evaluations of one process tokenise each text once.
+    """
+    cache = _STREAMS.setdefault(tokenizer, {})
+    key = (source.origin, source.sha256)
+    if key not in cache:
+        cache[key] = tokenizer(source.joined(), return_tensors="pt").input_ids
+    return cache[key]
 
 
 @torch.no_grad()
