@@ -109,3 +109,11 @@ def test_block_selection(tokenizer, calib_file):
     report = api.prune(model, tokenizer, config, progress=False)
     assert {r["block"] for r in report["layers"]} == {0}
     assert torch.count_nonzero(model.model.layers[1].mlp.down_proj.weight) == model.model.layers[1].mlp.down_proj.weight.numel()
+
+
+def test_calibration_time_counts_the_passes_through_blocks(tokenizer, calib_file):
+    model = make_model("llama")
+    m = api.prune(model, tokenizer, build_config(method="magnitude", sparsity=0.5, calib=str(calib_file), nsamples=2,
+                                                 seqlen=24), progress=False)
+    assert 0 < m["calibration_time_s"] <= m["time_s"]
+    assert m["calibration_time_s"] + m["solver_time_s"] <= m["time_s"]

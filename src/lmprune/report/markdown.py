@@ -25,7 +25,8 @@ def render_report(m: dict[str, Any], plots: dict[str, str] | None = None) -> str
         f"`{m['calibration']['source']}`, seed {m['seed']}",
         f"- achieved sparsity over pruned matrices: **{m['achieved_sparsity']:.4f}** (target {m['sparsity']})",
         f"- pattern verified on every matrix: {'yes' if m.get('pattern_ok') else 'NO'}",
-        f"- pruning wall time: {m['time_s']:.1f} s (calibration capture {m.get('calibration_time_s', 0):.1f} s); "
+        f"- pruning wall time: {m['time_s']:.1f} s (calibration passes through the blocks "
+        f"{m.get('calibration_time_s', 0):.1f} s, solver {m.get('solver_time_s', 0):.1f} s); "
         f"peak RSS {m['peak_rss_mb']:.0f} MiB",
         "",
     ]
