@@ -142,3 +142,39 @@ def test_nested_zero_shot_form_is_read(tmp_path):
                      zeroshot={"tasks": {"piqa": {"acc": 0.6, "acc_norm": 0.65}}, "limit": 10})
     loaded = load_run(run)
     assert loaded.zeroshot == {"piqa": {"acc": 0.6, "acc_norm": 0.65}} and loaded.zeroshot_limit == 10
+
+
+def test_dense_row_from_eval_dense_figures(tmp_path):
+    ppl = {"wikitext2": 30.0, "eval_windows": 4, "seqlen": 64}
+    model = {"spec": "tiny", "sha256": "abc", "dtype": "float32"}
+    a = _write_run(tmp_path, "wanda_50", method="wanda", sparsity=0.5, model=model, perplexity=ppl,
+                   dense_perplexity={"wikitext2": 20.0})
+    b = _write_run(tmp_path, "wanda_70", method="wanda", sparsity=0.7, model=model,
+                   perplexity={**ppl, "wikitext2": 90.0}, dense_perplexity={"wikitext2": 20.0})
+    md = compare_runs([a, b], tmp_path / "cmp", plots=False).read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| ")][1:]
+    assert rows[0].startswith("| dense (--eval-dense) | dense | - | - | 0.0 | — | 20.00 |")
+    assert [r.split(" | ")[0] for r in rows[1:]] == ["| wanda_50", "| wanda_70"]
+    assert "Dense row: perplexity only" in md and "run(s) wanda_50, wanda_70 (4 windows × 64 tokens)" in md
+    with open(tmp_path / "cmp" / "comparison.csv") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert csv_rows[0]["run"] == "dense (--eval-dense)" and float(csv_rows[0]["ppl_wikitext2"]) == 20.0
+    assert csv_rows[0]["eval_windows"] == "4" and csv_rows[0]["seqlen"] == "64" and csv_rows[0]["time_s"] == ""
+
+    # a third run with other settings: the dense figures matching most runs are used, the other is named
+    c = _write_run(tmp_path, "sgpt_50", method="sparsegpt", sparsity=0.5, model=model,
+                   perplexity={"wikitext2": 25.0, "eval_windows": 8, "seqlen": 64},
+                   dense_perplexity={"wikitext2": 19.0})
+    md = compare_runs([a, b, c], tmp_path / "cmp2", plots=False).read_text()
+    assert "| dense (--eval-dense) | dense | - | - | 0.0 | — | 20.00 |" in md and "19.00" not in md
+    assert "Not used, as they were taken with other settings or on another model: 8 windows × 64 tokens " \
+           "(runs sgpt_50)" in md
+
+    # a tie between settings: no dense row, and the note says why
+    md = compare_runs([a, c], tmp_path / "cmp3", plots=False).read_text()
+    assert "| dense" not in md and "No dense row" in md and "Pass a dense run directory" in md
+
+    # a real dense run wins over the recorded figures
+    d = _write_run(tmp_path, "dense", method="dense", sparsity=0.0, perplexity={"wikitext2": 21.0, **ppl})
+    md = compare_runs([a, d], tmp_path / "cmp4", plots=False).read_text()
+    assert "--eval-dense" not in md and "| dense | dense |" in md

@@ -2,7 +2,9 @@
 
 A row per run: method, allocation, pattern, target and achieved sparsity, perplexity per dataset, zero-shot
 accuracy per task and its average, pruning time and peak memory. The dense model comes first: the run passed
-as ``dense``, or any run whose method is "dense" or whose target sparsity is 0.
+as ``dense``, or any run whose method is "dense" or whose target sparsity is 0; failing both, a row made from the
+``dense_perplexity`` that ``lmprune prune --eval-dense`` records in a run's manifest (perplexity only, see
+:func:`dense_from_manifests`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class Run:
     time_s: float | None
     peak_rss_mb: float | None
     layers: list[dict] = field(default_factory=list)
+    dense_perplexity: dict[str, float] = field(default_factory=dict)  # --eval-dense figures, same windows/seqlen
+    model: str | None = None  # the pruned model's sha256 (or spec) and dtype: which dense model those figures are of
 
     @property
     def is_dense(self) -> bool:
@@ -98,6 +102,8 @@ def load_run(path: Path) -> Run:
     sparsity = _number(data.get("sparsity"))
     refine = data.get("refine") or (data.get("config") or {}).get("refine")
     method = _name(data.get("method"))
+    model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    model_id = model.get("sha256") or model.get("spec")
     return Run(
         label=manifest.parent.name,
         path=manifest.parent,
@@ -114,7 +120,58 @@ def load_run(path: Path) -> Run:
         time_s=_number(data.get("time_s")),
         peak_rss_mb=_number(data.get("peak_rss_mb")),
         layers=list(data.get("layers") or []),
+        dense_perplexity={k: float(v) for k, v in (data.get("dense_perplexity") or {}).items()
+                          if k not in _PPL_META and _number(v) is not None},
+        model=f"{model_id} {model.get('dtype', '')}".strip() if model_id else None,
     )
+
+
+def _settings(r: Run) -> str:
+    return f"{r.eval_windows} windows × {r.seqlen} tokens"
+
+
+def dense_from_manifests(runs: list[Run]) -> tuple[Run | None, str | None]:
+    """A perplexity-only dense row from the runs' ``dense_perplexity`` (``prune --eval-dense``), and a note.
+
+    Those figures were taken with the run's own evaluation settings (windows cap, seqlen) on the model it
+    pruned (sha256 and dtype). Runs agreeing on all of these share one dense row. When they fall into several
+    groups, the group whose settings match the most runs of the table is used and the others are named in the
+    note; on a tie there is no dense row, and the note says why. ``(None, None)`` when no run carries any.
+    """
+    groups: dict[tuple, list[Run]] = {}
+    for r in sorted(runs, key=lambda r: r.label):
+        if r.dense_perplexity:
+            groups.setdefault((r.model, r.eval_windows, r.seqlen), []).append(r)
+    if not groups:
+        return None, None
+    matching = {key: sum((r.model, r.eval_windows, r.seqlen) == key for r in runs if r.perplexity) for key in groups}
+    best = max(matching.values())
+    chosen = [key for key, n in matching.items() if n == best]
+    describe = lambda key: f"{_settings(groups[key][0])} (runs {', '.join(r.label for r in groups[key])})"  # noqa: E731
+    if len(chosen) > 1:
+        return None, ("No dense row: the runs' `--eval-dense` perplexities were taken with different settings or "
+                      "models, none matching more runs than the others: " + "; ".join(map(describe, groups))
+                      + ". Pass a dense run directory to compare against.")
+    key = chosen[0]
+    sources = groups[key]
+    perplexity: dict[str, float] = {}
+    for r in sources:
+        for ds, v in r.dense_perplexity.items():
+            perplexity.setdefault(ds, v)
+    dense = Run(label="dense (--eval-dense)", path=sources[0].path, method="dense", allocation="-", pattern="-",
+                sparsity=0.0, achieved_sparsity=None, perplexity=perplexity, eval_windows=key[1], seqlen=key[2],
+                zeroshot={}, zeroshot_limit=None, time_s=None, peak_rss_mb=None)
+    note = (f"Dense row: perplexity only, measured before pruning by `lmprune prune --eval-dense` in run(s) "
+            f"{', '.join(r.label for r in sources)} ({_settings(sources[0])}).")
+    spread = [ds for ds in perplexity
+              if len({round(r.dense_perplexity[ds], 6) for r in sources if ds in r.dense_perplexity}) > 1]
+    if spread:
+        note += f" Their figures differ slightly for {', '.join(spread)}; the first run's are shown."
+    others = [k for k in groups if k != key]
+    if others:
+        note += (" Not used, as they were taken with other settings or on another model: "
+                 + "; ".join(map(describe, others)) + ".")
+    return dense, note
 
 
 def order_runs(runs: list[Run], dense: Run | None = None) -> list[Run]:
@@ -233,11 +290,14 @@ def compare_runs(run_dirs: list[Path], out_dir: Path, dense: Path | None = None,
     out_dir.mkdir(parents=True, exist_ok=True)
     dense_run = load_run(dense) if dense is not None else None
     runs = [load_run(p) for p in run_dirs if dense is None or Path(p).resolve() != Path(dense).resolve()]
+    dense_note = None
+    if dense_run is None and not any(r.is_dense for r in runs):
+        dense_run, dense_note = dense_from_manifests(runs)
     runs = order_runs(runs + ([dense_run] if dense_run else []), dense_run)
 
     write_csv(table_rows(runs), out_dir / "comparison.csv")
     lines = ["# Comparison of pruning runs", "", markdown_table(runs), ""]
-    lines += [f"- {n}" for n in _notes(runs)]
+    lines += [f"- {n}" for n in _notes(runs) + ([dense_note] if dense_note else [])]
     lines += ["- Raw numbers: [comparison.csv](comparison.csv)."]
     if plots:
         from .plots import comparison_plots
