@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from pydantic import ValidationError
 from torch import Tensor, nn
 
 from . import __version__
@@ -41,19 +42,44 @@ def default_seqlen(model: nn.Module) -> int:
     return int(min(getattr(model.config, "max_position_embeddings", 2048) or 2048, 2048))
 
 
+def _validated(what: str, options_cls: Any, values: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return options_cls(**values).model_dump()
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise ConfigError(f"{what}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+
+
+def resolved_settings(config: PruneConfig) -> dict[str, Any]:
+    """Every option each stage actually runs with (presets and defaults filled in), for the manifest."""
+    spec = get_solver(config.solver_name)
+    out: dict[str, Any] = {
+        "solver": spec.name,
+        "solver_options": _validated(f"solver_options for {spec.name}", lambda **kw: spec.options(kw),
+                                     config.solver_options),
+        "refiner": config.refine,
+    }
+    if config.refine != "none":
+        refiner = importlib.import_module(f"lmprune.refiners.{config.refine}")
+        out["refine_options"] = _validated(f"refine_options for {config.refine}", refiner.Options,
+                                           config.refine_options)
+    if config.method in BLOCK_METHODS:
+        strategy = importlib.import_module(f"lmprune.strategies.{config.method}")
+        out["method_options"] = _validated(f"method_options for {config.method}", strategy.StrategyOptions,
+                                           config.method_options)
+    return out
+
+
 def make_inner(config: PruneConfig) -> Callable[[Tensor, Gram, float], SolveResult]:
     """solver → refiner for one matrix, with validated options bound."""
     pattern = config.pattern_obj
-    spec = get_solver(config.solver_name)
-    try:
-        solver_opts = spec.options(config.solver_options).model_dump()
-    except Exception as e:  # pydantic ValidationError
-        raise ConfigError(f"solver_options for {spec.name}: {str(e).splitlines()[-2].strip()}") from None
-    solve = spec.solve_fn()
+    settings = resolved_settings(config)
+    solver_opts = settings["solver_options"]
+    solve = get_solver(config.solver_name).solve_fn()
     refiner = None
     if config.refine != "none":
         refiner = importlib.import_module(f"lmprune.refiners.{config.refine}")
-        refine_opts = refiner.Options(**config.refine_options).model_dump()
+        refine_opts = settings["refine_options"]
 
     def inner(weight: Tensor, gram: Gram, target: float) -> SolveResult:
         result = solve(weight, gram, pattern, target, **solver_opts)
@@ -156,6 +182,7 @@ def prune(
     result: EngineResult = run_engine(
         model, adapter, windows, config.pattern_obj, alloc.targets, make_inner(config), strategy,
         strategy_options, blocks, config.device, progress, on_block_done, start_block, start_inputs, before_block,
+        offload_activations=config.offload_activations,
     )
     elapsed = time.perf_counter() - start
     all_records = done_records + result.records
@@ -182,6 +209,7 @@ def prune(
         "block_times_s": done_times + result.block_times,
         "resumed_from_block": start_block or None,
         "seed": config.seed,
+        "resolved_options": resolved_settings(config),
         "calibration": {
             "source": source.origin,
             "sha256": source.sha256,
