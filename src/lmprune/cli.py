@@ -202,11 +202,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).write_text(text)
-    for ds, v in result.get("perplexity", {}).items():
+    ppl = result.get("perplexity") or {}
+    cap = ppl.get("eval_windows")
+    for ds, v in ppl.items():  # every figure with its window cap and window length
         if isinstance(v, float):
-            print(f"{ds} perplexity: {v:.3f}")
-    for task, r in score_table(result.get("zeroshot") or {}).items():
-        print(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in r.items() if isinstance(v, float)))
+            d = (ppl.get("details") or {}).get(ds, {})
+            used = f"{d['windows']} of {d['windows_available']} windows" if "windows" in d else "windows"
+            print(f"{ds} perplexity: {v:.3f}  ({used} × {d.get('seqlen', ppl.get('seqlen'))} tokens; "
+                  f"{'no window cap' if cap is None else f'cap {cap} windows'})")
+    zs = result.get("zeroshot") or {}
+    scores = score_table(zs)
+    if scores:
+        limit = zs.get("limit", args.limit)
+        print("zero-shot, 0-shot " + ("(no limit: all documents of each task):" if limit is None
+                                      else f"(limit {limit} documents per task):"))
+    n_docs = zs.get("n_docs") or {}
+    for task, r in scores.items():
+        docs = f"  ({n_docs[task]} documents)" if task in n_docs else ""
+        print(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in r.items() if isinstance(v, float)) + docs)
     if not args.out and not result.get("perplexity") and not result.get("zeroshot"):
         print(text)
     return 0
