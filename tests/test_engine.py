@@ -117,3 +117,49 @@ def test_calibration_time_counts_the_passes_through_blocks(tokenizer, calib_file
                                                  seqlen=24), progress=False)
     assert 0 < m["calibration_time_s"] <= m["time_s"]
     assert m["calibration_time_s"] + m["solver_time_s"] <= m["time_s"]
+
+
+@pytest.mark.parametrize("method,extra", [("sparsegpt", {}), ("sparsellm", {}), ("wanda", {"allocation": "owl"}),
+                                          ("sparsegpt", {"sequential": True})])
+def test_offloaded_activations_give_identical_weights(tokenizer, calib_file, method, extra):
+    """Offload only changes where the activations are kept, never the arithmetic: bit-identical weights."""
+    a, b = make_model("llama"), make_model("llama")
+    kw = dict(method=method, sparsity=0.5, calib=str(calib_file), nsamples=3, seqlen=24, **extra)
+    ra = api.prune(a, tokenizer, build_config(**kw), progress=False)
+    rb = api.prune(b, tokenizer, build_config(offload_activations=True, **kw), progress=False)
+    assert rb["config"]["offload_activations"] and not ra["config"]["offload_activations"]
+    for (n1, p1), (n2, p2) in zip(a.named_parameters(), b.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+    assert [r["rel_error"] for r in ra["layers"]] == [r["rel_error"] for r in rb["layers"]]
+
+
+def test_offload_keeps_block_outputs_on_the_activation_device(tokenizer, calib_file):
+    """BlockContext moves each window to the compute device and returns outputs where the inputs are kept."""
+    from lmprune.data.calibration import sample_windows
+    from lmprune.data.sources import load_source
+    from lmprune.engine import BlockContext, _block_output, capture_block_inputs
+
+    model = make_model("llama")
+    adapter = get_adapter(model)
+    windows = sample_windows(load_source(str(calib_file), "calib"), tokenizer, 2, 16, 0)
+    inputs, kwargs = capture_block_inputs(model, adapter, windows, progress=False)
+    block = adapter.blocks(model)[0]
+    moved = []
+    original = torch.Tensor.to
+
+    def spy(self, *args, **kw):
+        moved.append(args[0] if args else kw.get("device"))
+        return original(self, *args, **kw)
+
+    ctx = BlockContext(0, block, adapter, inputs, kwargs, None, {}, None, torch.device("cpu"), torch.device("cpu"))
+    assert ctx.activation_device == torch.device("cpu")
+    torch.Tensor.to = spy
+    try:
+        outs = ctx.forward()
+    finally:
+        torch.Tensor.to = original
+    assert len(outs) == 2 and all(o.device.type == "cpu" for o in outs)
+    assert moved.count(torch.device("cpu")) >= 4  # each window in, each output back
+    with torch.no_grad():
+        for o, x in zip(outs, inputs):
+            assert torch.equal(o, _block_output(block(x, **kwargs)))

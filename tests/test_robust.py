@@ -101,6 +101,76 @@ def test_run_that_cannot_fit_stops_before_loading(tmp_path, tiny_model_dirs, cal
     assert main(_prune(tiny_model_dirs["llama"], tmp_path / "run", calib_file, "--skip-memory-check")) == 0
 
 
+def _cuda_plan(**over):
+    from lmprune.memory import plan_memory
+
+    kw = dict(method="sparsegpt", sparsity=0.5, calib="c4", nsamples=64, seqlen=128, device="cuda")
+    config = build_config(**{**kw, **over})
+    return plan_memory("tiny", config, _config("llama"), runtime=0.0)
+
+
+def test_offload_plans_activations_on_the_host():
+    from lmprune.memory import MiB
+
+    kept, offloaded = _cuda_plan(), _cuda_plan(offload_activations=True)
+    activations = 2 * 64 * 128 * 64 * 4
+    window = 2 * 128 * 64 * 4
+    assert kept.phase_total("prune", "device") - offloaded.phase_total("prune", "device") == activations - window
+    assert offloaded.phase_total("prune", "host") - kept.phase_total("prune", "host") == activations
+    assert offloaded.to_dict()["offload_activations"] is True
+    assert "activations offloaded to the host" in offloaded.table()
+    owl = _cuda_plan(offload_activations=True, method="wanda", allocation="owl")
+    assert owl.phase_total("allocate", "device") >= activations  # OWL's norm pass is not offloaded
+    assert kept.peak("device")[1] > 64 * MiB  # the CUDA context at least
+
+
+def test_device_that_cannot_fit_stops_with_what_to_change(monkeypatch):
+    from lmprune.memory import InsufficientMemory, check_fits
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: calls.append(dev) or (2**20, 80 * 2**30))
+    with pytest.raises(InsufficientMemory) as e:
+        check_fits(_cuda_plan(), current_rss=0)
+    msg = str(e.value)
+    assert calls and "\n" not in msg
+    assert "cuda memory" in msg and "1 MiB free" in msg and "during prune" in msg
+    assert "--offload-activations" in msg and "lower --nsamples or --seqlen" in msg
+    with pytest.raises(InsufficientMemory) as e:  # already offloaded: nothing to gain from the flag
+        check_fits(_cuda_plan(offload_activations=True), current_rss=0)
+    assert "--offload-activations" not in str(e.value) and "lower --nsamples" in str(e.value)
+    plan = _cuda_plan()
+    check_fits(plan, current_rss=0, device_free=plan.peak("device")[1] + 1)  # enough free: passes
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no CUDA: the run itself reports it
+    check_fits(plan, current_rss=0)
+
+
+def test_device_advice_for_evaluation_peak():
+    from lmprune.memory import plan_memory
+
+    config = build_config(method="magnitude", sparsity=0.5, calib="c4", nsamples=1, seqlen=16, device="cuda")
+    cfg = _config("llama")
+    cfg.vocab_size = 200_000  # evaluation logits dominate the device
+    plan = plan_memory("tiny", config, cfg, runtime=0.0, eval_datasets=["wikitext2"], eval_seqlen=2048)
+    assert plan.peak("device")[0] == "eval"
+    assert "skip --eval" in plan.advice("device") and "--offload-activations" not in plan.advice("device")
+
+
+def test_cli_device_check_stops_before_loading(tmp_path, tiny_model_dirs, calib_file, monkeypatch, capsys):
+    from lmprune.models import loading
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (2**20, 80 * 2**30))
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    assert main(_prune(tiny_model_dirs["llama"], tmp_path / "run", calib_file, **{"--device": "cuda"})) == 2
+    err = _err(capsys)
+    assert "estimated peak cuda memory" in err and "--offload-activations" in err
+    assert main(_prune(tiny_model_dirs["llama"], tmp_path / "run", calib_file, "--offload-activations",
+                       "--dry-run", **{"--device": "cuda"})) == 0
+    out = capsys.readouterr().out
+    assert "activations offloaded to the host" in out and "one window's input and output on the device" in out
+
+
 # --- hostile inputs ------------------------------------------------------------------------------------------
 
 def _corrupt(path: Path, how: str) -> None:

@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks", help="blocks to prune: all | first-half | 0-14 | 0,3,5")
     p.add_argument("--sequential", action="store_true", default=None,
                    help="collect each input group's Gram matrix after the previous groups were pruned")
+    p.add_argument("--offload-activations", action="store_true", default=None,
+                   help="keep the calibration activations on the CPU and move one window at a time to --device "
+                        "(same result, less device memory)")
     p.add_argument("--solver-opt", action="append", metavar="KEY=VALUE", help="solver option (repeatable)")
     p.add_argument("--method-opt", action="append", metavar="KEY=VALUE", help="block-method option (repeatable)")
     p.add_argument("--alloc-opt", action="append", metavar="KEY=VALUE", help="allocator option (repeatable)")
@@ -125,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _PRUNE_FIELDS = ("method", "sparsity", "pattern", "allocation", "refine", "inner", "calib", "nsamples", "seqlen",
-                 "seed", "device", "blocks", "sequential", "data_dir")
+                 "seed", "device", "blocks", "sequential", "data_dir", "offload_activations")
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:

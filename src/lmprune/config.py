@@ -49,6 +49,9 @@ class PruneConfig(BaseModel):
     blocks: str | None = None  # "0-14", "0,3,5", "first-half"; None = all
     sequential: bool = False
     data_dir: str | None = None
+    #: Keep the calibration activations on the CPU and move one window at a time to ``device`` (same weights,
+    #: less device memory, more host-device traffic).
+    offload_activations: bool = False
 
     @field_validator("sparsity")
     @classmethod

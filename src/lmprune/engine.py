@@ -10,7 +10,12 @@ For calibration windows ``X⁰`` (the embeddings of ``nsamples`` token windows):
       ``solver(W, H, pattern, target)`` → refiner → write back;
    b. the pruned block's outputs on the same inputs become the next block's inputs (error propagation).
 
-Only the current block and the calibration activations live on the compute device.
+Only the current block and the calibration activations live on the compute device. With
+``offload_activations`` the activations stay on the host instead: the inputs and outputs of every window are
+kept on the CPU and each window is moved to the device alone for the block passes, so the device holds one
+block, one window and the Gram matrices (what a block strategy captures for itself -- SparseLLM's FFN inputs
+of all windows -- still lives on the device while that block is solved). The arithmetic is unchanged, so the
+weights are the same as without offload.
 """
 
 from __future__ import annotations
@@ -117,6 +122,7 @@ class BlockContext:
         targets: dict[str, float],
         inner: InnerSolve,
         device: torch.device,
+        activation_device: torch.device | None = None,
     ):
         self.index = index
         self.block = block
@@ -127,6 +133,8 @@ class BlockContext:
         self.targets = targets
         self.inner = inner
         self.device = device
+        #: Where the inputs live and the outputs of :meth:`forward` are kept (the host when offloading).
+        self.activation_device = device if activation_device is None else torch.device(activation_device)
         self.records: list[LayerRecord] = []
         self.pass_time_s = 0.0  # seconds spent running calibration inputs through the block
         self._linears = adapter.linears(block)
@@ -142,17 +150,20 @@ class BlockContext:
 
     @torch.no_grad()
     def _run_inputs(self, keep_outputs: bool = False) -> list[Tensor]:
+        """One pass of every window through the block, one window at a time on the compute device; the outputs
+        (when kept) go to :attr:`activation_device`. Both moves are no-ops when nothing is offloaded."""
         start = time.perf_counter()
         outs = []
         for x in self.inputs:
-            out = self.block(x, **self.kwargs)
+            out = self.block(x.to(self.device), **self.kwargs)
             if keep_outputs:
-                outs.append(_block_output(out))
+                outs.append(_block_output(out).to(self.activation_device))
         self.pass_time_s += time.perf_counter() - start
         return outs
 
     def forward(self) -> list[Tensor]:
-        """The block's outputs for every calibration input, with its current weights."""
+        """The block's outputs for every calibration input, with its current weights, on
+        :attr:`activation_device`."""
         return self._run_inputs(keep_outputs=True)
 
     @contextmanager
@@ -194,7 +205,10 @@ class BlockContext:
 
     @torch.no_grad()
     def capture(self, rels: Iterable[str], what: str = "input") -> dict[str, Tensor]:
-        """One pass through the block; each linear's inputs (or outputs) stacked as ``tokens x features`` fp32."""
+        """One pass through the block; each linear's inputs (or outputs) stacked as ``tokens x features`` fp32.
+
+        The result is on the compute device even when the block's inputs are offloaded (the callers solve on it).
+        """
         if what not in ("input", "output"):
             raise ValueError("what must be 'input' or 'output'")
         got: dict[str, list[Tensor]] = {r: [] for r in rels}
@@ -279,12 +293,17 @@ def run_engine(
     start_block: int = 0,
     start_inputs: tuple[list[Tensor], dict[str, Any]] | None = None,
     before_block: Callable[[int], None] | None = None,
+    offload_activations: bool = False,
 ) -> EngineResult:
     """Prune ``model`` in place, block by block. Blocks not in ``blocks`` are propagated but left dense.
 
     ``before_block(i)`` runs before block ``i`` is touched (streaming loads its weights there).
+    ``offload_activations`` keeps the calibration activations on the CPU and moves one window at a time to
+    ``device`` (the block's keyword arguments -- masks, rotary embeddings -- are one window's worth and stay
+    there); ``on_block_done`` then receives CPU tensors.
     """
     device = torch.device(device)
+    act_device = torch.device("cpu") if offload_activations else device
     all_blocks = adapter.blocks(model)
     selected = set(range(len(all_blocks)) if blocks is None else blocks)
     t0 = time.perf_counter()
@@ -292,7 +311,7 @@ def run_engine(
         inputs, kwargs = capture_block_inputs(model, adapter, windows, progress)
     else:
         inputs, kwargs = start_inputs
-    inputs = [x.to(device) for x in inputs]
+    inputs = [x.to(act_device) for x in inputs]
     kwargs = _to(kwargs, device)
     calib_time = time.perf_counter() - t0
 
@@ -306,7 +325,7 @@ def run_engine(
         block = all_blocks[i]
         home = next(block.parameters()).device
         block.to(device)
-        ctx = BlockContext(i, block, adapter, inputs, kwargs, pattern, targets, inner, device)
+        ctx = BlockContext(i, block, adapter, inputs, kwargs, pattern, targets, inner, device, act_device)
         if i in selected:
             strategy(ctx, strategy_options or {})
         inputs = ctx.forward()
@@ -324,18 +343,23 @@ def run_engine(
 @torch.no_grad()
 def collect_input_norms(
     model: nn.Module, adapter: FamilyAdapter, windows: Tensor, device: str | torch.device = "cpu",
-    progress: bool = True,
+    progress: bool = True, offload_activations: bool = False,
 ) -> dict[str, Tensor]:
-    """``‖X_j‖₂`` of every prunable linear's input on the dense model (for OWL), block by block."""
+    """``‖X_j‖₂`` of every prunable linear's input on the dense model (for OWL), block by block.
+
+    ``offload_activations`` keeps the activations on the CPU as in :func:`run_engine`.
+    """
     device = torch.device(device)
+    act_device = torch.device("cpu") if offload_activations else device
     inputs, kwargs = capture_block_inputs(model, adapter, windows, progress)
-    inputs = [x.to(device) for x in inputs]
+    inputs = [x.to(act_device) for x in inputs]
     kwargs = _to(kwargs, device)
     norms: dict[str, Tensor] = {}
     for i, block in enumerate(tqdm(adapter.blocks(model), desc="input norms", disable=not progress)):
         home = next(block.parameters()).device
         block.to(device)
-        ctx = BlockContext(i, block, adapter, inputs, kwargs, None, {}, None, device)  # type: ignore[arg-type]
+        ctx = BlockContext(i, block, adapter, inputs, kwargs, None, {}, None, device,  # type: ignore[arg-type]
+                           act_device)
         for rel, gram in ctx.collect_grams(adapter.linear_names()).items():
             norms[ctx.full_name(rel)] = gram.column_norms().cpu()
         inputs = ctx.forward()

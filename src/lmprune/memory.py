@@ -19,8 +19,14 @@ reload     runtime + weights + the reloaded copy the reload check compares again
 =========  ==============================================================================================
 
 On a CUDA device the weights stay on the host and the block, activations, Gram matrices and workspace are
-planned for the device instead (plus the CUDA context). "runtime" is measured: the resident size of this
-process once the modules a run imports are loaded.
+planned for the device instead (plus the CUDA context). With ``offload_activations`` the calibration
+activations of the prune phase are planned on the host and the device holds one window's input and output
+instead (OWL's input-norm pass in the allocate phase, which ``api.allocate`` runs without offload, keeps its
+activations on the device). "runtime" is measured: the resident size of this process once the modules a run
+imports are loaded.
+
+:func:`check_fits` stops a run before it loads anything when the host peak exceeds the available host memory,
+or, on CUDA, when the device peak exceeds the device's free memory; the one-line message names what to change.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ LOAD_TRANSIENT = {"gguf": 0.45, "dir": 0.25}
 #: Peak bytes per token while a text is tokenised in one call (Rust encoding + Python list; measured ~390).
 TOKENISE_BYTES = 400
 CUDA_CONTEXT = 500 * MiB
+#: Name prefix of the plan's calibration-activation components (the advice looks for them).
+ACTIVATIONS = "calibration activations"
 
 
 @dataclass
@@ -86,7 +94,8 @@ class MemoryPlan:
         s = self.summary
         lines = [
             f"memory plan for {self.model}: {s['model_type']}, {s['blocks']} blocks, {s['parameters'] / 1e6:.1f}M "
-            f"parameters in {s['dtype']}; {s['method']} on {self.device}, {s['nsamples']} x {s['seqlen']} tokens",
+            f"parameters in {s['dtype']}; {s['method']} on {self.device}, {s['nsamples']} x {s['seqlen']} tokens"
+            + (", activations offloaded to the host" if s.get("offload_activations") and self.device != "cpu" else ""),
             f"{'component':48s} {'where':6s} {'phases':32s} {'MiB':>10s}",
         ]
         for c in self.components:
@@ -99,9 +108,31 @@ class MemoryPlan:
         lines.append(f"host memory available now: {psutil.virtual_memory().available / MiB:.0f} MiB")
         return "\n".join(lines)
 
-    def advice(self) -> str:
-        return ("lower --nsamples or --seqlen (calibration activations grow with both), use --dtype bfloat16, "
-                "prune on --device cuda, or skip --eval")
+    def advice(self, where: str = "host") -> str:
+        """What to change to lower the peak of ``where`` ("host" or "device"), for the phase that sets it."""
+        phase, _ = self.peak(where)
+        offload = bool(self.summary.get("offload_activations"))
+        half = self.summary.get("dtype") in ("float16", "bfloat16")
+        if where == "host":
+            tips = ["lower --nsamples or --seqlen (calibration activations grow with both)"]
+            if not half:
+                tips.append("use --dtype bfloat16")
+            if self.device == "cpu":
+                tips.append("prune on --device cuda")
+            elif offload and phase in ("allocate", "prune"):
+                tips.append("drop --offload-activations (the activations then live on the device)")
+            return ", ".join(tips) + ", or skip --eval"
+        if phase == "eval":
+            return ("evaluation moves the whole model to the device: skip --eval and evaluate afterwards with "
+                    "lmprune eval --device cpu, or prune on a device with more free memory")
+        tips = []
+        on_device = [c for c in self.components if c.where == "device" and phase in c.phases]
+        if any(c.name.startswith(ACTIVATIONS) for c in on_device):
+            tips.append("use --offload-activations (keeps the calibration activations on the host)")
+        tips.append("lower --nsamples or --seqlen")
+        if not half:
+            tips.append("use --dtype bfloat16")
+        return ", ".join(tips) + ", or prune on --device cpu"
 
 
 def _meta_model(config: Any):
@@ -203,6 +234,7 @@ def plan_memory(
     plan = MemoryPlan(model_spec, {
         "model_type": model_config.model_type, "blocks": len(blocks), "parameters": n_params,
         "dtype": str(tdtype).removeprefix("torch."), "method": config.method, "nsamples": n, "seqlen": seqlen,
+        "offload_activations": config.offload_activations,
     }, config.device)
     plan.add("runtime (Python, torch, transformers)", runtime_bytes() if runtime is None else runtime)
     block_bytes = block_params * width
@@ -219,7 +251,14 @@ def plan_memory(
         plan.add(f"calibration tokenisation ({text_tokens['calib']} tokens)", TOKENISE_BYTES * text_tokens["calib"],
                  "calibrate")
     prune = ("allocate", "prune") if config.allocation == "owl" else ("prune",)
-    plan.add(f"calibration activations (2 x {n} x {seqlen} x {d})", activations, prune, where)
+    act_name = f"{ACTIVATIONS} (2 x {n} x {seqlen} x {d})"
+    if on_device and config.offload_activations:
+        plan.add(f"{act_name}, offloaded", activations, "prune", "host")
+        if config.allocation == "owl":  # api.allocate's input-norm pass does not offload
+            plan.add(f"{act_name}, OWL input norms", activations, "allocate", "device")
+        plan.add("one window's input and output on the device", 2.0 * seqlen * d * width, "prune", "device")
+    else:
+        plan.add(act_name, activations, prune, where)
     plan.add("block forward intermediates (one window)", forward, prune, where)
     plan.add("Gram matrices of one block (float32)", grams, prune, where)
     plan.add(f"solver workspace ({config.solver_name if config.method not in BLOCK_METHODS else config.method})",
@@ -294,8 +333,18 @@ def _stream_tokens(source: Any, texts: dict[str, str], data_dir: str | None, tru
     return out
 
 
-def check_fits(plan: MemoryPlan, current_rss: float | None = None) -> None:
-    """Raise :class:`InsufficientMemory` with the estimate and what to change when the host cannot hold the plan."""
+def device_free_bytes(device: str) -> float | None:
+    """Free memory on a CUDA ``device`` now (``torch.cuda.mem_get_info``); None on the CPU or without CUDA."""
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    free, _total = torch.cuda.mem_get_info(torch.device(device))
+    return float(free)
+
+
+def check_fits(plan: MemoryPlan, current_rss: float | None = None, device_free: float | None = None) -> None:
+    """Raise :class:`InsufficientMemory` with the estimate and what to change when the host cannot hold the plan,
+    or, for a CUDA device, when its planned peak exceeds the device's free memory (``device_free``, default
+    :func:`device_free_bytes`; without CUDA there is nothing to compare and the run reports that itself)."""
     import psutil
 
     rss = psutil.Process().memory_info().rss if current_rss is None else current_rss
@@ -304,5 +353,18 @@ def check_fits(plan: MemoryPlan, current_rss: float | None = None) -> None:
     if peak - rss > available:
         raise InsufficientMemory(
             f"estimated peak memory {peak / MiB:.0f} MiB (during {phase}) exceeds the {(available + rss) / MiB:.0f} "
-            f"MiB available; {plan.advice()} (run with --dry-run for the breakdown, --skip-memory-check to try anyway)"
+            f"MiB available; {plan.advice('host')} (run with --dry-run for the breakdown, --skip-memory-check to try "
+            f"anyway)"
+        )
+    if plan.device == "cpu":
+        return
+    free = device_free_bytes(plan.device) if device_free is None else device_free
+    if free is None:
+        return
+    phase, peak = plan.peak("device")
+    if peak > free:
+        raise InsufficientMemory(
+            f"estimated peak {plan.device} memory {peak / MiB:.0f} MiB (during {phase}) exceeds the {free / MiB:.0f} "
+            f"MiB free on it; {plan.advice('device')} (run with --dry-run for the breakdown, --skip-memory-check to "
+            f"try anyway)"
         )
