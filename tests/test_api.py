@@ -64,3 +64,16 @@ def test_save_reload_gives_identical_logits(fam, tokenizer, calib_file, tmp_path
         assert torch.equal(model(ids).logits, reloaded(ids).logits)
     for (n, p), (n2, q) in zip(model.state_dict().items(), reloaded.state_dict().items()):
         assert n == n2 and torch.equal(p, q), n
+
+
+def test_offload_and_device_do_not_make_a_different_run(tmp_path):
+    from lmprune.report.manifest import write_json
+
+    config = build_config(method="wanda", sparsity=0.5)
+    out = tmp_path / "run"
+    out.mkdir()
+    write_json(out / "lmprune.json", {"model": {"spec": "m"}, "config": config.model_dump()})
+    with pytest.raises(api.RunExists):
+        api.check_out_dir(out, "m", build_config(method="wanda", sparsity=0.5, offload_activations=True), False)
+    with pytest.raises(ConfigError, match="differs in: sparsity"):
+        api.check_out_dir(out, "m", build_config(method="wanda", sparsity=0.6), False)

@@ -125,7 +125,8 @@ def allocate(
         if kind == "owl":
             if windows is None:
                 raise ValueError("OWL allocation needs calibration windows")
-            norms = collect_input_norms(model, adapter, windows, config.device, progress)
+            norms = collect_input_norms(model, adapter, windows, config.device, progress,
+                                        config.offload_activations)
             alloc = module.allocate(infos, norms, target, **options)
         else:
             alloc = module.allocate(infos, target, **options)
@@ -236,7 +237,8 @@ def evaluate_perplexity(
 
 def _config_key(manifest: dict[str, Any]) -> dict[str, Any]:
     cfg = dict(manifest.get("config", {}))
-    cfg.pop("device", None)
+    cfg.pop("device", None)  # where it runs and where activations live do not change the result
+    cfg.pop("offload_activations", None)
     cfg.pop("data_dir", None)
     return {"model": manifest.get("model", {}).get("spec"), **cfg}
 

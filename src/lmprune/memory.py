@@ -21,8 +21,7 @@ reload     runtime + weights + the reloaded copy the reload check compares again
 On a CUDA device the weights stay on the host and the block, activations, Gram matrices and workspace are
 planned for the device instead (plus the CUDA context). With ``offload_activations`` the calibration
 activations of the prune phase are planned on the host and the device holds one window's input and output
-instead (OWL's input-norm pass in the allocate phase, which ``api.allocate`` runs without offload, keeps its
-activations on the device). "runtime" is measured: the resident size of this process once the modules a run
+instead, in OWL's input-norm pass (the allocate phase) as in the pruning passes. "runtime" is measured: the resident size of this process once the modules a run
 imports are loaded.
 
 :func:`check_fits` stops a run before it loads anything when the host peak exceeds the available host memory,
@@ -253,10 +252,8 @@ def plan_memory(
     prune = ("allocate", "prune") if config.allocation == "owl" else ("prune",)
     act_name = f"{ACTIVATIONS} (2 x {n} x {seqlen} x {d})"
     if on_device and config.offload_activations:
-        plan.add(f"{act_name}, offloaded", activations, "prune", "host")
-        if config.allocation == "owl":  # api.allocate's input-norm pass does not offload
-            plan.add(f"{act_name}, OWL input norms", activations, "allocate", "device")
-        plan.add("one window's input and output on the device", 2.0 * seqlen * d * width, "prune", "device")
+        plan.add(f"{act_name}, offloaded", activations, prune, "host")
+        plan.add("one window's input and output on the device", 2.0 * seqlen * d * width, prune, "device")
     else:
         plan.add(act_name, activations, prune, where)
     plan.add("block forward intermediates (one window)", forward, prune, where)
