@@ -307,9 +307,19 @@ def test_half_precision_round_trip(tmp_path, half_models, calib_file, dtype):
     assert m["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
     th, tf = load_file(str(half / "model.safetensors")), load_file(str(full / "model.safetensors"))
     assert all(t.dtype == getattr(torch, dtype) for t in th.values())
+    mf = json.loads((full / "lmprune.json").read_text())
+    assert all(t.dtype == getattr(torch, dtype) for t in tf.values())  # float32 path, saved as the original
+    assert mf["save_cast"]["from"] == "float32" and mf["save_cast"]["to"] == dtype and mf["reload_check"]["ok"]
+    assert mf["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    wide = tmp_path / "wide"
+    assert main(_prune(half_models[dtype], wide, calib_file, **{"--dtype": "float32", "--save-dtype": "float32",
+                                                               "--nsamples": "4"})) == 0
+    tw = load_file(str(wide / "model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in tw.values())
+    assert all(torch.equal(tw[k].to(getattr(torch, dtype)), tf[k]) for k in tf)
     agree, rel = [], []
     for rec in m["layers"]:
-        wh, wf = th[rec["name"] + ".weight"].float(), tf[rec["name"] + ".weight"]
+        wh, wf = th[rec["name"] + ".weight"].float(), tw[rec["name"] + ".weight"]
         agree.append(((wh == 0) == (wf == 0)).float().mean().item())
         rel.append(((wh - wf).norm() / wf.norm()).item())
     # the same solve from inputs that differ only by half-precision propagation

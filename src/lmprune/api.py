@@ -265,6 +265,46 @@ def check_out_dir(out: Path, model_spec: str, config: PruneConfig, overwrite: bo
         raise ConfigError(f"--out {out} is a non-empty directory that is not an lmprune run")
 
 
+def saved_dtype(model_spec: str, save_dtype: str, trust_remote_code: bool = False) -> torch.dtype:
+    """The dtype a run is saved in: ``"original"`` is the dtype the model's own config declares (float32 for a
+    GGUF file, whose weights are dequantised, or a config that declares none)."""
+    if save_dtype != "original":
+        return getattr(torch, save_dtype)
+    from .models.loading import load_config, resolve
+
+    if resolve(model_spec).kind in ("alias", "gguf"):
+        return torch.float32
+    cfg = load_config(model_spec, trust_remote_code)
+    declared = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    if isinstance(declared, str):
+        declared = getattr(torch, declared, None)
+    return declared if isinstance(declared, torch.dtype) and declared.is_floating_point else torch.float32
+
+
+@torch.no_grad()
+def cast_for_saving(model: nn.Module, dtype: torch.dtype, manifest: dict[str, Any]) -> None:
+    """Cast ``model`` to ``dtype`` and bring the manifest's sparsity figures in line with the cast weights
+    (a weight too small for a half-precision format becomes an extra zero)."""
+    before = next(model.parameters()).dtype
+    if before == dtype:
+        return
+    for param in model.parameters():  # parameters only: buffers such as rotary frequencies keep their dtype
+        param.data = param.data.to(dtype)
+    params = dict(model.named_parameters())
+    new_zeros = 0
+    for rec in manifest["layers"]:
+        w = params[rec["name"] + ".weight"]
+        achieved = 1 - torch.count_nonzero(w).item() / w.numel()
+        new_zeros += round((achieved - rec["sparsity"]) * w.numel())
+        rec["sparsity"] = achieved
+    total = sum(r["shape"][0] * r["shape"][1] for r in manifest["layers"])
+    if total:
+        manifest["achieved_sparsity"] = sum(r["sparsity"] * r["shape"][0] * r["shape"][1]
+                                            for r in manifest["layers"]) / total
+    manifest["save_cast"] = {"from": str(before).removeprefix("torch."), "to": str(dtype).removeprefix("torch."),
+                             "new_zeros": new_zeros, "note": "perplexity and layer errors were measured before the cast"}
+
+
 def save_run(model: nn.Module, tokenizer: Any, manifest: dict[str, Any], out: Path, plots: bool = True) -> Path:
     """Write model, tokenizer, manifest and report into a sibling temp dir, check the reload, then rename."""
     out = Path(out)
@@ -348,13 +388,15 @@ def run(
     trust_pickle: bool = False,
     memory_check: bool = True,
     invocation: dict[str, Any] | None = None,
+    save_dtype: str = "original",
 ) -> dict[str, Any]:
     """Load → (dense eval) → prune → eval → save. Returns the manifest written to ``out/lmprune.json``.
 
     An interrupted run of the same configuration into ``out`` is resumed from its last finished block
     (``resume=None``: when there is one; ``True``: require one; ``False``: discard it and start over).
-    ``dtype`` is the precision the model is loaded, propagated and saved in ("auto": as saved); solves are
-    float32 whatever it is. With ``memory_check`` a run whose estimated peak exceeds the available memory stops
+    ``dtype`` is the precision the model is loaded and propagated in ("auto": as saved); solves are float32
+    whatever it is. ``save_dtype`` is the precision it is saved in ("original": the model's own, so a float16
+    model pruned on the float32 path is saved as float16 again). With ``memory_check`` a run whose estimated peak exceeds the available memory stops
     before loading the weights.
     """
     from .models.loading import load_model
@@ -388,7 +430,7 @@ def run(
     manifest: dict[str, Any] = {"lmprune_version": __version__, "created": now_iso()}
     if invocation:
         manifest["invocation"] = invocation
-    manifest["run_options"] = {"dtype": dtype, "trust_remote_code": trust_remote_code, "trust_pickle": trust_pickle,
+    manifest["run_options"] = {"dtype": dtype, "save_dtype": save_dtype, "trust_remote_code": trust_remote_code, "trust_pickle": trust_pickle,
                                "resume": resume}
     if memory_plan is not None:
         manifest["memory_plan"] = memory_plan.to_dict()
@@ -420,6 +462,7 @@ def run(
     manifest["peak_rss_mb"] = peak_rss_mb()
     manifest["peak_cuda_mb"] = peak_cuda_mb()
     manifest["versions"] = versions()
+    cast_for_saving(model, saved_dtype(model_spec, save_dtype, trust_remote_code), manifest)
     save_run(model, tokenizer, manifest, out)
     return manifest
 

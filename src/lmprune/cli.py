@@ -80,8 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted run into --out from its last finished block (default: whenever "
                         "its configuration matches); --no-resume discards it and starts over")
     p.add_argument("--dtype", default="float32", choices=("auto", "float32", "float16", "bfloat16"),
-                   help="precision the model is loaded, propagated and saved in (auto: as saved); every solve "
+                   help="precision the model is loaded and propagated in (auto: as saved); every solve "
                         "runs in float32")
+    p.add_argument("--save-dtype", default="original", choices=("original", "float32", "float16", "bfloat16"),
+                   help="precision of the saved model (original: the model's own dtype; GGUF: float32)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the estimated peak memory by component from the model's config; load no weights")
     p.add_argument("--skip-memory-check", action="store_true",
@@ -89,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model's repository")
     p.add_argument("--stream", action="store_true",
                    help="larger-than-memory models: read one block at a time from the safetensors shards and write "
-                        "it out when done (uniform allocation, no --eval/--tasks, no resume)")
+                        "it out when done (uniform allocation, no --eval/--tasks, no resume; saved in --dtype)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow pickled .bin weights (read with torch.load(weights_only=True))")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -164,6 +166,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
         if eval_list or args.tasks:
             raise ConfigError("--stream cannot evaluate in the same run; run lmprune eval on the output afterwards")
+        if args.save_dtype != "original":
+            raise ConfigError("--stream writes each block in the --dtype it was pruned in; use --dtype, not --save-dtype")
         manifest = run_streaming(model, config, out, args.overwrite, not args.quiet, args.dtype,
                                  args.trust_remote_code, {"argv": ["lmprune", *args.argv]})
         print(f"pruned {model} block by block to {manifest['achieved_sparsity']:.4f} sparsity in "
@@ -173,7 +177,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         manifest = api.run(
             model, config, out, eval_list, args.eval_windows, args.eval_seqlen, args.eval_dense,
             _csv(args.tasks), args.limit, args.overwrite, not args.quiet, resume=args.resume, dtype=args.dtype,
-            trust_remote_code=args.trust_remote_code, trust_pickle=args.trust_pickle,
+            save_dtype=args.save_dtype, trust_remote_code=args.trust_remote_code, trust_pickle=args.trust_pickle,
             memory_check=not args.skip_memory_check, invocation={"argv": ["lmprune", *args.argv]},
         )
     except api.RunExists as e:
