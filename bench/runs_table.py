@@ -16,13 +16,14 @@ def row(run: Path, datasets: list[str]) -> str:
     m = json.loads((run / "lmprune.json").read_text())
     ppl = m.get("perplexity", {})
     cells = [f"{ppl[d]:.1f}" if d in ppl else "–" for d in datasets]
+    lead = "".join(f" {c} |" for c in cells)
     method = m["method"] + (f"+{m['config']['refine']}" if m.get("config", {}).get("refine", "none") != "none" else "")
     if m["method"] == "dense":
-        return "| dense | – | – | " + " | ".join(cells) + " | – | – | – | – |"
+        return "| dense | – | – |" + lead + " – | – | – | – |"
     fmt = lambda k: f"{m[k]:.1f}" if isinstance(m.get(k), (int, float)) else "–"  # noqa: E731
     setting = m["pattern"] if ":" in m["pattern"] and m["pattern"] != "unstructured:row" else f"{m['sparsity']:.0%}"
-    return (f"| {method} | {m['allocation']} | {setting} | " + " | ".join(cells)
-            + f" | {fmt('time_s')} | {fmt('solver_time_s')} | {m['time_s'] - m['solver_time_s']:.1f} | {fmt('peak_rss_mb')} |")
+    return (f"| {method} | {m['allocation']} | {setting} |" + lead
+            + f" {fmt('time_s')} | {fmt('solver_time_s')} | {m['time_s'] - m['solver_time_s']:.1f} | {fmt('peak_rss_mb')} |")
 
 
 def main(argv: list[str]) -> int:
@@ -32,8 +33,8 @@ def main(argv: list[str]) -> int:
         for d in json.loads((run / "lmprune.json").read_text()).get("perplexity", {}):
             if d not in datasets and d not in ("eval_windows", "seqlen", "details"):
                 datasets.append(d)
-    print("| method | allocation | setting | " + " | ".join(f"{d} ppl" for d in datasets)
-          + " | prune wall s | of which solver s | the rest s | peak RSS MiB |")
+    print("| method | allocation | setting |" + "".join(f" {d} ppl |" for d in datasets)
+          + " prune wall s | of which solver s | the rest s | peak RSS MiB |")
     print("|" + "---|" * (7 + len(datasets)))
     for run in runs:
         print(row(run, datasets))
