@@ -272,10 +272,11 @@ def _notes(runs: list[Run]) -> list[str]:
     windows = sorted({f"{r.eval_windows} windows × {r.seqlen} tokens" for r in runs if r.perplexity})
     if windows:
         notes.append("Perplexity evaluated on " + "; ".join(windows) + " per dataset.")
-    limits = sorted({str(r.zeroshot_limit) for r in runs if r.zeroshot})
+    limits = sorted({"all" if r.zeroshot_limit is None else f"the first {r.zeroshot_limit}"
+                     for r in runs if r.zeroshot})
     if limits:
-        notes.append(f"Zero-shot: 0-shot, lm-evaluation-harness prompts, first {' / '.join(limits)} documents per "
-                     "task (None = all); cells are acc / acc_norm in % (LAMBADA: acc / perplexity).")
+        notes.append(f"Zero-shot: 0-shot, lm-evaluation-harness prompts, {' / '.join(limits)} documents per task; "
+                     "cells are acc / acc_norm in % (LAMBADA: acc / perplexity).")
     avg = common_tasks(runs)
     if avg:
         notes.append(f"Zero-shot average: mean acc over {', '.join(avg)}.")
