@@ -70,10 +70,19 @@ def resolved_settings(config: PruneConfig) -> dict[str, Any]:
     return out
 
 
-def make_inner(config: PruneConfig) -> Callable[[Tensor, Gram, float], SolveResult]:
-    """solver → refiner for one matrix, with validated options bound."""
+def achieved_sparsity(layers: list[dict[str, Any]]) -> float:
+    """Fraction of zeros over all pruned matrices, from their per-layer records."""
+    params = sum(r["shape"][0] * r["shape"][1] for r in layers)
+    zeros = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in layers)
+    return zeros / params if params else 0.0
+
+
+def make_inner(
+    config: PruneConfig, settings: dict[str, Any] | None = None,
+) -> Callable[[Tensor, Gram, float], SolveResult]:
+    """solver → refiner for one matrix, with validated options (``settings``: :func:`resolved_settings`) bound."""
     pattern = config.pattern_obj
-    settings = resolved_settings(config)
+    settings = settings or resolved_settings(config)
     solver_opts = settings["solver_options"]
     solve = get_solver(config.solver_name).solve_fn()
     refiner = None
@@ -180,8 +189,9 @@ def prune(
                 user_callback(i, inputs_next, records)
 
     strategy, strategy_options = block_strategy(config)
+    settings = resolved_settings(config)
     result: EngineResult = run_engine(
-        model, adapter, windows, config.pattern_obj, alloc.targets, make_inner(config), strategy,
+        model, adapter, windows, config.pattern_obj, alloc.targets, make_inner(config, settings), strategy,
         strategy_options, blocks, config.device, progress, on_block_done, start_block, start_inputs, before_block,
         offload_activations=config.offload_activations,
     )
@@ -191,14 +201,12 @@ def prune(
     for m in alloc.matrices:
         m.achieved = achieved.get(m.name)
     layers = [asdict(r) for r in all_records]
-    params = sum(r.shape[0] * r.shape[1] for r in all_records)
-    zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in all_records)
     return {
         "method": config.method,
         "sparsity": config.sparsity,
         "pattern": config.pattern,
         "allocation": config.allocation,
-        "achieved_sparsity": zeros / params if params else 0.0,
+        "achieved_sparsity": achieved_sparsity(layers),
         "pattern_ok": all(r.pattern_ok for r in result.records),
         "pruned_blocks": blocks,
         "n_blocks": n_blocks,
@@ -210,7 +218,7 @@ def prune(
         "block_times_s": done_times + result.block_times,
         "resumed_from_block": start_block or None,
         "seed": config.seed,
-        "resolved_options": resolved_settings(config),
+        "resolved_options": settings,
         "calibration": {
             "source": source.origin,
             "sha256": source.sha256,
@@ -270,15 +278,11 @@ def saved_dtype(model_spec: str, save_dtype: str, trust_remote_code: bool = Fals
     GGUF file, whose weights are dequantised, or a config that declares none)."""
     if save_dtype != "original":
         return getattr(torch, save_dtype)
-    from .models.loading import load_config, resolve
+    from .models.loading import declared_dtype, load_config, resolve
 
     if resolve(model_spec).kind in ("alias", "gguf"):
         return torch.float32
-    cfg = load_config(model_spec, trust_remote_code)
-    declared = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
-    if isinstance(declared, str):
-        declared = getattr(torch, declared, None)
-    return declared if isinstance(declared, torch.dtype) and declared.is_floating_point else torch.float32
+    return declared_dtype(load_config(model_spec, trust_remote_code))
 
 
 @torch.no_grad()
@@ -297,12 +301,10 @@ def cast_for_saving(model: nn.Module, dtype: torch.dtype, manifest: dict[str, An
         achieved = 1 - torch.count_nonzero(w).item() / w.numel()
         new_zeros += round((achieved - rec["sparsity"]) * w.numel())
         rec["sparsity"] = achieved
-    total = sum(r["shape"][0] * r["shape"][1] for r in manifest["layers"])
-    if total:
-        manifest["achieved_sparsity"] = sum(r["sparsity"] * r["shape"][0] * r["shape"][1]
-                                            for r in manifest["layers"]) / total
+    manifest["achieved_sparsity"] = achieved_sparsity(manifest["layers"])
     manifest["save_cast"] = {"from": str(before).removeprefix("torch."), "to": str(dtype).removeprefix("torch."),
-                             "new_zeros": new_zeros, "note": "perplexity and layer errors were measured before the cast"}
+                             "new_zeros": new_zeros,
+                             "note": "perplexity and layer errors were measured before the cast"}
 
 
 def save_run(model: nn.Module, tokenizer: Any, manifest: dict[str, Any], out: Path, plots: bool = True) -> Path:
@@ -396,8 +398,8 @@ def run(
     (``resume=None``: when there is one; ``True``: require one; ``False``: discard it and start over).
     ``dtype`` is the precision the model is loaded and propagated in ("auto": as saved); solves are float32
     whatever it is. ``save_dtype`` is the precision it is saved in ("original": the model's own, so a float16
-    model pruned on the float32 path is saved as float16 again). With ``memory_check`` a run whose estimated peak exceeds the available memory stops
-    before loading the weights.
+    model pruned on the float32 path is saved as float16 again). With ``memory_check`` a run whose estimated
+    peak exceeds the available memory stops before loading the weights.
     """
     from .models.loading import load_model
 
@@ -430,8 +432,8 @@ def run(
     manifest: dict[str, Any] = {"lmprune_version": __version__, "created": now_iso()}
     if invocation:
         manifest["invocation"] = invocation
-    manifest["run_options"] = {"dtype": dtype, "save_dtype": save_dtype, "trust_remote_code": trust_remote_code, "trust_pickle": trust_pickle,
-                               "resume": resume}
+    manifest["run_options"] = {"dtype": dtype, "save_dtype": save_dtype, "trust_remote_code": trust_remote_code,
+                               "trust_pickle": trust_pickle, "resume": resume}
     if memory_plan is not None:
         manifest["memory_plan"] = memory_plan.to_dict()
     dense_ppl = None

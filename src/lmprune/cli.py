@@ -167,7 +167,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         if eval_list or args.tasks:
             raise ConfigError("--stream cannot evaluate in the same run; run lmprune eval on the output afterwards")
         if args.save_dtype != "original":
-            raise ConfigError("--stream writes each block in the --dtype it was pruned in; use --dtype, not --save-dtype")
+            raise ConfigError("--stream writes each block in the --dtype it was pruned in; "
+                              "use --dtype, not --save-dtype")
         manifest = run_streaming(model, config, out, args.overwrite, not args.quiet, args.dtype,
                                  args.trust_remote_code, {"argv": ["lmprune", *args.argv]})
         print(f"pruned {model} block by block to {manifest['achieved_sparsity']:.4f} sparsity in "

@@ -21,8 +21,8 @@ reload     runtime + weights + the reloaded copy the reload check compares again
 On a CUDA device the weights stay on the host and the block, activations, Gram matrices and workspace are
 planned for the device instead (plus the CUDA context). With ``offload_activations`` the calibration
 activations of the prune phase are planned on the host and the device holds one window's input and output
-instead, in OWL's input-norm pass (the allocate phase) as in the pruning passes. "runtime" is measured: the resident size of this process once the modules a run
-imports are loaded.
+instead, in OWL's input-norm pass (the allocate phase) as in the pruning passes. "runtime" is measured: the
+resident size of this process once the modules a run imports are loaded.
 
 :func:`check_fits` stops a run before it loads anything when the host peak exceeds the available host memory,
 or, on CUDA, when the device peak exceeds the device's free memory; the one-line message names what to change.

@@ -27,7 +27,7 @@ from torch import nn
 from . import __version__
 from .config import ConfigError, PruneConfig
 from .models.adapters import get_adapter
-from .models.loading import ModelLoadError, _dir_fingerprint, _dtype_arg, resolve
+from .models.loading import ModelLoadError, _dir_fingerprint, _dtype_arg, declared_dtype, resolve
 from .report.manifest import MANIFEST, REPORT, now_iso, peak_rss_mb, versions, write_json
 
 INDEX = "model.safetensors.index.json"
@@ -69,8 +69,7 @@ def load_streaming(spec: str, dtype: str = "float32", trust_remote_code: bool = 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     want = _dtype_arg(dtype, False)
     if want == "auto":
-        saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-        want = getattr(torch, saved) if isinstance(saved, str) else (saved or torch.float32)
+        want = declared_dtype(config)
     with torch.device("meta"):
         full = AutoModelForCausalLM.from_config(config, dtype=want, trust_remote_code=trust_remote_code)
     adapter = get_adapter(full)

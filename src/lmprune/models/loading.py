@@ -170,6 +170,14 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def declared_dtype(config) -> torch.dtype:
+    """The floating-point dtype a model config declares (``dtype``, formerly ``torch_dtype``); float32 if none."""
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(declared, str):
+        declared = getattr(torch, declared, None)
+    return declared if isinstance(declared, torch.dtype) and declared.is_floating_point else torch.float32
+
+
 def load_config(spec: str, trust_remote_code: bool = False):
     """The model's ``PretrainedConfig`` without its weights (for dry runs and memory planning)."""
     source = resolve(spec)
