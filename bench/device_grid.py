@@ -23,22 +23,27 @@ SOLVERS = ("magnitude", "wanda", "sparsegpt", "alps-fast", "alps")
 
 
 def cells() -> list[dict]:
-    """Every cell in priority order (the headline ALPS table first, then SparseLLM/DSnoT, then allocation)."""
+    """Every cell in priority order: the headline ALPS table (issue 3), allocation (issue 5), then SparseLLM and
+    DSnoT on all blocks and on the first half (issue 4)."""
     out: list[dict] = [{"method": "dense"}]
     for s in (0.7, "2:4", 0.5, 0.8, 0.9, 0.6):
         for m in SOLVERS:
             out.append({"method": m, "sparsity": 0.5, "pattern": s} if s == "2:4" else {"method": m, "sparsity": s})
-    for s in (0.7, 0.8, 0.9, "2:4"):
-        base = {"sparsity": 0.5, "pattern": "2:4"} if s == "2:4" else {"sparsity": s}
-        out += [{"method": "sparsellm", **base}, {"method": "sparsellm", "inner": "alps-fast", **base},
-                {"method": "wanda", "refine": "dsnot", **base}, {"method": "sparsegpt", "refine": "dsnot", **base}]
-    for s in (0.7, 0.8, 0.9):
-        for m, extra in (("sparsegpt", {}), ("sparsellm", {}), ("wanda", {}), ("sparsellm", {"inner": "alps-fast"})):
-            out.append({"method": m, "sparsity": s, "blocks": "first-half", **extra})
     for s in (0.7, 0.6, 0.8):
         for alloc in ("owl", "alpha"):
-            for m in ("wanda", "sparsegpt", "alps-fast", "alps"):
+            for m in ("wanda", "sparsegpt", "alps"):
                 out.append({"method": m, "sparsity": s, "allocation": alloc})
+    for blocks in ({}, {"blocks": "first-half"}):
+        for s in (0.7, 0.8, 0.9, "2:4"):
+            base = {"sparsity": 0.5, "pattern": "2:4"} if s == "2:4" else {"sparsity": s}
+            base |= blocks
+            out += [{"method": "sparsellm", **base}, {"method": "sparsellm", "inner": "alps", **base},
+                    {"method": "wanda", "refine": "dsnot", **base}, {"method": "sparsegpt", "refine": "dsnot", **base}]
+            if blocks:
+                out += [{"method": "sparsegpt", **base}, {"method": "wanda", **base}]
+    for s in (0.7, 0.6, 0.8):
+        for alloc in ("owl", "alpha"):
+            out.append({"method": "alps-fast", "sparsity": s, "allocation": alloc})
     return out
 
 
@@ -63,7 +68,8 @@ def run_grid(args) -> int:
     dense = {k: v.detach().clone() for k, v in model.state_dict().items()}
     print(f"loaded {args.model} in {time.perf_counter() - start:.1f} s", flush=True)
     datasets = args.eval.split(",")
-    for cell in cells():
+    chosen = [c for c in cells() if not args.only or cell_key(c) in {cell_key(json.loads(o)) for o in args.only}]
+    for cell in chosen:
         key = cell_key(cell)
         if key in done:
             continue
@@ -74,13 +80,14 @@ def run_grid(args) -> int:
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
             torch.cuda.synchronize()
-        row: dict = {"key": key, **cell}
+        row: dict = {"key": key, **cell, "calib_batch": args.calib_batch, "eval_batch": args.eval_batch}
         t0 = time.perf_counter()
         try:
             if cell["method"] != "dense":
                 fields = {k: v for k, v in cell.items()}
                 config = build_config(**fields, calib="c4", nsamples=args.nsamples, seqlen=args.seqlen, seed=0,
-                                      device=args.device, data_dir=args.data_dir)
+                                      device=args.device, data_dir=args.data_dir,
+                                      calib_batch_size=args.calib_batch)
                 manifest = api.prune(model, tokenizer, config, progress=False)
                 if args.device.startswith("cuda"):
                     torch.cuda.synchronize()
@@ -90,8 +97,10 @@ def run_grid(args) -> int:
                 row["mean_rel_error"] = sum(errs) / len(errs)
                 if "allocation_detail" in manifest:
                     row["allocation_time_s"] = manifest["allocation_detail"].get("time_s")
+            t_eval = time.perf_counter()
             ppl = api.evaluate_perplexity(model, tokenizer, datasets, args.eval_seqlen, args.eval_windows,
-                                          args.data_dir, args.device, progress=False)
+                                          args.data_dir, args.device, progress=False, batch_size=args.eval_batch)
+            row["eval_s"] = time.perf_counter() - t_eval
             row["perplexity"] = {d: ppl[d] for d in datasets}
             row["eval_windows"] = {d: ppl["details"][d].get("windows") for d in datasets}
         except Exception as e:  # one broken cell must not lose the others; the error is recorded with it
@@ -147,7 +156,11 @@ def main(argv=None) -> int:
     p.add_argument("--eval-seqlen", type=int, default=2048)
     p.add_argument("--eval-windows", type=int, default=None, help="cap per dataset (default: the whole protocol)")
     p.add_argument("--data-dir", default=os.environ.get("LMPRUNE_DATA_DIR"))
+    p.add_argument("--calib-batch", type=int, default=1, help="calibration windows per block pass")
+    p.add_argument("--eval-batch", type=int, default=1, help="evaluation windows per forward pass")
     p.add_argument("--budget-s", type=float, default=float("inf"), help="start no cell after this many seconds")
+    p.add_argument("--only", action="append", metavar="JSON", help='run just this cell, e.g. \'{"method": "alps", '
+                   '"sparsity": 0.6}\' (repeatable)')
     p.add_argument("--table", metavar="JSONL", help="print the Markdown table of a grid file and exit")
     p.add_argument("--list", action="store_true", help="print the cells in order and exit")
     args = p.parse_args(argv)

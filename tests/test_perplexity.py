@@ -33,3 +33,11 @@ def test_evaluation_text_tokenised_once_per_tokenizer(tokenizer, data_dir):
     a = perplexity(model, counting, "ptb", 32, 2, data_dir, progress=False)
     b = perplexity(model, counting, "ptb", 32, 2, data_dir, progress=False)
     assert counting.calls == 1 and a.perplexity == b.perplexity and a.windows == 2
+
+
+def test_batched_windows_give_the_same_perplexity():
+    model = make_model("llama")
+    ids = torch.randint(0, 300, (1, 7 * 16 + 3))
+    one, n1, _ = stream_perplexity(model, ids, 16, progress=False)
+    batched, n3, _ = stream_perplexity(model, ids, 16, progress=False, batch_size=3)  # 3 + 3 + 1 windows
+    assert n1 == n3 == 7 and math.isclose(one, batched, rel_tol=1e-5)

@@ -135,7 +135,7 @@ def allocate(
             if windows is None:
                 raise ValueError("OWL allocation needs calibration windows")
             norms = collect_input_norms(model, adapter, windows, config.device, progress,
-                                        config.offload_activations)
+                                        config.offload_activations, config.calib_batch_size)
             alloc = module.allocate(infos, norms, target, **options)
         else:
             alloc = module.allocate(infos, target, **options)
@@ -193,7 +193,7 @@ def prune(
     result: EngineResult = run_engine(
         model, adapter, windows, config.pattern_obj, alloc.targets, make_inner(config, settings), strategy,
         strategy_options, blocks, config.device, progress, on_block_done, start_block, start_inputs, before_block,
-        offload_activations=config.offload_activations,
+        offload_activations=config.offload_activations, batch_windows=config.calib_batch_size,
     )
     elapsed = time.perf_counter() - start
     all_records = done_records + result.records
@@ -232,12 +232,15 @@ def prune(
 
 def evaluate_perplexity(
     model: nn.Module, tokenizer: Any, datasets: list[str], seqlen: int, max_windows: int | None,
-    data_dir: str | None, device: str = "cpu", progress: bool = True,
+    data_dir: str | None, device: str = "cpu", progress: bool = True, batch_size: int = 1,
 ) -> dict[str, Any]:
-    """``{dataset: ppl, ..., "eval_windows": K, "seqlen": L, "details": {dataset: PerplexityResult}}``."""
+    """``{dataset: ppl, ..., "eval_windows": K, "seqlen": L, "details": {dataset: PerplexityResult}}``.
+
+    ``batch_size`` windows per forward pass (see :func:`~lmprune.evaluation.perplexity.stream_perplexity`)."""
     out: dict[str, Any] = {"eval_windows": max_windows, "seqlen": seqlen, "details": {}}
     for ds in datasets:
-        r: PerplexityResult = perplexity(model, tokenizer, ds, seqlen, max_windows, data_dir, device, progress)
+        r: PerplexityResult = perplexity(model, tokenizer, ds, seqlen, max_windows, data_dir, device, progress,
+                                         batch_size)
         out[ds] = r.perplexity
         out["details"][ds] = r.to_dict()
     return out
@@ -247,6 +250,7 @@ def _config_key(manifest: dict[str, Any]) -> dict[str, Any]:
     cfg = dict(manifest.get("config", {}))
     cfg.pop("device", None)  # where it runs and where activations live do not change the result
     cfg.pop("offload_activations", None)
+    cfg.pop("calib_batch_size", None)
     cfg.pop("data_dir", None)
     return {"model": manifest.get("model", {}).get("spec"), **cfg}
 
@@ -480,8 +484,11 @@ def evaluate(
     device: str = "cpu",
     batch_size: int = 8,
     progress: bool = True,
+    ppl_batch_size: int = 1,
 ) -> dict[str, Any]:
-    """Perplexity and/or zero-shot accuracy of a model spec or a finished run directory."""
+    """Perplexity and/or zero-shot accuracy of a model spec or a finished run directory.
+
+    ``batch_size`` is the zero-shot batch, ``ppl_batch_size`` the perplexity windows per forward pass."""
     from .models.loading import load_model
 
     for ds in ppl_datasets or []:
@@ -495,7 +502,7 @@ def evaluate(
     if ppl_datasets:
         L = seqlen or default_seqlen(model)
         result["perplexity"] = evaluate_perplexity(model, tokenizer, ppl_datasets, L, eval_windows, data_dir, device,
-                                                   progress)
+                                                   progress, ppl_batch_size)
     if tasks:
         from .evaluation.zeroshot import evaluate_tasks
 

@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu | cuda")
     p.add_argument("--blocks", help="blocks to prune: all | first-half | 0-14 | 0,3,5")
+    p.add_argument("--calib-batch-size", type=int,
+                   help="calibration windows per block forward pass (default 1; larger is faster on a GPU)")
     p.add_argument("--sequential", action="store_true", default=None,
                    help="collect each input group's Gram matrix after the previous groups were pruned")
     p.add_argument("--offload-activations", action="store_true", default=None,
@@ -103,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seqlen", type=int, default=None)
     e.add_argument("--tasks", default=None, help="zero-shot tasks, e.g. piqa,arc_easy,arc_challenge")
     e.add_argument("--limit", type=int, default=None)
-    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--batch-size", type=int, default=8, help="zero-shot batch size")
+    e.add_argument("--ppl-batch-size", type=int, default=1,
+                   help="perplexity windows per forward pass (larger is faster on a GPU, needs more memory)")
     _add_data_dir(e)
     e.add_argument("--device", default="cpu")
     e.add_argument("--out", default=None, help="write the results as JSON here")
@@ -130,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _PRUNE_FIELDS = ("method", "sparsity", "pattern", "allocation", "refine", "inner", "calib", "nsamples", "seqlen",
-                 "seed", "device", "blocks", "sequential", "data_dir", "offload_activations")
+                 "seed", "device", "blocks", "sequential", "data_dir", "offload_activations",
+                 "calib_batch_size")
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
@@ -205,7 +210,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     result = api.evaluate(
         args.model, _csv(args.ppl), args.eval_windows, args.seqlen, _csv(args.tasks), args.limit, args.data_dir,
-        args.device, args.batch_size, not args.quiet,
+        args.device, args.batch_size, not args.quiet, args.ppl_batch_size,
     )
     text = json.dumps(result, indent=2)
     if args.out:

@@ -52,6 +52,8 @@ class PruneConfig(BaseModel):
     #: Keep the calibration activations on the CPU and move one window at a time to ``device`` (same weights,
     #: less device memory, more host-device traffic).
     offload_activations: bool = False
+    #: Calibration windows per forward pass through a block: faster on a GPU, same result up to float rounding.
+    calib_batch_size: int = Field(1, ge=1)
 
     @field_validator("sparsity")
     @classmethod
