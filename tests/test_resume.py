@@ -169,3 +169,34 @@ def test_failed_save_leaves_no_finished_looking_dir(tmp_path, deep_model, calib_
     assert main(_args(deep_model, out, calib_file)) == 0  # everything pruned: resumes straight to saving
     assert json.loads((out / "lmprune.json").read_text())["resumed_from_block"] == 4
     assert not staging.exists()
+
+
+def test_streamed_run_killed_then_resumed_is_bit_identical(tmp_path, deep_model, calib_file):
+    """--stream writes each finished block as an output shard; the checkpoint holds only inputs and records, and
+    a resumed streamed run equals an uninterrupted one."""
+    out = tmp_path / "run"
+    args = _args(deep_model, out, calib_file) + ["--stream"]
+    proc = subprocess.Popen([sys.executable, "-m", "lmprune.cli", *args], env={**os.environ, HOLD_ENV: "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and ((_state(out) or {}).get("done_block", -1) < 1):
+        assert proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    proc.stderr.close()
+    staging = staging_dir(out)
+    assert not out.exists() and (staging / MARKER).is_file()
+    assert sorted(p.name for p in (staging / "checkpoint").iterdir()) == ["inputs_0001.safetensors", "state.json"]
+    assert {p.name for p in staging.glob("*.safetensors")} == {"model-00001-of-00005.safetensors",
+                                                               "model-00002-of-00005.safetensors"}
+    assert main(args) == 0
+    manifest = json.loads((out / "lmprune.json").read_text())
+    assert manifest["resumed_from_block"] == 2 and manifest["reload_check"]["ok"]
+    assert not staging.exists() and not (out / "checkpoint").exists()
+    whole = tmp_path / "whole"
+    assert main(_args(deep_model, whole, calib_file) + ["--stream"]) == 0
+    _assert_same_run(out, whole)
+    in_memory = tmp_path / "memory"
+    assert main(_args(deep_model, in_memory, calib_file)) == 0
+    _assert_same_run(out, in_memory)

@@ -229,7 +229,7 @@ def test_calibration_shorter_than_a_window(tmp_path, tiny_model_dirs, capsys):
     assert "shorter than one window of 32" in _err(capsys)
 
 
-def test_tokenizer_without_pad_token(tmp_path, calib_file):
+def test_tokenizer_without_pad_token(tmp_path, calib_file, capsys):
     model_dir = tmp_path / "m"
     make_model("llama").save_pretrained(model_dir)
     tok = make_tokenizer()
@@ -239,6 +239,20 @@ def test_tokenizer_without_pad_token(tmp_path, calib_file):
     assert main(_prune(model_dir, tmp_path / "run", calib_file)) == 0
     m = json.loads((tmp_path / "run" / "lmprune.json").read_text())
     assert m["model"]["pad_token"] == "set to eos_token (tokenizer had none)"
+    assert "has no pad token; using its eos token" in capsys.readouterr().err
+
+
+def test_tokenizer_without_pad_or_eos_token(tmp_path, calib_file, capsys):
+    model_dir = tmp_path / "m"
+    make_model("llama").save_pretrained(model_dir)
+    tok = make_tokenizer()
+    tok.pad_token = tok.eos_token = None
+    tok.save_pretrained(model_dir)
+    assert main(_prune(model_dir, tmp_path / "run", calib_file)) == 2
+    assert "has neither a pad nor an eos token" in _err(capsys)
+    assert main(_prune(model_dir, tmp_path / "stream", calib_file, "--stream")) == 2
+    assert "has neither a pad nor an eos token" in _err(capsys)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "stream").exists()
 
 
 def test_unknown_family(tmp_path, calib_file, capsys):
@@ -358,18 +372,29 @@ def test_manifest_records_how_to_rerun(tmp_path, tiny_model_dirs, calib_file):
 
 # --- streaming -----------------------------------------------------------------------------------------------
 
-def test_streaming_peak_below_model_size_and_same_weights(tmp_path, calib_file):
-    """A 12-block model of ~107 MiB: above the runtime's own memory the streamed run needs less than the model's
-    size, and its peak stays well below the in-memory run's, whose peak holds the whole model (twice,
-    with the reload check); both write the same pruned weights."""
+@pytest.fixture(scope="module")
+def big_model(tmp_path_factory) -> Path:
+    """A 12-block LLaMA of ~107 MiB in three safetensors shards."""
     cfg = _config("llama")
     cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers = 512, 1376, 12
     cfg.num_attention_heads, cfg.num_key_value_heads = 8, 4
     torch.manual_seed(0)
-    model_dir = tmp_path / "big"
+    model_dir = tmp_path_factory.mktemp("big") / "llama12"
     AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(model_dir, max_shard_size="40MB")
     make_tokenizer().save_pretrained(model_dir)
-    size_mib = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 2**20
+    return model_dir
+
+
+def _size_mib(model_dir: Path) -> float:
+    return sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 2**20
+
+
+def test_streaming_peak_below_model_size_and_same_weights(tmp_path, big_model, calib_file):
+    """Above the runtime's own memory the streamed run needs less than the model's size, and its peak stays well
+    below the in-memory run's, whose peak holds the whole model (twice, with the reload check); both write the
+    same pruned weights."""
+    model_dir = big_model
+    size_mib = _size_mib(model_dir)
     assert size_mib > 100 and len(list(model_dir.glob("*.safetensors"))) > 1
     peaks = {}
     for mode in ("stream", "memory"):
@@ -401,4 +426,74 @@ def test_streaming_refuses_what_it_cannot_do(tmp_path, tiny_model_dirs, calib_fi
     assert main(base + ["--eval", "wikitext2"]) == 2
     assert "--stream cannot evaluate" in _err(capsys)
     assert main(base + ["--allocation", "owl"]) == 2
-    assert "uniform only" in _err(capsys)
+    assert "uniform or FILE.json only" in _err(capsys)
+
+
+def test_streaming_takes_an_allocation_file(tmp_path, tiny_model_dirs, calib_file):
+    """An allocation computed once (here: alpha, by an in-memory run) drives a streamed run to the same weights."""
+    model = tiny_model_dirs["llama"]
+    assert main(_prune(model, tmp_path / "alpha", calib_file, **{"--allocation": "alpha"})) == 0
+    plan = tmp_path / "alpha" / "allocation.json"
+    assert main(_prune(model, tmp_path / "stream", calib_file, "--stream", **{"--allocation": str(plan)})) == 0
+    assert main(_prune(model, tmp_path / "memory", calib_file, **{"--allocation": str(plan)})) == 0
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "stream").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "memory").state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    targets = {m["name"]: m["target"] for m in json.loads(plan.read_text())["matrices"]}
+    assert len(set(round(t, 6) for t in targets.values())) > 1  # not uniform
+    layers = json.loads((tmp_path / "stream" / "lmprune.json").read_text())["layers"]
+    assert all(r["target"] == pytest.approx(targets[r["name"]]) for r in layers)
+
+
+
+def _memory_cgroup(limit_bytes: int) -> Path | None:
+    """A fresh cgroup (v1 memory or v2) capped at ``limit_bytes``; None where this machine does not allow one."""
+    import os
+
+    for root, limit in ((Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes"),
+                        (Path("/sys/fs/cgroup/unified"), "memory.max"), (Path("/sys/fs/cgroup"), "memory.max")):
+        group = root / f"lmprune_test_{os.getpid()}"
+        try:
+            group.mkdir()
+        except OSError:
+            continue
+        try:
+            (group / limit).write_text(str(limit_bytes))
+            for swap in ("memory.memsw.limit_in_bytes", "memory.swap.max"):
+                if (group / swap).exists():
+                    (group / swap).write_text(str(limit_bytes) if swap.startswith("memory.memsw") else "0")
+            return group
+        except OSError:
+            group.rmdir()
+    return None
+
+
+def test_streaming_runs_under_a_memory_cap_the_in_memory_run_cannot(tmp_path, big_model, calib_file):
+    """Under a kernel memory cap of the runtime's own peak plus half the model's size the streamed run finishes;
+    the in-memory run of the same command is killed by the cap, so the cap is real."""
+    import os
+
+    dry = subprocess.run([sys.executable, "-c", WRAPPER, *_prune(big_model, tmp_path / "x", calib_file, "--stream",
+                                                                 "--dry-run", **{"--method": "magnitude"})],
+                         capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stderr
+    runtime = int(re.search(r"PEAK_RSS_KIB (\d+)", dry.stderr).group(1)) * 1024
+    cap = runtime + int(_size_mib(big_model) * 2**20) // 2
+    group = _memory_cgroup(cap)
+    if group is None:
+        pytest.skip("this machine allows no memory cgroup to cap a child process")
+    enter = lambda: (group / "cgroup.procs").write_text(str(os.getpid()))  # noqa: E731
+    try:
+        rcs = {}
+        for mode in ("stream", "memory"):
+            args = _prune(big_model, tmp_path / mode, calib_file, *(["--stream"] if mode == "stream" else []),
+                          **{"--method": "magnitude"})
+            r = subprocess.run([sys.executable, "-m", "lmprune.cli", *args], preexec_fn=enter, capture_output=True,
+                               text=True)
+            rcs[mode] = r.returncode
+        print(f"cap {cap / 2**20:.0f} MiB (runtime {runtime / 2**20:.0f} + half the model's "
+              f"{_size_mib(big_model):.0f}): {rcs}")
+        assert rcs["stream"] == 0 and (tmp_path / "stream" / "lmprune.json").is_file()
+        assert rcs["memory"] == -9 and not (tmp_path / "memory").exists()  # killed by the kernel at the cap
+    finally:
+        group.rmdir()

@@ -184,9 +184,9 @@ def prune(
         user_callback = on_block_done
 
         def on_block_done(i, inputs_next, records):
-            save_block(i, inputs_next, records)
-            if user_callback is not None:
+            if user_callback is not None:  # first, so a checkpoint never names a block the callback did not finish
                 user_callback(i, inputs_next, records)
+            save_block(i, inputs_next, records)
 
     strategy, strategy_options = block_strategy(config)
     settings = resolved_settings(config)

@@ -62,10 +62,15 @@ def _save(tensors: dict[str, Tensor], path: Path) -> None:
 
 
 class Checkpoint:
-    """The checkpoint of one run: ``fingerprint`` is what must match for a resume (config, model, data)."""
+    """The checkpoint of one run: ``fingerprint`` is what must match for a resume (config, model, data).
 
-    def __init__(self, staging: str | Path, fingerprint: dict[str, Any]):
+    ``store_blocks=False`` is for runs that write every finished block elsewhere themselves (streaming writes
+    it as an output shard): the checkpoint then holds only the next block's inputs and the records.
+    """
+
+    def __init__(self, staging: str | Path, fingerprint: dict[str, Any], store_blocks: bool = True):
         self.staging = Path(staging)
+        self.store_blocks = store_blocks
         self.dir = self.staging / CHECKPOINT
         self.fingerprint = json.loads(json.dumps(fingerprint, default=str))
         self._last = time.perf_counter()
@@ -118,7 +123,7 @@ class Checkpoint:
         assert state is not None, "nothing to restore"
         self._state = state
         blocks = adapter.blocks(model)
-        for i in state["saved_blocks"]:
+        for i in state["saved_blocks"] if self.store_blocks else []:
             tensors = load_file(str(self.dir / f"block_{i:04d}.safetensors"))
             block = blocks[i]
             ref = block.state_dict()
@@ -150,7 +155,7 @@ class Checkpoint:
 
         def on_block_done(i: int, inputs_next: list[Tensor], records: list[LayerRecord]) -> None:
             self._start()
-            if records:
+            if records and self.store_blocks:
                 _save(adapter.blocks(model)[i].state_dict(), self.dir / f"block_{i:04d}.safetensors")
                 state["saved_blocks"].append(i)
             _save({"inputs": torch.cat([x.detach().cpu() for x in inputs_next])},

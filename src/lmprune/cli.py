@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model's repository")
     p.add_argument("--stream", action="store_true",
                    help="larger-than-memory models: read one block at a time from the safetensors shards and write "
-                        "it out when done (uniform allocation, no --eval/--tasks, no resume; saved in --dtype)")
+                        "it out when done (uniform or FILE.json allocation, no --eval/--tasks; resumable; saved in --dtype)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow pickled .bin weights (read with torch.load(weights_only=True))")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -175,7 +175,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             raise ConfigError("--stream writes each block in the --dtype it was pruned in; "
                               "use --dtype, not --save-dtype")
         manifest = run_streaming(model, config, out, args.overwrite, not args.quiet, args.dtype,
-                                 args.trust_remote_code, {"argv": ["lmprune", *args.argv]})
+                                 args.trust_remote_code, {"argv": ["lmprune", *args.argv]}, args.resume)
         print(f"pruned {model} block by block to {manifest['achieved_sparsity']:.4f} sparsity in "
               f"{manifest['time_s']:.1f} s, peak RSS {manifest['peak_rss_mb']:.0f} MiB\nrun directory: {out}")
         return 0

@@ -5,10 +5,14 @@ final norm and head are real. Before the engine touches block ``i`` its weights 
 when block ``i`` is finished (pruned and propagated) it is written as its own output shard and returned to
 ``meta``. Peak memory is one block, the calibration activations and the non-block weights, whatever the depth.
 
-Limits of this mode: HF safetensors directories only (no GGUF, no pickles); uniform allocation (OWL and alpha
-read every weight up front); no perplexity or zero-shot evaluation in the same run (evaluate the output
-directory afterwards on a machine that holds it); no resume; the reload check compares each written tensor
-with the one in memory rather than reloading the whole model.
+An interrupted run resumes like an in-memory one (:mod:`lmprune.checkpoint`): the blocks finished before the
+interruption are already output shards in the staging directory, so the checkpoint holds only the next block's
+inputs and the records; a shard is written before the checkpoint names its block.
+
+Limits of this mode: HF safetensors directories only (no GGUF, no pickles); uniform or ``FILE.json``
+allocation (OWL and alpha read every weight up front); no perplexity or zero-shot evaluation in the same run
+(evaluate the output directory afterwards on a machine that holds it); the reload check compares each written
+tensor with the one in memory rather than reloading the whole model.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from torch import nn
 from . import __version__
 from .config import ConfigError, PruneConfig
 from .models.adapters import get_adapter
-from .models.loading import ModelLoadError, _dir_fingerprint, _dtype_arg, declared_dtype, resolve
+from .models.loading import (ModelLoadError, _dir_fingerprint, _dtype_arg, declared_dtype, ensure_pad_token,
+                             resolve)
 from .report.manifest import MANIFEST, REPORT, now_iso, peak_rss_mb, versions, write_json
 
 INDEX = "model.safetensors.index.json"
@@ -92,8 +97,9 @@ def load_streaming(spec: str, dtype: str = "float32", trust_remote_code: bool = 
     model.eval()
     model.config.use_cache = False
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
+    note = ensure_pad_token(tokenizer, spec)
+    if note:
+        source.details["pad_token"] = note
     return model, tokenizer, source, reader
 
 
@@ -139,6 +145,20 @@ class BlockStream:
         self._write(tensors, self._shard(i))
         block.to("meta")
 
+    def adopt(self, finished: int) -> None:
+        """Take blocks ``0..finished`` as already written (their shards are in the staging directory)."""
+        for i in range(finished + 1):
+            path = self.staging / self._shard(i)
+            if not path.is_file():
+                raise ConfigError(f"interrupted run at {self.staging} lacks the shard of finished block {i}; "
+                                  "re-run with --no-resume")
+            with safe_open(str(path), framework="pt") as f:
+                for k in f.keys():
+                    self.weight_map[k] = path.name
+                    t = f.get_slice(k)
+                    self.total += _nbytes(t.get_shape(), t.get_dtype())
+                    self.checked += 1
+
     def _write(self, tensors: dict[str, torch.Tensor], shard: str) -> None:
         self.staging.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(self.staging / shard), metadata={"format": "pt"})
@@ -158,33 +178,61 @@ class BlockStream:
         write_json(self.staging / INDEX, {"metadata": {"total_size": self.total}, "weight_map": self.weight_map})
 
 
+def _nbytes(shape: list[int], dtype: str) -> int:
+    size = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}
+    n = 1
+    for d in shape:
+        n *= d
+    return n * size[dtype]
+
+
 def run_streaming(
     model_spec: str, config: PruneConfig, out: str | Path, overwrite: bool = False, progress: bool = True,
     dtype: str = "float32", trust_remote_code: bool = False, invocation: dict[str, Any] | None = None,
+    resume: bool | None = None,
 ) -> dict[str, Any]:
-    """``lmprune prune --stream``: like :func:`lmprune.api.run` without evaluation, one block in memory."""
+    """``lmprune prune --stream``: like :func:`lmprune.api.run` without evaluation, one block in memory.
+
+    ``resume`` as in :func:`lmprune.api.run`: an interrupted streamed run of the same configuration continues
+    from its last finished block."""
     from . import api
-    from .checkpoint import staging_dir
+    from .checkpoint import Checkpoint, staging_dir
     from .report.markdown import render_report
 
-    if config.allocation != "uniform":
-        raise ConfigError("--stream supports --allocation uniform only (OWL and alpha read every weight first)")
+    if config.allocation in ("owl", "alpha"):
+        raise ConfigError("--stream supports --allocation uniform or FILE.json only (OWL and alpha read every "
+                          "weight first; compute one with lmprune allocate and pass its JSON)")
     out = Path(out)
     api.check_out_dir(out, model_spec, config, overwrite)
     staging = staging_dir(out)
-    shutil.rmtree(staging, ignore_errors=True)
+    key = api._config_key({"model": {"spec": model_spec}, "config": config.model_dump()})
+    checkpoint = Checkpoint(staging, {**key, "dtype": dtype, "stream": True}, store_blocks=False)
+    if overwrite or resume is False:
+        shutil.rmtree(staging, ignore_errors=True)
+    elif resume and checkpoint.done_block() < 0:
+        raise ConfigError(f"--resume: no interrupted run to resume at {staging}")
+    checkpoint.verify(keys=list(checkpoint.fingerprint))
+    if checkpoint.done_block() < 0:
+        shutil.rmtree(staging, ignore_errors=True)  # leftovers of a run killed before its first block
     model, tokenizer, source, reader = load_streaming(model_spec, dtype, trust_remote_code)
+    checkpoint.fingerprint["model_sha256"] = source.sha256
+    checkpoint.verify(keys=["model_sha256"])
     stream = BlockStream(model, reader, staging)
+    stream.adopt(checkpoint.done_block())
     manifest: dict[str, Any] = {"lmprune_version": __version__, "created": now_iso()}
     if invocation:
         manifest["invocation"] = invocation
-    manifest["run_options"] = {"dtype": dtype, "trust_remote_code": trust_remote_code, "stream": True}
-    manifest.update(api.prune(model, tokenizer, config, progress, on_block_done=stream.done, before_block=stream.load))
+    manifest["run_options"] = {"dtype": dtype, "trust_remote_code": trust_remote_code, "stream": True,
+                               "resume": resume}
+    manifest.update(api.prune(model, tokenizer, config, progress, on_block_done=stream.done,
+                              before_block=stream.load, checkpoint=checkpoint))
     stream.finish()
+    checkpoint.discard()
     manifest["model"] = {
         "spec": model_spec, "kind": source.kind, "path": source.path, "sha256": source.sha256,
         "model_type": model.config.model_type, "parameters": sum(p.numel() for p in model.parameters()),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        **source.details,
     }
     manifest["reload_check"] = {"ok": True, "mode": "each written tensor read back and compared",
                                 "tensors": stream.checked}

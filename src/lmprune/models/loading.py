@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,11 +150,27 @@ def load_model(
         raise ModelLoadError(f"cannot load model {spec!r}: {_first_line(e)}") from e
     model.eval()
     model.config.use_cache = False
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-        source.details["pad_token"] = "set to eos_token (tokenizer had none)"
+    note = ensure_pad_token(tokenizer, spec)
+    if note:
+        source.details["pad_token"] = note
     check_finite(model)
     return model, tokenizer, source
+
+
+def ensure_pad_token(tokenizer, spec: str) -> str | None:
+    """Give a tokenizer without a pad token its eos token as pad (what zero-shot batches pad with; pruning and
+    perplexity never pad), saying so on stderr; returns that note for the manifest, or None when nothing changed.
+    A tokenizer with neither is refused: there is no token to pad with."""
+    if tokenizer.pad_token is not None:
+        return None
+    if tokenizer.eos_token is None:
+        raise ModelLoadError(f"the tokenizer of {spec!r} has neither a pad nor an eos token; set one "
+                             "(tokenizer.pad_token = ...) and save it with the model")
+    tokenizer.pad_token = tokenizer.eos_token
+    note = "set to eos_token (tokenizer had none)"
+    print(f"lmprune: the tokenizer of {spec!r} has no pad token; using its eos token {tokenizer.eos_token!r}",
+          file=sys.stderr)
+    return note
 
 
 def check_finite(model: torch.nn.Module) -> None:
