@@ -165,6 +165,8 @@ class BlockContext:
             out = _block_output(self.block(x.to(self.device), **self.kwargs))
             if keep_outputs:
                 outs.extend(o.to(self.activation_device) for o in out.split(1))
+        if self.device.type == "cuda":  # else the queued kernels' time would be charged to the next solve
+            torch.cuda.synchronize(self.device)
         self.pass_time_s += time.perf_counter() - start
         return outs
 
