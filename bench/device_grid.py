@@ -80,7 +80,8 @@ def run_grid(args) -> int:
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
             torch.cuda.synchronize()
-        row: dict = {"key": key, **cell, "calib_batch": args.calib_batch, "eval_batch": args.eval_batch}
+        row: dict = {"key": key, **cell, "device": args.device, "calib_batch": args.calib_batch,
+                     "eval_batch": args.eval_batch}
         t0 = time.perf_counter()
         try:
             if cell["method"] != "dense":
@@ -123,11 +124,19 @@ def label(row: dict) -> str:
     return method
 
 
-def table(path: str) -> str:
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+def _order(row: dict) -> tuple:
+    """Dense first, then by blocks, allocation, setting (sparsity, then N:M) and method."""
+    methods = ["magnitude", "wanda", "sparsegpt", "alps-fast", "alps", "sparsellm"]
+    setting = (1, 0.0) if row.get("pattern") else (0, row.get("sparsity", -1.0))
+    return (row["method"] != "dense", row.get("blocks", ""), row.get("allocation", ""), setting,
+            methods.index(row["method"]) if row["method"] in methods else len(methods), label(row))
+
+
+def table(*paths: str) -> str:
+    rows = sorted((json.loads(line) for path in paths for line in Path(path).read_text().splitlines()), key=_order)
     datasets = next((list(r["perplexity"]) for r in rows if "perplexity" in r), [])
     head = "| method | allocation | blocks | setting | " + " | ".join(datasets) + \
-        " | mean layer rel. error | prune s | of which solver s | peak GPU MiB |"
+        " | mean layer rel. error | prune s | of which solver s | peak GPU MiB | device |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         setting = r.get("pattern") or (f"{r['sparsity']:.0%}" if "sparsity" in r else "–")
@@ -140,8 +149,9 @@ def table(path: str) -> str:
         t = f"{r['time_s']:.1f}" if "time_s" in r else "–"
         ts = f"{r['solver_time_s']:.1f}" if "solver_time_s" in r else "–"
         mem = f"{r['peak_cuda_mb']:.0f}" if r.get("peak_cuda_mb") else "–"
+        device = r.get("device") or ("cuda" if r.get("peak_cuda_mb") else "cpu")
         lines.append(f"| {label(r)} | {r.get('allocation', 'uniform')} | {r.get('blocks', 'all')} | {setting} | "
-                     f"{ppl} | {err} | {t} | {ts} | {mem} |")
+                     f"{ppl} | {err} | {t} | {ts} | {mem} | {device} |")
     return "\n".join(lines)
 
 
@@ -161,11 +171,11 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=float("inf"), help="start no cell after this many seconds")
     p.add_argument("--only", action="append", metavar="JSON", help='run just this cell, e.g. \'{"method": "alps", '
                    '"sparsity": 0.6}\' (repeatable)')
-    p.add_argument("--table", metavar="JSONL", help="print the Markdown table of a grid file and exit")
+    p.add_argument("--table", metavar="JSONL", nargs="+", help="print the Markdown table of grid files and exit")
     p.add_argument("--list", action="store_true", help="print the cells in order and exit")
     args = p.parse_args(argv)
     if args.table:
-        print(table(args.table))
+        print(table(*args.table))
         return 0
     if args.list:
         for c in cells():

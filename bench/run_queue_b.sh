@@ -2,12 +2,7 @@
 # After run_priority.sh: zero-shot scores of the dense model and the 50%/70% runs, the memory and precision benches.
 set -u
 cd "$(dirname "$0")/.."
-export LMPRUNE_DATA_DIR=${LMPRUNE_DATA_DIR:-$(realpath ../shared/data)} HF_HUB_OFFLINE=1 OMP_NUM_THREADS=${THREADS:-1}
-TASKS=piqa,arc_easy,arc_challenge,hellaswag,winogrande,boolq,rte,openbookqa,lambada_openai
-LIMIT=${LIMIT:-100}
-zs() {  # zs MODEL OUT_JSON
-  [ -f "$2" ] || lmprune eval --model "$1" --tasks $TASKS --limit $LIMIT --out "$2"
-}
+source bench/zeroshot_env.sh
 zs bench/out/smollm2-hf bench/out/foundation/dense/zeroshot.json
 for d in bench/out/foundation/{sparsegpt,wanda}_uniform_unstructured_s50 bench/out/cpu70/{sparsegpt,wanda,alps}_uniform_unstructured_s70; do
   zs "$d" "$d/zeroshot.json"
