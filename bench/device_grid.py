@@ -68,7 +68,8 @@ def run_grid(args) -> int:
     dense = {k: v.detach().clone() for k, v in model.state_dict().items()}
     print(f"loaded {args.model} in {time.perf_counter() - start:.1f} s", flush=True)
     datasets = args.eval.split(",")
-    chosen = [c for c in cells() if not args.only or cell_key(c) in {cell_key(json.loads(o)) for o in args.only}]
+    only = {cell_key(json.loads(o)) for o in args.only or []}
+    chosen = [c for c in cells() if not only or cell_key(c) in only]
     for cell in chosen:
         key = cell_key(cell)
         if key in done:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from . import __version__
 from .allocation.base import Allocation, uniform
-from .checkpoint import CHECKPOINT, MARKER, Checkpoint, staging_dir
+from .checkpoint import CHECKPOINT, MARKER, Checkpoint, open_checkpoint, staging_dir
 from .config import BLOCK_METHODS, ConfigError, PruneConfig
 from .data.calibration import sample_windows
 from .data.sources import load_source
@@ -409,13 +409,8 @@ def run(
 
     out = Path(out)
     check_out_dir(out, model_spec, config, overwrite)
-    checkpoint = Checkpoint(staging_dir(out), {**_config_key({"model": {"spec": model_spec},
-                                                              "config": config.model_dump()}), "dtype": dtype})
-    if overwrite or resume is False:
-        shutil.rmtree(checkpoint.staging, ignore_errors=True)
-    elif resume and checkpoint.done_block() < 0:
-        raise ConfigError(f"--resume: no interrupted run to resume at {checkpoint.staging}")
-    checkpoint.verify(keys=list(checkpoint.fingerprint))
+    key = _config_key({"model": {"spec": model_spec}, "config": config.model_dump()})
+    checkpoint = open_checkpoint(out, {**key, "dtype": dtype}, overwrite, resume)
     if eval_datasets:
         for ds in eval_datasets:  # fail on a missing data file before hours of pruning
             load_source(ds, "eval", config.data_dir)

@@ -61,6 +61,21 @@ def _save(tensors: dict[str, Tensor], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def open_checkpoint(
+    out: str | Path, fingerprint: dict[str, Any], overwrite: bool, resume: bool | None, store_blocks: bool = True,
+) -> "Checkpoint":
+    """The checkpoint of a run into ``out``, after applying the resume choice: ``overwrite`` or ``resume=False``
+    discards an interrupted run, ``resume=True`` requires one, ``None`` resumes one when there is one. An
+    interrupted run of a different configuration is refused, naming the difference."""
+    checkpoint = Checkpoint(staging_dir(out), fingerprint, store_blocks)
+    if overwrite or resume is False:
+        shutil.rmtree(checkpoint.staging, ignore_errors=True)
+    elif resume and checkpoint.done_block() < 0:
+        raise ConfigError(f"--resume: no interrupted run to resume at {checkpoint.staging}")
+    checkpoint.verify(keys=list(checkpoint.fingerprint))
+    return checkpoint
+
+
 class Checkpoint:
     """The checkpoint of one run: ``fingerprint`` is what must match for a resume (config, model, data).
 

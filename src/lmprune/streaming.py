@@ -196,7 +196,7 @@ def run_streaming(
     ``resume`` as in :func:`lmprune.api.run`: an interrupted streamed run of the same configuration continues
     from its last finished block."""
     from . import api
-    from .checkpoint import Checkpoint, staging_dir
+    from .checkpoint import open_checkpoint
     from .report.markdown import render_report
 
     if config.allocation in ("owl", "alpha"):
@@ -204,19 +204,13 @@ def run_streaming(
                           "weight first; compute one with lmprune allocate and pass its JSON)")
     out = Path(out)
     api.check_out_dir(out, model_spec, config, overwrite)
-    staging = staging_dir(out)
     key = api._config_key({"model": {"spec": model_spec}, "config": config.model_dump()})
-    checkpoint = Checkpoint(staging, {**key, "dtype": dtype, "stream": True}, store_blocks=False)
-    if overwrite or resume is False:
-        shutil.rmtree(staging, ignore_errors=True)
-    elif resume and checkpoint.done_block() < 0:
-        raise ConfigError(f"--resume: no interrupted run to resume at {staging}")
-    checkpoint.verify(keys=list(checkpoint.fingerprint))
+    checkpoint = open_checkpoint(out, {**key, "dtype": dtype, "stream": True}, overwrite, resume, store_blocks=False)
+    staging = checkpoint.staging
     if checkpoint.done_block() < 0:
         shutil.rmtree(staging, ignore_errors=True)  # leftovers of a run killed before its first block
     model, tokenizer, source, reader = load_streaming(model_spec, dtype, trust_remote_code)
-    checkpoint.fingerprint["model_sha256"] = source.sha256
-    checkpoint.verify(keys=["model_sha256"])
+    checkpoint.fingerprint["model_sha256"] = source.sha256  # checked against the checkpoint's by api.prune
     stream = BlockStream(model, reader, staging)
     stream.adopt(checkpoint.done_block())
     manifest: dict[str, Any] = {"lmprune_version": __version__, "created": now_iso()}
