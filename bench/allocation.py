@@ -11,7 +11,12 @@ One run directory per cell under ``--root`` (default ``bench/out/allocation``):
 own time and the pruning time, then one WikiText-2 pivot per method (rows: sparsity, columns: allocation).
 
 ε for AlphaPruning is a tuning knob; ``--epsilons`` runs the alpha cells once per value so it can be chosen
-from measurements (the pivot shows every ε as its own column).
+from measurements (the pivot shows every ε as its own column). ``--epsilons auto`` uses the ε whose finished
+alpha cells at ``--pick-at`` sparsity have the lowest C4 perplexity (geometric mean over the methods that have
+every candidate); C4 rather than WikiText-2 so that the choice is not made on a reported test set.
+
+Several copies may run over one ``--root`` at once (one per core): a cell is claimed by creating
+``ROOT/NAME.claim`` first, and a claimed cell is left to its owner.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 DATASETS = ("wikitext2", "ptb", "c4")
@@ -50,6 +56,7 @@ def command(args, cell: dict, out: Path) -> list[str]:
     cmd = args.lmprune + ["prune", "--model", args.model, "--method", cell["method"],
                           "--sparsity", f"{cell['sparsity']:g}", "--allocation", cell["allocation"],
                           "--out", str(out), "--eval", ",".join(args.eval), "--eval-windows", str(args.eval_windows),
+                          "--eval-seqlen", str(args.eval_seqlen or args.seqlen),
                           "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(args.seed),
                           "--quiet"]
     for k, v in cell["options"].items():
@@ -101,7 +108,7 @@ def table(args, grid: list[dict]) -> str:
     if len(lines) == 2:
         return "no finished cells yet"
     lines.append(f"\nPerplexity over the first {', '.join(map(str, sorted(windows, key=str)))} windows of "
-                 f"{args.seqlen} tokens; calibration {args.nsamples} × {args.seqlen}; seed {args.seed}.")
+                 f"{args.eval_seqlen or args.seqlen} tokens; calibration {args.nsamples} × {args.seqlen}; seed {args.seed}.")
 
     columns = []
     for c in grid:
@@ -115,6 +122,51 @@ def table(args, grid: list[dict]) -> str:
             lines.append(f"| {s:.0%} | " + " | ".join(
                 fmt(row[col]["ppl"]["wikitext2"]) if row.get(col) else "–" for col in columns) + " |")
     return "\n".join(lines)
+
+
+def pick_epsilon(root: Path, methods: list[str], at: float, wait_s: float = 30.0) -> float:
+    """ε of the finished alpha cells at sparsity ``at`` with the lowest geometric-mean C4 perplexity."""
+    prefix = [f"{m}_alpha_s{round(100 * at):02d}_e" for m in methods]
+    while any(next(root.glob(f"{p}*.claim"), None) for p in prefix):  # a sweep cell still running elsewhere
+        time.sleep(wait_s)
+    c4: dict[float, dict[str, float]] = {}
+    for method, pre in zip(methods, prefix):
+        for d in root.glob(f"{pre}*"):
+            eps_text = d.name[len(pre):]
+            r = read_cell(d) if d.is_dir() and "_" not in eps_text else None
+            if r and r["ppl"]["c4"]:
+                c4.setdefault(float(eps_text), {})[method] = r["ppl"]["c4"]
+    complete = {m for m in methods if all(m in row for row in c4.values())}
+    scores = {e: sum(math.log(row[m]) for m in complete) / len(complete) for e, row in c4.items() if complete}
+    if not scores:
+        raise SystemExit(f"--epsilons auto: no finished alpha cells at {at:.0%} under {root}")
+    best = min(scores, key=scores.get)
+    print(f"ε = {best:g}: lowest geometric-mean C4 perplexity at {at:.0%} over {', '.join(sorted(complete))} "
+          f"({', '.join(f'ε={e:g}: {math.exp(v):.1f}' for e, v in sorted(scores.items()))})", flush=True)
+    return best
+
+
+def run_cell(args, cell: dict, root: Path, env: dict) -> bool | None:
+    """Prune and evaluate one cell unless it is finished or claimed; False when the run failed."""
+    out = root / cell["name"]
+    if (out / "lmprune.json").is_file():
+        print(f"skip {cell['name']}: finished", flush=True)
+        return None
+    cmd = command(args, cell, out)
+    if args.dry_run:
+        print("$ " + shlex.join(cmd), flush=True)
+        return None
+    claim = root / f"{cell['name']}.claim"
+    try:
+        os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        print(f"skip {cell['name']}: claimed by another run (remove {claim} if none is running)", flush=True)
+        return None
+    try:
+        print("$ " + shlex.join(cmd), flush=True)
+        return subprocess.run(cmd, env=env).returncode == 0
+    finally:
+        claim.unlink(missing_ok=True)
 
 
 def kv(items: list[str] | None) -> list[tuple[str, str]]:
@@ -131,11 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default="wanda,sparsegpt,alps")
     ap.add_argument("--sparsities", default="0.6,0.7,0.8")
     ap.add_argument("--allocations", default="uniform,owl,alpha")
-    ap.add_argument("--epsilons", default="0.2", help="AlphaPruning ε values (one alpha cell each)")
+    ap.add_argument("--epsilons", default="0.3", help="AlphaPruning ε values (one alpha cell each), or 'auto'")
+    ap.add_argument("--pick-at", type=float, default=0.7, help="sparsity whose ε sweep --epsilons auto reads")
     ap.add_argument("--alpha-opt", action="append", help="extra alpha option KEY=VALUE, e.g. aggregate=block_median")
     ap.add_argument("--owl-opt", action="append", help="OWL option KEY=VALUE, e.g. lam=0.08 or M=5")
     ap.add_argument("--eval", default=",".join(DATASETS))
     ap.add_argument("--eval-windows", type=int, default=20)
+    ap.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window length (default: --seqlen)")
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
@@ -153,27 +207,22 @@ def main(argv: list[str] | None = None) -> int:
     args.methods = args.methods.split(",")
     args.sparsities = [float(x) for x in args.sparsities.split(",")]
     args.allocations = args.allocations.split(",")
-    args.epsilons = [float(x) for x in args.epsilons.split(",")]
+    root = Path(args.root)
+    if args.epsilons == "auto":
+        args.epsilons = [pick_epsilon(root, args.methods, args.pick_at) if not args.table_only else 0.2]
+    else:
+        args.epsilons = [float(x) for x in args.epsilons.split(",")]
     args.eval = args.eval.split(",")
     args.alpha_opt, args.owl_opt = kv(args.alpha_opt), kv(args.owl_opt)
     args.lmprune = shlex.split(args.lmprune)
 
     grid = cells(args)
-    root = Path(args.root)
     failed = []
     if not args.table_only:
         root.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
         for c in grid:
-            out = root / c["name"]
-            if (out / "lmprune.json").is_file():
-                print(f"skip {c['name']}: finished", flush=True)
-                continue
-            cmd = command(args, c, out)
-            print("$ " + shlex.join(cmd), flush=True)
-            if args.dry_run:
-                continue
-            if subprocess.run(cmd, env=env).returncode != 0:
+            if run_cell(args, c, root, env) is False:
                 failed.append(c["name"])
     if not args.dry_run:
         print()

@@ -17,6 +17,9 @@ parameter-weighted mean still equals the target exactly. Without clamping both g
 matrix whose KS-chosen tail has only a handful of eigenvalues and an extreme α — on SmolLM2-135M single
 v_proj/o_proj fits reach α = 16–18 and would otherwise send their whole block to the maximum sparsity).
 
+Default ε = 0.3, chosen by measurement (``bench/allocation.py``, bench/RESULTS.md): on SmolLM2-135M at 70%,
+ε ∈ {0.1, 0.2, 0.3} with Wanda and SparseGPT, the lowest geometric-mean C4 perplexity came from 0.3.
+
 The SVDs are the whole cost: they run on each weight's device (or ``device``) and, given ``cache_dir``, the
 fits are stored per matrix in ``{cache_dir}/alpha-{model_hash}.json`` and reused.
 """
@@ -125,7 +128,7 @@ def alpha_ratios(metric: Sequence[float], epsilon: float) -> list[float]:
 def allocate(
     matrices: Sequence[MatrixInfo],
     sparsity: float,
-    epsilon: float = 0.2,
+    epsilon: float = 0.3,
     xmin_rule: str = "peak",
     aggregate: str = "block",
     min_sparsity: float = 0.0,
