@@ -78,6 +78,11 @@ def read_cell(run_dir: Path) -> dict | None:
         "achieved": m.get("achieved_sparsity"),
         "alloc_s": detail.get("time_s"),
         "time_s": m.get("time_s"),
+        "calibration_time_s": m.get("calibration_time_s"),
+        "solver_time_s": m.get("solver_time_s"),
+        "peak_rss_mb": m.get("peak_rss_mb"),
+        "alpha_svds": {k: (detail.get("options") or {}).get(k) for k in ("svd_time_s", "cached", "computed")}
+        if detail.get("method") == "alpha" else None,
     }
 
 
@@ -203,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="how to call the CLI (default: this Python's lmprune.cli)")
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--jsonl", help="also write every finished cell's figures to this JSONL file")
     args = ap.parse_args(argv)
     args.methods = args.methods.split(",")
     args.sparsities = [float(x) for x in args.sparsities.split(",")]
@@ -227,6 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry_run:
         print()
         print(table(args, grid))
+    if args.jsonl:
+        with open(args.jsonl, "w") as f:
+            for c in grid:
+                r = read_cell(root / c["name"])
+                if r is not None:
+                    f.write(json.dumps({**c, **r, "nsamples": args.nsamples, "seqlen": args.seqlen,
+                                        "eval_seqlen": args.eval_seqlen or args.seqlen, "seed": args.seed}) + "\n")
     if failed:
         print(f"\nfailed cells: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
