@@ -56,7 +56,7 @@ def command(args, cell: dict, out: Path) -> list[str]:
     cmd = args.lmprune + ["prune", "--model", args.model, "--method", cell["method"],
                           "--sparsity", f"{cell['sparsity']:g}", "--allocation", cell["allocation"],
                           "--out", str(out), "--eval", ",".join(args.eval), "--eval-windows", str(args.eval_windows),
-                          "--eval-seqlen", str(args.eval_seqlen or args.seqlen),
+                          "--eval-seqlen", str(args.eval_seqlen),
                           "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(args.seed),
                           "--quiet"]
     for k, v in cell["options"].items():
@@ -113,7 +113,7 @@ def table(args, grid: list[dict]) -> str:
     if len(lines) == 2:
         return "no finished cells yet"
     lines.append(f"\nPerplexity over the first {', '.join(map(str, sorted(windows, key=str)))} windows of "
-                 f"{args.eval_seqlen or args.seqlen} tokens; calibration {args.nsamples} × {args.seqlen}; seed {args.seed}.")
+                 f"{args.eval_seqlen} tokens; calibration {args.nsamples} × {args.seqlen}; seed {args.seed}.")
 
     columns = []
     for c in grid:
@@ -213,9 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     args.methods = args.methods.split(",")
     args.sparsities = [float(x) for x in args.sparsities.split(",")]
     args.allocations = args.allocations.split(",")
+    args.eval_seqlen = args.eval_seqlen or args.seqlen
     root = Path(args.root)
     if args.epsilons == "auto":
-        args.epsilons = [pick_epsilon(root, args.methods, args.pick_at) if not args.table_only else 0.2]
+        args.epsilons = [pick_epsilon(root, args.methods, args.pick_at)]
     else:
         args.epsilons = [float(x) for x in args.epsilons.split(",")]
     args.eval = args.eval.split(",")
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = read_cell(root / c["name"])
                 if r is not None:
                     f.write(json.dumps({**c, **r, "nsamples": args.nsamples, "seqlen": args.seqlen,
-                                        "eval_seqlen": args.eval_seqlen or args.seqlen, "seed": args.seed}) + "\n")
+                                        "eval_seqlen": args.eval_seqlen, "seed": args.seed}) + "\n")
     if failed:
         print(f"\nfailed cells: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0

@@ -11,7 +11,7 @@ s=${SPARSITY:-0.8} blocks=${BLOCKS:-first-half}
 for cell in ${METHODS:-sparsellm sparsegpt wanda wanda+dsnot sparsegpt+dsnot}; do
   m=${cell%+*} refine=none
   [ "$cell" != "$m" ] && refine=${cell#*+}
-  out=bench/out/issue4/${cell}_${blocks}_s$(printf %02.0f "$(echo "$s * 100" | bc)")
+  out=bench/out/issue4/${cell}_${blocks}_s$(awk "BEGIN { printf \"%02.0f\", $s * 100 }")
   [ -f "$out/lmprune.json" ] || lmprune prune --model bench/out/smollm2-hf --method "$m" --refine "$refine" \
       --sparsity "$s" --blocks "$blocks" --nsamples 32 --seqlen 512 --seed 0 --eval wikitext2,ptb,c4 \
       --eval-windows 10 --eval-seqlen 1024 --out "$out" --quiet
