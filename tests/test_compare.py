@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lmprune.report.compare import compare_runs, load_run
+from lmprune.report.compare import compare_runs, load_run, read_csv, table_rows
 from lmprune.report.plots import block_stats
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -178,3 +178,17 @@ def test_dense_row_from_eval_dense_figures(tmp_path):
     d = _write_run(tmp_path, "dense", method="dense", sparsity=0.0, perplexity={"wikitext2": 21.0, **ppl})
     md = compare_runs([a, d], tmp_path / "cmp4", plots=False).read_text()
     assert "--eval-dense" not in md and "| dense | dense |" in md
+
+
+def test_csv_reads_back_into_the_same_table(runs, tmp_path):
+    sparse, dense = runs
+    compare_runs([sparse, dense], tmp_path / "cmp", plots=False)
+    back = read_csv(tmp_path / "cmp" / "comparison.csv")
+    assert [r.label for r in back] == ["dense", "sparsegpt_50"]
+    assert back[1].perplexity == {"c4": 45.25, "wikitext2": 30.5}
+    assert back[1].zeroshot == {"piqa": {"acc": 0.6, "acc_norm": 0.62}, "arc_easy": {"acc": 0.4, "acc_norm": 0.38}}
+    assert (back[1].sparsity, back[1].time_s, back[1].peak_rss_mb) == (0.5, 12.5, 900.0)
+    original = [load_run(dense), load_run(sparse)]
+    strip = ("path",)
+    assert ([{k: v for k, v in row.items() if k not in strip} for row in table_rows(back)]
+            == [{k: v for k, v in row.items() if k not in strip} for row in table_rows(original)])

@@ -233,6 +233,51 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def _zeroshot_column(key: str) -> tuple[str, str] | None:
+    """(task, metric) for a CSV column written by :func:`table_rows` from a zero-shot score, else None."""
+    if key.startswith("ppl_") or key == "zeroshot_avg_acc":
+        return None
+    for metric in sorted(_ZS_METRICS, key=len, reverse=True):  # "acc_norm" before "acc"
+        if key.endswith(f"_{metric}"):
+            return key[: -len(metric) - 1], metric
+    return None
+
+
+def read_csv(path: Path) -> list[Run]:
+    """The runs of a ``comparison.csv`` written by :func:`write_csv` (per-layer records are not in the CSV), so a
+    comparison can be redrawn or extended after the run directories it was made from are gone."""
+    runs = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            zeroshot: dict[str, dict[str, float]] = {}
+            for key, text in row.items():
+                if (col := _zeroshot_column(key)) and (v := _number_text(text)) is not None:
+                    zeroshot.setdefault(col[0], {})[col[1]] = v
+            runs.append(Run(
+                label=row["run"], path=Path(row.get("path") or row["run"]), method=row["method"],
+                allocation=row["allocation"], pattern=row["pattern"], sparsity=_number_text(row["sparsity"]) or 0.0,
+                achieved_sparsity=_number_text(row["achieved_sparsity"]),
+                perplexity={k[4:]: v for k, x in row.items()
+                            if k.startswith("ppl_") and (v := _number_text(x)) is not None},
+                eval_windows=_int_text(row.get("eval_windows")), seqlen=_int_text(row.get("seqlen")),
+                zeroshot=zeroshot, zeroshot_limit=_int_text(row.get("zeroshot_limit")), time_s=_number_text(row.get("time_s")),
+                peak_rss_mb=_number_text(row.get("peak_rss_mb")),
+            ))
+    return runs
+
+
+def _int_text(text: str | None) -> int | str | None:
+    """A count column back as the int it was written from; other text (e.g. "mixed") as it is."""
+    return int(text) if text and text.isdigit() else (text or None)
+
+
+def _number_text(text: str | None) -> float | None:
+    try:
+        return float(text) if text else None
+    except ValueError:
+        return None
+
+
 def _fmt(value: float | None, kind: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"

@@ -34,6 +34,7 @@ def _series(runs: list["Run"]) -> dict[str, list["Run"]]:
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
