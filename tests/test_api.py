@@ -75,5 +75,7 @@ def test_offload_and_device_do_not_make_a_different_run(tmp_path):
     write_json(out / "lmprune.json", {"model": {"spec": "m"}, "config": config.model_dump()})
     with pytest.raises(api.RunExists):
         api.check_out_dir(out, "m", build_config(method="wanda", sparsity=0.5, offload_activations=True), False)
+    with pytest.raises(api.RunExists):
+        api.check_out_dir(out, "m", build_config(method="wanda", sparsity=0.5, offload_dir="/tmp/x"), False)
     with pytest.raises(ConfigError, match="differs in: sparsity"):
         api.check_out_dir(out, "m", build_config(method="wanda", sparsity=0.6), False)

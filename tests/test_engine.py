@@ -119,18 +119,45 @@ def test_calibration_time_counts_the_passes_through_blocks(tokenizer, calib_file
     assert m["calibration_time_s"] + m["solver_time_s"] <= m["time_s"]
 
 
+@pytest.mark.parametrize("where", ["host", "disk"])
 @pytest.mark.parametrize("method,extra", [("sparsegpt", {}), ("sparsellm", {}), ("wanda", {"allocation": "owl"}),
-                                          ("sparsegpt", {"sequential": True})])
-def test_offloaded_activations_give_identical_weights(tokenizer, calib_file, method, extra):
-    """Offload only changes where the activations are kept, never the arithmetic: bit-identical weights."""
+                                          ("sparsegpt", {"sequential": True, "calib_batch_size": 2})])
+def test_offloaded_activations_give_identical_weights(tokenizer, calib_file, tmp_path, method, extra, where):
+    """Offload only changes where the activations are kept (host memory or files), never the arithmetic:
+    bit-identical weights; the files are gone afterwards."""
     a, b = make_model("llama"), make_model("llama")
     kw = dict(method=method, sparsity=0.5, calib=str(calib_file), nsamples=3, seqlen=24, **extra)
+    offload = {"offload_activations": True} if where == "host" else {"offload_dir": str(tmp_path / "acts")}
     ra = api.prune(a, tokenizer, build_config(**kw), progress=False)
-    rb = api.prune(b, tokenizer, build_config(offload_activations=True, **kw), progress=False)
-    assert rb["config"]["offload_activations"] and not ra["config"]["offload_activations"]
+    rb = api.prune(b, tokenizer, build_config(**offload, **kw), progress=False)
+    assert all(rb["config"][k] == v for k, v in offload.items())
     for (n1, p1), (n2, p2) in zip(a.named_parameters(), b.named_parameters()):
         assert n1 == n2 and torch.equal(p1, p2), n1
     assert [r["rel_error"] for r in ra["layers"]] == [r["rel_error"] for r in rb["layers"]]
+    if where == "disk":
+        assert list((tmp_path / "acts").iterdir()) == []
+
+
+def test_disk_offload_reads_one_window_at_a_time(tokenizer, calib_file, tmp_path, monkeypatch):
+    """With --offload-dir the blocks see WindowFile inputs, never a list of every window, and each block's input
+    file is deleted once its outputs are written."""
+    from lmprune import engine
+    from lmprune.activations import WindowFile
+
+    seen, alive = [], []
+    original = engine.BlockContext.forward
+
+    def spy(self):
+        seen.append(type(self.inputs))
+        out = original(self)
+        alive.append(len(list((tmp_path / "acts").rglob("*.bin"))))
+        return out
+
+    monkeypatch.setattr(engine.BlockContext, "forward", spy)
+    api.prune(make_model("llama"), tokenizer, build_config(method="wanda", sparsity=0.5, calib=str(calib_file),
+              nsamples=2, seqlen=16, offload_dir=str(tmp_path / "acts")), progress=False)
+    assert seen and set(seen) == {WindowFile}
+    assert set(alive) == {2}  # the block's inputs and its outputs; the previous block's inputs were deleted
 
 
 def test_offload_keeps_block_outputs_on_the_activation_device(tokenizer, calib_file):

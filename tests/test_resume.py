@@ -121,15 +121,18 @@ def _interrupt_after(monkeypatch, block: int) -> None:
     monkeypatch.setattr(ckpt_mod.Checkpoint, "writer", writer)
 
 
-@pytest.mark.parametrize("method,extra", [("wanda", {"--allocation": "owl"}), ("sparsegpt", {"--pattern": "2:4"})])
+@pytest.mark.parametrize("method,extra", [("wanda", {"--allocation": "owl"}), ("sparsegpt", {"--pattern": "2:4"}),
+                                          ("sparsegpt", {"--offload-dir": "ACTS"})])
 def test_resume_in_process_matches(tmp_path, deep_model, calib_file, monkeypatch, method, extra):
-    out = tmp_path / "run"
+    out, acts = tmp_path / "run", tmp_path / "acts"
+    extra = {k: str(acts) if v == "ACTS" else v for k, v in extra.items()}
     args = _args(deep_model, out, calib_file, **{"--method": method, **extra})
     with monkeypatch.context() as m:
         _interrupt_after(m, 2)
         with pytest.raises(_Interrupt):
             main(args)
     assert _state(out)["done_block"] == 2 and not out.exists()
+    assert not acts.exists() or list(acts.iterdir()) == []  # offloaded activations are removed after an error too
     assert main(args) == 0
     assert json.loads((out / "lmprune.json").read_text())["resumed_from_block"] == 3
     whole = tmp_path / "whole"

@@ -125,6 +125,19 @@ def test_offload_plans_activations_on_the_host():
     assert kept.peak("device")[1] > 64 * MiB  # the CUDA context at least
 
 
+def test_offload_dir_plans_activations_on_disk():
+    """On the CPU, --offload-dir takes the activations out of host memory (one window's input and output stay)."""
+    kept = _cuda_plan(device="cpu")
+    on_disk = _cuda_plan(device="cpu", offload_dir="/scratch")
+    activations = 2 * 64 * 128 * 64 * 4
+    window = 2 * 128 * 64 * 4
+    assert kept.phase_total("prune") - on_disk.phase_total("prune") == activations - window
+    assert on_disk.phase_total("prune", "disk") == activations
+    assert "disk space for offloaded activations" in on_disk.table()
+    assert on_disk.to_dict()["offload_dir"] == "/scratch"
+    assert "--offload-dir" in kept.advice() and "--offload-dir" not in on_disk.advice()
+
+
 def test_device_that_cannot_fit_stops_with_what_to_change(monkeypatch):
     from lmprune.memory import InsufficientMemory, check_fits
 
@@ -497,3 +510,11 @@ def test_streaming_runs_under_a_memory_cap_the_in_memory_run_cannot(tmp_path, bi
         assert rcs["memory"] == -9 and not (tmp_path / "memory").exists()  # killed by the kernel at the cap
     finally:
         group.rmdir()
+
+
+def test_cli_offload_dir_run_leaves_no_files(tmp_path, tiny_model_dirs, calib_file, capsys):
+    acts = tmp_path / "acts"
+    assert main(_prune(tiny_model_dirs["llama"], tmp_path / "run", calib_file, **{"--offload-dir": str(acts)})) == 0
+    manifest = json.loads((tmp_path / "run" / "lmprune.json").read_text())
+    assert manifest["config"]["offload_dir"] == str(acts)
+    assert acts.is_dir() and list(acts.iterdir()) == []

@@ -135,7 +135,7 @@ def allocate(
             if windows is None:
                 raise ValueError("OWL allocation needs calibration windows")
             norms = collect_input_norms(model, adapter, windows, config.device, progress,
-                                        config.offload_activations, config.calib_batch_size)
+                                        config.offload_activations, config.calib_batch_size, config.offload_dir)
             alloc = module.allocate(infos, norms, target, **options)
         else:
             alloc = module.allocate(infos, target, **options)
@@ -194,6 +194,7 @@ def prune(
         model, adapter, windows, config.pattern_obj, alloc.targets, make_inner(config, settings), strategy,
         strategy_options, blocks, config.device, progress, on_block_done, start_block, start_inputs, before_block,
         offload_activations=config.offload_activations, batch_windows=config.calib_batch_size,
+        offload_dir=config.offload_dir,
     )
     elapsed = time.perf_counter() - start
     all_records = done_records + result.records
@@ -250,6 +251,7 @@ def _config_key(manifest: dict[str, Any]) -> dict[str, Any]:
     cfg = dict(manifest.get("config", {}))
     cfg.pop("device", None)  # where it runs and where activations live do not change the result
     cfg.pop("offload_activations", None)
+    cfg.pop("offload_dir", None)
     cfg.pop("calib_batch_size", None)
     cfg.pop("data_dir", None)
     return {"model": manifest.get("model", {}).get("spec"), **cfg}

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offload-activations", action="store_true", default=None,
                    help="keep the calibration activations on the CPU and move one window at a time to --device "
                         "(same result, less device memory)")
+    p.add_argument("--offload-dir", metavar="DIR",
+                   help="keep the calibration activations in files under DIR, one window in memory at a time "
+                        "(same result, host memory independent of --nsamples x --seqlen; removed afterwards)")
     p.add_argument("--solver-opt", action="append", metavar="KEY=VALUE", help="solver option (repeatable)")
     p.add_argument("--method-opt", action="append", metavar="KEY=VALUE", help="block-method option (repeatable)")
     p.add_argument("--alloc-opt", action="append", metavar="KEY=VALUE", help="allocator option (repeatable)")
@@ -135,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _PRUNE_FIELDS = ("method", "sparsity", "pattern", "allocation", "refine", "inner", "calib", "nsamples", "seqlen",
                  "seed", "device", "blocks", "sequential", "data_dir", "offload_activations",
-                 "calib_batch_size")
+                 "offload_dir", "calib_batch_size")
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:

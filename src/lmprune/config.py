@@ -52,6 +52,9 @@ class PruneConfig(BaseModel):
     #: Keep the calibration activations on the CPU and move one window at a time to ``device`` (same weights,
     #: less device memory, more host-device traffic).
     offload_activations: bool = False
+    #: Keep the calibration activations in files in this folder (a temporary subfolder, removed afterwards), one
+    #: window in memory at a time: host memory no longer grows with nsamples x seqlen; same weights.
+    offload_dir: str | None = None
     #: Calibration windows per forward pass through a block: faster on a GPU, same result up to float rounding.
     calib_batch_size: int = Field(1, ge=1)
 

@@ -14,14 +14,17 @@ Only the current block and the calibration activations live on the compute devic
 ``offload_activations`` the activations stay on the host instead: the inputs and outputs of every window are
 kept on the CPU and each window is moved to the device alone for the block passes, so the device holds one
 block, one window and the Gram matrices (what a block strategy captures for itself -- SparseLLM's FFN inputs
-of all windows -- still lives on the device while that block is solved). The arithmetic is unchanged, so the
-weights are the same as without offload.
+of all windows -- still lives on the device while that block is solved). With ``offload_dir`` the activations
+go one step further, into files there (:class:`~lmprune.activations.WindowFile`), so that the host too holds one
+window at a time. The arithmetic is unchanged, so the weights are the same as without offload.
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -29,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .activations import WindowFile, release
 from .models.adapters import FamilyAdapter
 from .patterns import Pattern
 from .solvers.base import Gram, SolveResult, reconstruction_error
@@ -57,15 +61,15 @@ _DROPPED_KWARGS = ("past_key_value", "past_key_values", "cache", "use_cache", "o
 
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, adapter: FamilyAdapter, windows: Tensor, progress: bool = True
+    model: nn.Module, adapter: FamilyAdapter, windows: Tensor, progress: bool = True, sink: Any = None
 ) -> tuple[list[Tensor], dict[str, Any]]:
     """Hidden states entering block 0 for each window (1 x seqlen x d), and the block's keyword arguments.
 
     Runs on the model's current device (the CPU for large models): only the embedding and whatever precedes
-    the first block are computed.
+    the first block are computed. The hidden states are appended to ``sink`` (a fresh list by default).
     """
     first = adapter.blocks(model)[0]
-    inputs: list[Tensor] = []
+    inputs: Any = [] if sink is None else sink
     kwargs: dict[str, Any] = {}
 
     def grab(module, args, kw):
@@ -124,6 +128,7 @@ class BlockContext:
         device: torch.device,
         activation_device: torch.device | None = None,
         batch_windows: int = 1,
+        new_store: Callable[[], Any] = list,
     ):
         self.index = index
         self.block = block
@@ -138,6 +143,8 @@ class BlockContext:
         self.activation_device = device if activation_device is None else torch.device(activation_device)
         #: Windows per forward pass: more is faster on a GPU; the results agree up to float rounding.
         self.batch_windows = max(1, int(batch_windows))
+        #: Makes the container the outputs of :meth:`forward` are appended to (a list, or a file on disk).
+        self.new_store = new_store
         self.records: list[LayerRecord] = []
         self.pass_time_s = 0.0  # seconds spent running calibration inputs through the block
         self._linears = adapter.linears(block)
@@ -157,7 +164,7 @@ class BlockContext:
         device; the outputs (when kept) go to :attr:`activation_device`, one ``1 x seqlen x d`` tensor per window.
         Both moves are no-ops when nothing is offloaded."""
         start = time.perf_counter()
-        outs: list[Tensor] = []
+        outs = self.new_store() if keep_outputs else []
         step = self.batch_windows
         for i in range(0, len(self.inputs), step):
             chunk = self.inputs[i : i + step]
@@ -304,76 +311,109 @@ def run_engine(
     before_block: Callable[[int], None] | None = None,
     offload_activations: bool = False,
     batch_windows: int = 1,
+    offload_dir: str | Path | None = None,
 ) -> EngineResult:
     """Prune ``model`` in place, block by block. Blocks not in ``blocks`` are propagated but left dense.
 
     ``before_block(i)`` runs before block ``i`` is touched (streaming loads its weights there).
     ``offload_activations`` keeps the calibration activations on the CPU and moves one window at a time to
     ``device`` (the block's keyword arguments -- masks, rotary embeddings -- are one window's worth and stay
-    there); ``on_block_done`` then receives CPU tensors. ``batch_windows`` windows go through a block at once
-    (their keyword arguments broadcast over the batch).
+    there); ``on_block_done`` then receives CPU tensors. ``offload_dir`` keeps them in files in a temporary
+    folder there instead, one window in host memory at a time (``on_block_done`` then receives a
+    :class:`~lmprune.activations.WindowFile`). ``batch_windows`` windows go through a block at once (their keyword
+    arguments broadcast over the batch).
     """
     device = torch.device(device)
-    act_device = torch.device("cpu") if offload_activations else device
+    act_device = torch.device("cpu") if offload_activations or offload_dir is not None else device
     all_blocks = adapter.blocks(model)
     selected = set(range(len(all_blocks)) if blocks is None else blocks)
-    t0 = time.perf_counter()
-    if start_inputs is None:
-        inputs, kwargs = capture_block_inputs(model, adapter, windows, progress)
-    else:
-        inputs, kwargs = start_inputs
-    inputs = [x.to(act_device) for x in inputs]
-    kwargs = _to(kwargs, device)
-    calib_time = time.perf_counter() - t0
-
     records: list[LayerRecord] = []
     block_times: list[float] = []
-    bar = tqdm(range(start_block, len(all_blocks)), desc="blocks", disable=not progress)
-    for i in bar:
-        start = time.perf_counter()
-        if before_block is not None:
-            before_block(i)
-        block = all_blocks[i]
-        home = next(block.parameters()).device
-        block.to(device)
-        ctx = BlockContext(i, block, adapter, inputs, kwargs, pattern, targets, inner, device, act_device,
-                           batch_windows)
-        if i in selected:
-            strategy(ctx, strategy_options or {})
-        inputs = ctx.forward()
-        block.to(home)
-        records.extend(ctx.records)
-        calib_time += ctx.pass_time_s
-        block_times.append(time.perf_counter() - start)
-        if on_block_done is not None:
-            on_block_done(i, inputs, ctx.records)
-        if ctx.records:
-            bar.set_postfix(err=f"{sum(r.rel_error for r in ctx.records) / len(ctx.records):.4f}")
+    with _activation_stores(offload_dir) as new_store:
+        t0 = time.perf_counter()
+        inputs, kwargs = _first_inputs(model, adapter, windows, progress, start_inputs, new_store, act_device)
+        kwargs = _to(kwargs, device)
+        calib_time = time.perf_counter() - t0
+        bar = tqdm(range(start_block, len(all_blocks)), desc="blocks", disable=not progress)
+        for i in bar:
+            start = time.perf_counter()
+            if before_block is not None:
+                before_block(i)
+            block = all_blocks[i]
+            home = next(block.parameters()).device
+            block.to(device)
+            ctx = BlockContext(i, block, adapter, inputs, kwargs, pattern, targets, inner, device, act_device,
+                               batch_windows, new_store)
+            if i in selected:
+                strategy(ctx, strategy_options or {})
+            outputs = ctx.forward()
+            release(inputs)
+            inputs = outputs
+            block.to(home)
+            records.extend(ctx.records)
+            calib_time += ctx.pass_time_s
+            block_times.append(time.perf_counter() - start)
+            if on_block_done is not None:
+                on_block_done(i, inputs, ctx.records)
+            if ctx.records:
+                bar.set_postfix(err=f"{sum(r.rel_error for r in ctx.records) / len(ctx.records):.4f}")
+        release(inputs)
     return EngineResult(records, block_times, calib_time)
+
+
+@contextmanager
+def _activation_stores(offload_dir: str | Path | None):
+    """The factory of activation containers: lists in memory, or files in a temporary folder in ``offload_dir``
+    (removed with everything in it on exit, also after an error)."""
+    if offload_dir is None:
+        yield list
+        return
+    Path(offload_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="lmprune-activations-", dir=offload_dir) as tmp:
+        yield lambda: WindowFile(tmp)
+
+
+def _first_inputs(model, adapter, windows, progress, start_inputs, new_store, act_device):
+    """The inputs of the first block to run (captured, or a resumed checkpoint's) in a ``new_store()`` container
+    on ``act_device``, and the blocks' keyword arguments."""
+    if start_inputs is None:
+        inputs, kwargs = capture_block_inputs(model, adapter, windows, progress, sink=new_store())
+    else:
+        resumed, kwargs = start_inputs
+        inputs = new_store()
+        inputs.extend(resumed)
+    if isinstance(inputs, list):
+        inputs = [x.to(act_device) for x in inputs]
+    return inputs, kwargs
 
 
 @torch.no_grad()
 def collect_input_norms(
     model: nn.Module, adapter: FamilyAdapter, windows: Tensor, device: str | torch.device = "cpu",
     progress: bool = True, offload_activations: bool = False, batch_windows: int = 1,
+    offload_dir: str | Path | None = None,
 ) -> dict[str, Tensor]:
     """``‖X_j‖₂`` of every prunable linear's input on the dense model (for OWL), block by block.
 
-    ``offload_activations`` keeps the activations on the CPU as in :func:`run_engine`.
+    ``offload_activations`` and ``offload_dir`` keep the activations on the CPU or on disk as in
+    :func:`run_engine`.
     """
     device = torch.device(device)
-    act_device = torch.device("cpu") if offload_activations else device
-    inputs, kwargs = capture_block_inputs(model, adapter, windows, progress)
-    inputs = [x.to(act_device) for x in inputs]
-    kwargs = _to(kwargs, device)
+    act_device = torch.device("cpu") if offload_activations or offload_dir is not None else device
     norms: dict[str, Tensor] = {}
-    for i, block in enumerate(tqdm(adapter.blocks(model), desc="input norms", disable=not progress)):
-        home = next(block.parameters()).device
-        block.to(device)
-        ctx = BlockContext(i, block, adapter, inputs, kwargs, None, {}, None, device,  # type: ignore[arg-type]
-                           act_device, batch_windows)
-        for rel, gram in ctx.collect_grams(adapter.linear_names()).items():
-            norms[ctx.full_name(rel)] = gram.column_norms().cpu()
-        inputs = ctx.forward()
-        block.to(home)
+    with _activation_stores(offload_dir) as new_store:
+        inputs, kwargs = _first_inputs(model, adapter, windows, progress, None, new_store, act_device)
+        kwargs = _to(kwargs, device)
+        for i, block in enumerate(tqdm(adapter.blocks(model), desc="input norms", disable=not progress)):
+            home = next(block.parameters()).device
+            block.to(device)
+            ctx = BlockContext(i, block, adapter, inputs, kwargs, None, {}, None, device,  # type: ignore[arg-type]
+                               act_device, batch_windows, new_store)
+            for rel, gram in ctx.collect_grams(adapter.linear_names()).items():
+                norms[ctx.full_name(rel)] = gram.column_norms().cpu()
+            outputs = ctx.forward()
+            release(inputs)
+            inputs = outputs
+            block.to(home)
+        release(inputs)
     return norms

@@ -21,7 +21,9 @@ reload     runtime + weights + the reloaded copy the reload check compares again
 On a CUDA device the weights stay on the host and the block, activations, Gram matrices and workspace are
 planned for the device instead (plus the CUDA context). With ``offload_activations`` the calibration
 activations of the prune phase are planned on the host and the device holds one window's input and output
-instead, in OWL's input-norm pass (the allocate phase) as in the pruning passes. "runtime" is measured: the
+instead, in OWL's input-norm pass (the allocate phase) as in the pruning passes. With ``offload_dir`` they are
+planned on disk and memory holds one window's input and output (on the device, or on the host on the CPU).
+"runtime" is measured: the
 resident size of this process once the modules a run imports are loaded.
 
 :func:`check_fits` stops a run before it loads anything when the host peak exceeds the available host memory,
@@ -54,7 +56,7 @@ class Component:
     name: str
     bytes: float
     phases: tuple[str, ...]
-    where: str = "host"  # or "device"
+    where: str = "host"  # or "device", or "disk" (not part of either peak)
 
 
 @dataclass
@@ -102,6 +104,9 @@ class MemoryPlan:
         for where in ("host", "device") if self.device != "cpu" else ("host",):
             phase, peak = self.peak(where)
             lines.append(f"estimated peak {where} memory: {peak / MiB:.0f} MiB (during {phase})")
+        disk = sum(c.bytes for c in self.components if c.where == "disk")
+        if disk:
+            lines.append(f"disk space for offloaded activations: {disk / MiB:.0f} MiB")
         import psutil
 
         lines.append(f"host memory available now: {psutil.virtual_memory().available / MiB:.0f} MiB")
@@ -114,6 +119,8 @@ class MemoryPlan:
         half = self.summary.get("dtype") in ("float16", "bfloat16")
         if where == "host":
             tips = ["lower --nsamples or --seqlen (calibration activations grow with both)"]
+            if phase in ("allocate", "prune") and not self.summary.get("offload_dir"):
+                tips.append("use --offload-dir DIR (keeps them in files)")
             if not half:
                 tips.append("use --dtype bfloat16")
             if self.device == "cpu":
@@ -233,7 +240,7 @@ def plan_memory(
     plan = MemoryPlan(model_spec, {
         "model_type": model_config.model_type, "blocks": len(blocks), "parameters": n_params,
         "dtype": str(tdtype).removeprefix("torch."), "method": config.method, "nsamples": n, "seqlen": seqlen,
-        "offload_activations": config.offload_activations,
+        "offload_activations": config.offload_activations, "offload_dir": config.offload_dir,
     }, config.device)
     plan.add("runtime (Python, torch, transformers)", runtime_bytes() if runtime is None else runtime)
     block_bytes = block_params * width
@@ -251,7 +258,11 @@ def plan_memory(
                  "calibrate")
     prune = ("allocate", "prune") if config.allocation == "owl" else ("prune",)
     act_name = f"{ACTIVATIONS} (2 x {n} x {seqlen} x {d})"
-    if on_device and config.offload_activations:
+    if config.offload_dir is not None:
+        plan.add(f"{act_name}, in files under {config.offload_dir}", activations, prune, "disk")
+        plan.add(f"one window's input and output (from {config.offload_dir})", 2.0 * seqlen * d * width, prune,
+                 where)
+    elif on_device and config.offload_activations:
         plan.add(f"{act_name}, offloaded", activations, prune, "host")
         plan.add("one window's input and output on the device", 2.0 * seqlen * d * width, prune, "device")
     else:
