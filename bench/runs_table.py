@@ -12,17 +12,32 @@ import sys
 from pathlib import Path
 
 
-def row(run: Path, datasets: list[str]) -> str:
+def method_label(m: dict) -> str:
+    """The method as the tables name it: a block method's inner solver in brackets, a refiner after a "+"."""
+    cfg = m.get("config", {})
+    label = m["method"] + (f"({cfg['inner']})" if m["method"] == "sparsellm" and cfg.get("inner") else "")
+    return label + (f"+{cfg['refine']}" if cfg.get("refine", "none") != "none" else "")
+
+
+def blocks_label(m: dict) -> str:
+    pruned = m.get("pruned_blocks")
+    spec = m.get("config", {}).get("blocks") or "all"
+    if spec != "all" and pruned:
+        return f"{spec} (blocks {min(pruned)}–{max(pruned)})" if spec == "first-half" else spec
+    return spec
+
+
+def row(run: Path, datasets: list[str], with_blocks: bool = False) -> str:
     m = json.loads((run / "lmprune.json").read_text())
     ppl = m.get("perplexity", {})
     cells = [f"{ppl[d]:.1f}" if d in ppl else "–" for d in datasets]
     lead = "".join(f" {c} |" for c in cells)
-    method = m["method"] + (f"+{m['config']['refine']}" if m.get("config", {}).get("refine", "none") != "none" else "")
+    blocks = f" {blocks_label(m)} |" if with_blocks else ""
     if m["method"] == "dense":
-        return "| dense | – | – |" + lead + " – | – | – | – |"
+        return "| dense | – |" + blocks + " – |" + lead + " – | – | – | – |"
     fmt = lambda k: f"{m[k]:.1f}" if isinstance(m.get(k), (int, float)) else "–"  # noqa: E731
     setting = m["pattern"] if ":" in m["pattern"] and m["pattern"] != "unstructured:row" else f"{m['sparsity']:.0%}"
-    return (f"| {method} | {m['allocation']} | {setting} |" + lead
+    return (f"| {method_label(m)} | {m['allocation']} |{blocks} {setting} |" + lead
             + f" {fmt('time_s')} | {fmt('solver_time_s')} | {m['time_s'] - m['solver_time_s']:.1f} | {fmt('peak_rss_mb')} |")
 
 
@@ -33,11 +48,13 @@ def main(argv: list[str]) -> int:
         for d in json.loads((run / "lmprune.json").read_text()).get("perplexity", {}):
             if d not in datasets and d not in ("eval_windows", "seqlen", "details"):
                 datasets.append(d)
-    print("| method | allocation | setting |" + "".join(f" {d} ppl |" for d in datasets)
-          + " prune wall s | of which solver s | the rest s | peak RSS MiB |")
-    print("|" + "---|" * (7 + len(datasets)))
+    with_blocks = any(json.loads((r / "lmprune.json").read_text()).get("config", {}).get("blocks") not in (None, "all")
+                      for r in runs)
+    print("| method | allocation |" + (" blocks |" if with_blocks else "") + " setting |"
+          + "".join(f" {d} ppl |" for d in datasets) + " prune wall s | of which solver s | the rest s | peak RSS MiB |")
+    print("|" + "---|" * (7 + with_blocks + len(datasets)))
     for run in runs:
-        print(row(run, datasets))
+        print(row(run, datasets, with_blocks))
     return 0
 
 

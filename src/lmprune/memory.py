@@ -259,7 +259,7 @@ def plan_memory(
     prune = ("allocate", "prune") if config.allocation == "owl" else ("prune",)
     act_name = f"{ACTIVATIONS} (2 x {n} x {seqlen} x {d})"
     if config.offload_dir is not None:
-        plan.add(f"{act_name}, in files under {config.offload_dir}", activations, prune, "disk")
+        plan.add(f"{act_name}, on disk", activations, prune, "disk")
         plan.add(f"one window's input and output (from {config.offload_dir})", 2.0 * seqlen * d * width, prune,
                  where)
     elif on_device and config.offload_activations:
