@@ -48,3 +48,12 @@ def test_release_deletes_the_file(tmp_path):
     release(f)
     assert not f.path.exists() and len(f) == 0
     release([torch.ones(2)])  # a list is left alone
+
+
+def test_trim_host_memory_runs_where_glibc_exists():
+    import platform
+
+    from lmprune.activations import trim_host_memory
+
+    ran = trim_host_memory()
+    assert ran is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")

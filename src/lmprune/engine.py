@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .activations import WindowFile, release
+from .activations import WindowFile, release, trim_host_memory
 from .models.adapters import FamilyAdapter
 from .patterns import Pattern
 from .solvers.base import Gram, SolveResult, reconstruction_error
@@ -357,6 +357,7 @@ def run_engine(
                 on_block_done(i, inputs, ctx.records)
             if ctx.records:
                 bar.set_postfix(err=f"{sum(r.rel_error for r in ctx.records) / len(ctx.records):.4f}")
+            trim_host_memory()  # after on_block_done, which may have written and dropped the block (streaming)
         release(inputs)
     return EngineResult(records, block_times, calib_time)
 
@@ -414,6 +415,7 @@ def collect_input_norms(
             outputs = ctx.forward()
             release(inputs)
             inputs = outputs
+            trim_host_memory()
             block.to(home)
         release(inputs)
     return norms
