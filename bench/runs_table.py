@@ -3,6 +3,7 @@ its solver part and the rest (calibration passes through the blocks, allocation,
 perplexity per dataset.
 
     python bench/runs_table.py bench/out/cpu70/*/
+    python bench/runs_table.py --sort bench/out/issue4/*/    # rows by blocks, setting, method
 """
 
 from __future__ import annotations
@@ -41,8 +42,24 @@ def row(run: Path, datasets: list[str], with_blocks: bool = False) -> str:
             + f" {fmt('time_s')} | {fmt('solver_time_s')} | {m['time_s'] - m['solver_time_s']:.1f} | {fmt('peak_rss_mb')} |")
 
 
+METHOD_ORDER = ("magnitude", "wanda", "wanda+dsnot", "sparsegpt", "sparsegpt+dsnot", "sparsellm(sparsegpt)",
+                "sparsellm(alps-fast)", "sparsellm(alps)", "alps-fast", "alps")
+
+
+def sort_key(run: Path) -> tuple:
+    """Blocks, then unstructured sparsity before N:M, then the methods from the weakest baseline up."""
+    m = json.loads((run / "lmprune.json").read_text())
+    label = method_label(m)
+    nm = ":" in m["pattern"] and m["pattern"] != "unstructured:row"
+    return (m.get("config", {}).get("blocks") or "all", nm, m["sparsity"],
+            METHOD_ORDER.index(label) if label in METHOD_ORDER else len(METHOD_ORDER), label)
+
+
 def main(argv: list[str]) -> int:
+    ordered = "--sort" in argv
     runs = [Path(a) for a in argv if (Path(a) / "lmprune.json").is_file()]
+    if ordered:
+        runs.sort(key=sort_key)
     datasets: list[str] = []
     for run in runs:
         for d in json.loads((run / "lmprune.json").read_text()).get("perplexity", {}):
