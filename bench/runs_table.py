@@ -4,6 +4,7 @@ perplexity per dataset.
 
     python bench/runs_table.py bench/out/cpu70/*/
     python bench/runs_table.py --sort bench/out/issue4/*/    # rows by blocks, setting, method
+    python bench/runs_table.py --sort --jsonl bench/results/issue4_cpu.jsonl bench/out/issue4/*/   # raw rows too
 """
 
 from __future__ import annotations
@@ -38,8 +39,22 @@ def row(run: Path, datasets: list[str], with_blocks: bool = False) -> str:
         return "| dense | – |" + blocks + " – |" + lead + " – | – | – | – |"
     fmt = lambda k: f"{m[k]:.1f}" if isinstance(m.get(k), (int, float)) else "–"  # noqa: E731
     setting = m["pattern"] if ":" in m["pattern"] and m["pattern"] != "unstructured:row" else f"{m['sparsity']:.0%}"
+    wall, mark = wall_time(m)
     return (f"| {method_label(m)} | {m['allocation']} |{blocks} {setting} |" + lead
-            + f" {fmt('time_s')} | {fmt('solver_time_s')} | {m['time_s'] - m['solver_time_s']:.1f} | {fmt('peak_rss_mb')} |")
+            + f" {wall:.1f}{mark} | {fmt('solver_time_s')} | {wall - m['solver_time_s']:.1f}{mark} | {fmt('peak_rss_mb')} |")
+
+
+RESUMED_NOTE = ("\\* resumed from a checkpoint by an lmprune that counted only the resuming process's time: the wall "
+                "time shown is the sum of the per-block times over both processes (the few seconds of setup before "
+                "block 0 are missing); its peak RSS is the resuming process's.")
+
+
+def wall_time(m: dict) -> tuple[float, str]:
+    """Pruning wall time and a footnote mark. Manifests of resumed runs written before ``time_this_process_s``
+    existed hold only the resuming process's time; their per-block times still cover the whole run."""
+    if m.get("resumed_from_block") and "time_this_process_s" not in m:
+        return sum(m["block_times_s"]), "\\*"
+    return m["time_s"], ""
 
 
 METHOD_ORDER = ("magnitude", "wanda", "wanda+dsnot", "sparsegpt", "sparsegpt+dsnot", "sparsellm(sparsegpt)",
@@ -55,11 +70,31 @@ def sort_key(run: Path) -> tuple:
             METHOD_ORDER.index(label) if label in METHOD_ORDER else len(METHOD_ORDER), label)
 
 
+def raw_row(run: Path) -> dict:
+    """One run's figures for a JSONL file: what the table shows, unrounded, plus the settings behind them."""
+    m = json.loads((run / "lmprune.json").read_text())
+    cfg = m.get("config", {})
+    keep = ("method", "sparsity", "pattern", "allocation", "achieved_sparsity", "pattern_ok", "time_s",
+            "time_this_process_s", "calibration_time_s", "solver_time_s", "resumed_from_block", "peak_rss_mb", "seed",
+            "created")
+    out = {"run": run.name, "label": method_label(m), **{k: m[k] for k in keep if k in m}}
+    out["wall_s"], mark = wall_time(m)
+    out["wall_from_block_times"] = bool(mark)
+    out.update({k: cfg.get(k) for k in ("inner", "refine", "blocks", "nsamples", "seqlen")})
+    ppl = m.get("perplexity", {})
+    out["perplexity"] = {d: v for d, v in ppl.items() if d not in ("eval_windows", "seqlen", "details")}
+    out["eval_windows"], out["eval_seqlen"] = ppl.get("eval_windows"), ppl.get("seqlen")
+    return out
+
+
 def main(argv: list[str]) -> int:
     ordered = "--sort" in argv
+    jsonl = Path(argv[argv.index("--jsonl") + 1]) if "--jsonl" in argv else None
     runs = [Path(a) for a in argv if (Path(a) / "lmprune.json").is_file()]
     if ordered:
         runs.sort(key=sort_key)
+    if jsonl is not None:
+        jsonl.write_text("".join(json.dumps(raw_row(r)) + "\n" for r in runs))
     datasets: list[str] = []
     for run in runs:
         for d in json.loads((run / "lmprune.json").read_text()).get("perplexity", {}):
@@ -72,7 +107,14 @@ def main(argv: list[str]) -> int:
     print("|" + "---|" * (7 + with_blocks + len(datasets)))
     for run in runs:
         print(row(run, datasets, with_blocks))
+    if any(wall_time(json.loads((r / "lmprune.json").read_text()))[1] for r in runs if not _dense(r)):
+        print("\n" + RESUMED_NOTE)
     return 0
+
+
+def _dense(run: Path) -> bool:
+    return json.loads((run / "lmprune.json").read_text())["method"] == "dense"
+
 
 
 if __name__ == "__main__":

@@ -131,10 +131,19 @@ def test_resume_in_process_matches(tmp_path, deep_model, calib_file, monkeypatch
         _interrupt_after(m, 2)
         with pytest.raises(_Interrupt):
             main(args)
-    assert _state(out)["done_block"] == 2 and not out.exists()
+    state = _state(out)
+    assert state["done_block"] == 2 and not out.exists()
     assert not acts.exists() or list(acts.iterdir()) == []  # offloaded activations are removed after an error too
+    before = state["timings"]
+    assert before["elapsed_s"] >= sum(state["block_times"]) and before["calibration_time_s"] > 0
     assert main(args) == 0
-    assert json.loads((out / "lmprune.json").read_text())["resumed_from_block"] == 3
+    manifest = json.loads((out / "lmprune.json").read_text())
+    assert manifest["resumed_from_block"] == 3
+    # the resumed run reports the whole cost: the interrupted process's time to its last checkpoint plus its own
+    assert manifest["time_s"] == pytest.approx(before["elapsed_s"] + manifest["time_this_process_s"])
+    assert manifest["calibration_time_s"] > before["calibration_time_s"]
+    assert manifest["time_s"] >= manifest["solver_time_s"] and manifest["time_s"] >= sum(manifest["block_times_s"])
+    assert "resumed from a checkpoint at block 3" in (out / "report.md").read_text()
     whole = tmp_path / "whole"
     assert main(_args(deep_model, whole, calib_file, **{"--method": method, **extra})) == 0
     _assert_same_run(out, whole)

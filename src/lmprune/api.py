@@ -173,14 +173,17 @@ def prune(
     windows = sample_windows(source, tokenizer, config.nsamples, seqlen, config.seed)
     windows_sha = hashlib.sha256(windows.numpy().tobytes()).hexdigest()
     start_block, start_inputs, done_records, done_times = 0, None, [], []
+    prior = {"elapsed_s": 0.0, "calibration_time_s": 0.0}
+    live: dict[str, float] = {}
     if checkpoint is not None and checkpoint.done_block() >= 0:
         checkpoint.verify({"windows_sha256": windows_sha})
         start_block, start_inputs, done_records, done_times, alloc_dict = checkpoint.restore(model, adapter, windows)
+        prior = checkpoint.prior_timings()
         alloc = Allocation.from_dict(alloc_dict)
     else:
         alloc = allocate(model, adapter, config, blocks, windows, progress)
     if checkpoint is not None:
-        save_block = checkpoint.writer(model, adapter, alloc.to_dict(), {"windows_sha256": windows_sha})
+        save_block = checkpoint.writer(model, adapter, alloc.to_dict(), {"windows_sha256": windows_sha}, start, live)
         user_callback = on_block_done
 
         def on_block_done(i, inputs_next, records):
@@ -194,7 +197,7 @@ def prune(
         model, adapter, windows, config.pattern_obj, alloc.targets, make_inner(config, settings), strategy,
         strategy_options, blocks, config.device, progress, on_block_done, start_block, start_inputs, before_block,
         offload_activations=config.offload_activations, batch_windows=config.calib_batch_size,
-        offload_dir=config.offload_dir,
+        offload_dir=config.offload_dir, live=live,
     )
     elapsed = time.perf_counter() - start
     all_records = done_records + result.records
@@ -213,8 +216,9 @@ def prune(
         "n_blocks": n_blocks,
         "layers": layers,
         "allocation_detail": alloc.to_dict(),
-        "time_s": elapsed,
-        "calibration_time_s": result.calibration_time_s,
+        "time_s": prior["elapsed_s"] + elapsed,  # a resumed run adds the interrupted one's, to its last checkpoint
+        "time_this_process_s": elapsed,
+        "calibration_time_s": prior["calibration_time_s"] + result.calibration_time_s,
         "solver_time_s": sum(r.time_s for r in all_records),
         "block_times_s": done_times + result.block_times,
         "resumed_from_block": start_block or None,

@@ -6,8 +6,9 @@ prunes, ``.OUT.partial/checkpoint/`` holds, after every finished block ``k``:
 
 * ``block_KKKK.safetensors``: the pruned block's state dict (blocks left dense are not stored);
 * ``inputs_KKKK.safetensors``: the inputs of block ``k + 1`` (the pruned block's outputs), ``nsamples x L x d``;
-* ``state.json``: the configuration fingerprint, the last finished block, the per-layer records, block times
-  and the allocation, written last and atomically, so it only ever names files that are complete.
+* ``state.json``: the configuration fingerprint, the last finished block, the per-layer records, block times,
+  the run's cumulative wall and calibration time and the allocation, written last and atomically, so it only
+  ever names files that are complete.
 
 Tensors go through safetensors only; nothing is ever unpickled. The block keyword arguments (attention mask,
 rotary embeddings) are not stored: they are recaptured from one calibration window, which runs the embedding
@@ -152,9 +153,28 @@ class Checkpoint:
         records = [LayerRecord(**r) for r in state["records"]]
         return done + 1, (inputs, kwargs), records, list(state["block_times"]), state["allocation"]
 
+    def prior_timings(self) -> dict[str, float]:
+        """Wall and calibration seconds the interrupted process(es) had spent up to the last checkpoint, so a
+        resumed run reports its whole cost; zeros when there is nothing to resume. Checkpoints written before
+        these were recorded give the sum of their block times as the wall time and no calibration time."""
+        state = self._state or self.state()
+        if state is None:
+            return {"elapsed_s": 0.0, "calibration_time_s": 0.0}
+        return state.get("timings") or {"elapsed_s": sum(state["block_times"]), "calibration_time_s": 0.0}
+
     # writing ---------------------------------------------------------------------------------------------
-    def writer(self, model: nn.Module, adapter: FamilyAdapter, allocation: dict[str, Any], extra: dict[str, Any]):
-        """The engine's ``on_block_done`` callback that checkpoints every finished block."""
+    def writer(
+        self, model: nn.Module, adapter: FamilyAdapter, allocation: dict[str, Any], extra: dict[str, Any],
+        started: float | None = None, live: dict[str, float] | None = None,
+    ):
+        """The engine's ``on_block_done`` callback that checkpoints every finished block.
+
+        ``started`` is this process's ``time.perf_counter()`` at the start of pruning and ``live`` the engine's
+        running counters (``calibration_time_s``); with them every checkpoint records the run's cumulative
+        wall and calibration time, which a resumed run adds its own to.
+        """
+        prior = self.prior_timings()
+        started = time.perf_counter() if started is None else started
         if self._state is None:
             self._state = {
                 "format": FORMAT,
@@ -181,6 +201,10 @@ class Checkpoint:
             now = time.perf_counter()
             state["block_times"].append(now - self._last)
             self._last = now
+            state["timings"] = {
+                "elapsed_s": prior["elapsed_s"] + now - started,
+                "calibration_time_s": prior["calibration_time_s"] + (live or {}).get("calibration_time_s", 0.0),
+            }
             write_json(self.dir / STATE, state)
             if previous >= 0:
                 (self.dir / f"inputs_{previous:04d}.safetensors").unlink(missing_ok=True)

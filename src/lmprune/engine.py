@@ -312,6 +312,7 @@ def run_engine(
     offload_activations: bool = False,
     batch_windows: int = 1,
     offload_dir: str | Path | None = None,
+    live: dict[str, float] | None = None,
 ) -> EngineResult:
     """Prune ``model`` in place, block by block. Blocks not in ``blocks`` are propagated but left dense.
 
@@ -321,7 +322,8 @@ def run_engine(
     there); ``on_block_done`` then receives CPU tensors. ``offload_dir`` keeps them in files in a temporary
     folder there instead, one window in host memory at a time (``on_block_done`` then receives a
     :class:`~lmprune.activations.WindowFile`). ``batch_windows`` windows go through a block at once (their keyword
-    arguments broadcast over the batch).
+    arguments broadcast over the batch). ``live``, when given, holds the running ``calibration_time_s`` before
+    every ``on_block_done`` (a checkpoint records it).
     """
     device = torch.device(device)
     act_device = torch.device("cpu") if offload_activations or offload_dir is not None else device
@@ -353,6 +355,8 @@ def run_engine(
             records.extend(ctx.records)
             calib_time += ctx.pass_time_s
             block_times.append(time.perf_counter() - start)
+            if live is not None:
+                live["calibration_time_s"] = calib_time
             if on_block_done is not None:
                 on_block_done(i, inputs, ctx.records)
             if ctx.records:

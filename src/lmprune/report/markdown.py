@@ -28,8 +28,11 @@ def render_report(m: dict[str, Any], plots: dict[str, str] | None = None) -> str
         f"- pruning wall time: {m['time_s']:.1f} s (calibration passes through the blocks "
         f"{m.get('calibration_time_s', 0):.1f} s, solver {m.get('solver_time_s', 0):.1f} s); "
         f"peak RSS {m['peak_rss_mb']:.0f} MiB",
-        "",
     ]
+    if m.get("resumed_from_block") is not None and "time_this_process_s" in m:
+        lines.append(f"- resumed from a checkpoint at block {m['resumed_from_block']}: the wall time adds the "
+                     f"interrupted run's, up to its last checkpoint, to this process's {m['time_this_process_s']:.1f} s")
+    lines.append("")
     ppl = m.get("perplexity") or {}
     if ppl:
         lines += ["## Perplexity", "",
