@@ -381,6 +381,7 @@ def test_manifest_records_how_to_rerun(tmp_path, tiny_model_dirs, calib_file):
     assert len(m["calibration"]["sha256"]) == 64 and len(m["calibration"]["windows_sha256"]) == 64
     assert m["model"]["sha256"] and m["run_options"]["dtype"] == "float32"
     assert {"torch", "transformers", "lmprune", "python"} <= set(m["versions"])
+    assert int(m["versions"]["torch_threads"]) == torch.get_num_threads()
 
 
 # --- streaming -----------------------------------------------------------------------------------------------

@@ -18,7 +18,9 @@ REPORT = "report.md"
 
 
 def versions() -> dict[str, str]:
-    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    """Library versions and torch's CPU thread count: both change the order of floating-point reductions, and at
+    high sparsity that order moves the result (see bench/RESULTS.md), so a bit-identical rerun needs both."""
+    out = {"python": sys.version.split()[0], "platform": platform.platform(), "torch_threads": str(torch.get_num_threads())}
     for pkg in ("lmprune", "torch", "transformers", "gguf", "safetensors", "datasets", "lm_eval"):
         try:
             out[pkg] = metadata.version(pkg)
