@@ -29,18 +29,34 @@ def blocks_label(m: dict) -> str:
     return spec
 
 
-def row(run: Path, datasets: list[str], with_blocks: bool = False) -> str:
-    m = json.loads((run / "lmprune.json").read_text())
-    ppl = m.get("perplexity", {})
+def load_manifest(run: Path) -> dict:
+    return json.loads((run / "lmprune.json").read_text())
+
+
+def is_nm(m: dict) -> bool:
+    return ":" in m["pattern"] and m["pattern"] != "unstructured:row"
+
+
+def setting_label(m: dict) -> str:
+    """The pattern for N:M runs, the sparsity otherwise."""
+    return m["pattern"] if is_nm(m) else f"{m['sparsity']:.0%}"
+
+
+def perplexities(m: dict) -> dict[str, float]:
+    """Perplexity per dataset, without the evaluation settings stored beside them."""
+    return {d: v for d, v in m.get("perplexity", {}).items() if d not in ("eval_windows", "seqlen", "details")}
+
+
+def row(m: dict, datasets: list[str], with_blocks: bool = False) -> str:
+    ppl = perplexities(m)
     cells = [f"{ppl[d]:.1f}" if d in ppl else "–" for d in datasets]
     lead = "".join(f" {c} |" for c in cells)
     blocks = f" {blocks_label(m)} |" if with_blocks else ""
     if m["method"] == "dense":
         return "| dense | – |" + blocks + " – |" + lead + " – | – | – | – |"
     fmt = lambda k: f"{m[k]:.1f}" if isinstance(m.get(k), (int, float)) else "–"  # noqa: E731
-    setting = m["pattern"] if ":" in m["pattern"] and m["pattern"] != "unstructured:row" else f"{m['sparsity']:.0%}"
     wall, mark = wall_time(m)
-    return (f"| {method_label(m)} | {m['allocation']} |{blocks} {setting} |" + lead
+    return (f"| {method_label(m)} | {m['allocation']} |{blocks} {setting_label(m)} |" + lead
             + f" {wall:.1f}{mark} | {fmt('solver_time_s')} | {wall - m['solver_time_s']:.1f}{mark} | {fmt('peak_rss_mb')} |")
 
 
@@ -61,18 +77,15 @@ METHOD_ORDER = ("magnitude", "wanda", "wanda+dsnot", "sparsegpt", "sparsegpt+dsn
                 "sparsellm(alps-fast)", "sparsellm(alps)", "alps-fast", "alps")
 
 
-def sort_key(run: Path) -> tuple:
+def sort_key(m: dict) -> tuple:
     """Blocks, then unstructured sparsity before N:M, then the methods from the weakest baseline up."""
-    m = json.loads((run / "lmprune.json").read_text())
     label = method_label(m)
-    nm = ":" in m["pattern"] and m["pattern"] != "unstructured:row"
-    return (m.get("config", {}).get("blocks") or "all", nm, m["sparsity"],
+    return (m.get("config", {}).get("blocks") or "all", is_nm(m), m["sparsity"],
             METHOD_ORDER.index(label) if label in METHOD_ORDER else len(METHOD_ORDER), label)
 
 
-def raw_row(run: Path) -> dict:
+def raw_row(run: Path, m: dict) -> dict:
     """One run's figures for a JSONL file: what the table shows, unrounded, plus the settings behind them."""
-    m = json.loads((run / "lmprune.json").read_text())
     cfg = m.get("config", {})
     keep = ("method", "sparsity", "pattern", "allocation", "achieved_sparsity", "pattern_ok", "time_s",
             "time_this_process_s", "calibration_time_s", "solver_time_s", "resumed_from_block", "peak_rss_mb", "seed",
@@ -81,8 +94,8 @@ def raw_row(run: Path) -> dict:
     out["wall_s"], mark = wall_time(m)
     out["wall_from_block_times"] = bool(mark)
     out.update({k: cfg.get(k) for k in ("inner", "refine", "blocks", "nsamples", "seqlen")})
+    out["perplexity"] = perplexities(m)
     ppl = m.get("perplexity", {})
-    out["perplexity"] = {d: v for d, v in ppl.items() if d not in ("eval_windows", "seqlen", "details")}
     out["eval_windows"], out["eval_seqlen"] = ppl.get("eval_windows"), ppl.get("seqlen")
     return out
 
@@ -90,31 +103,23 @@ def raw_row(run: Path) -> dict:
 def main(argv: list[str]) -> int:
     ordered = "--sort" in argv
     jsonl = Path(argv[argv.index("--jsonl") + 1]) if "--jsonl" in argv else None
-    runs = [Path(a) for a in argv if (Path(a) / "lmprune.json").is_file()]
+    runs = {Path(a): load_manifest(Path(a)) for a in argv if (Path(a) / "lmprune.json").is_file()}
     if ordered:
-        runs.sort(key=sort_key)
+        runs = dict(sorted(runs.items(), key=lambda rm: sort_key(rm[1])))
     if jsonl is not None:
-        jsonl.write_text("".join(json.dumps(raw_row(r)) + "\n" for r in runs))
+        jsonl.write_text("".join(json.dumps(raw_row(r, m)) + "\n" for r, m in runs.items()))
     datasets: list[str] = []
-    for run in runs:
-        for d in json.loads((run / "lmprune.json").read_text()).get("perplexity", {}):
-            if d not in datasets and d not in ("eval_windows", "seqlen", "details"):
-                datasets.append(d)
-    with_blocks = any(json.loads((r / "lmprune.json").read_text()).get("config", {}).get("blocks") not in (None, "all")
-                      for r in runs)
+    for m in runs.values():
+        datasets += [d for d in perplexities(m) if d not in datasets]
+    with_blocks = any(m.get("config", {}).get("blocks") not in (None, "all") for m in runs.values())
     print("| method | allocation |" + (" blocks |" if with_blocks else "") + " setting |"
           + "".join(f" {d} ppl |" for d in datasets) + " prune wall s | of which solver s | the rest s | peak RSS MiB |")
     print("|" + "---|" * (7 + with_blocks + len(datasets)))
-    for run in runs:
-        print(row(run, datasets, with_blocks))
-    if any(wall_time(json.loads((r / "lmprune.json").read_text()))[1] for r in runs if not _dense(r)):
+    for m in runs.values():
+        print(row(m, datasets, with_blocks))
+    if any(wall_time(m)[1] for m in runs.values() if m["method"] != "dense"):
         print("\n" + RESUMED_NOTE)
     return 0
-
-
-def _dense(run: Path) -> bool:
-    return json.loads((run / "lmprune.json").read_text())["method"] == "dense"
-
 
 
 if __name__ == "__main__":

@@ -11,18 +11,13 @@ makes is read against the seed-to-seed spread of the baseline itself.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
 
-from runs_table import blocks_label, method_label
+from runs_table import blocks_label, load_manifest, method_label, perplexities, setting_label
 
 Key = tuple[str, str, str]  # method label, blocks, setting
-
-
-def setting_label(m: dict) -> str:
-    return m["pattern"] if ":" in m["pattern"] and m["pattern"] != "unstructured:row" else f"{m['sparsity']:.0%}"
 
 
 def load(runs: list[Path]) -> tuple[dict[Key, dict[int, dict[str, float]]], list[str]]:
@@ -30,10 +25,10 @@ def load(runs: list[Path]) -> tuple[dict[Key, dict[int, dict[str, float]]], list
     cells: dict[Key, dict[int, dict[str, float]]] = defaultdict(dict)
     datasets: list[str] = []
     for run in runs:
-        m = json.loads((run / "lmprune.json").read_text())
+        m = load_manifest(run)
         if m["method"] == "dense":
             continue
-        ppl = {d: v for d, v in m.get("perplexity", {}).items() if d not in ("eval_windows", "seqlen", "details")}
+        ppl = perplexities(m)
         datasets += [d for d in ppl if d not in datasets]
         key = (method_label(m), blocks_label(m), setting_label(m))
         if m["seed"] in cells[key]:

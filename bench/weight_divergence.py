@@ -15,7 +15,6 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 
 

@@ -165,7 +165,7 @@ class Checkpoint:
     # writing ---------------------------------------------------------------------------------------------
     def writer(
         self, model: nn.Module, adapter: FamilyAdapter, allocation: dict[str, Any], extra: dict[str, Any],
-        started: float | None = None, live: dict[str, float] | None = None,
+        started: float, live: dict[str, float],
     ):
         """The engine's ``on_block_done`` callback that checkpoints every finished block.
 
@@ -174,7 +174,6 @@ class Checkpoint:
         wall and calibration time, which a resumed run adds its own to.
         """
         prior = self.prior_timings()
-        started = time.perf_counter() if started is None else started
         if self._state is None:
             self._state = {
                 "format": FORMAT,
@@ -203,7 +202,7 @@ class Checkpoint:
             self._last = now
             state["timings"] = {
                 "elapsed_s": prior["elapsed_s"] + now - started,
-                "calibration_time_s": prior["calibration_time_s"] + (live or {}).get("calibration_time_s", 0.0),
+                "calibration_time_s": prior["calibration_time_s"] + live.get("calibration_time_s", 0.0),
             }
             write_json(self.dir / STATE, state)
             if previous >= 0:

@@ -29,7 +29,7 @@ def render_report(m: dict[str, Any], plots: dict[str, str] | None = None) -> str
         f"{m.get('calibration_time_s', 0):.1f} s, solver {m.get('solver_time_s', 0):.1f} s); "
         f"peak RSS {m['peak_rss_mb']:.0f} MiB",
     ]
-    if m.get("resumed_from_block") is not None and "time_this_process_s" in m:
+    if m.get("resumed_from_block") is not None:
         lines.append(f"- resumed from a checkpoint at block {m['resumed_from_block']}: the wall time adds the "
                      f"interrupted run's, up to its last checkpoint, to this process's {m['time_this_process_s']:.1f} s")
     lines.append("")
