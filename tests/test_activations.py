@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmprune.activations import WindowFile, release
+from lmprune.activations import ActivationStore, WindowFile
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -42,12 +42,29 @@ def test_truncated_file_is_an_error(tmp_path):
         f[1]
 
 
-def test_release_deletes_the_file(tmp_path):
-    f = WindowFile(tmp_path)
-    f.append(torch.ones(2))
-    release(f)
-    assert not f.path.exists() and len(f) == 0
-    release([torch.ones(2)])  # a list is left alone
+@pytest.mark.parametrize("place", ["device", "host", "files"])
+def test_store_propagates_window_by_window_and_cleans_up(tmp_path, place):
+    """Every place holds the same windows, batches them for the compute device, replaces them by a block's
+    outputs in order, and leaves no file behind."""
+    directory = tmp_path / "acts" if place == "files" else None
+    windows = [torch.randn(1, 5, 3) for _ in range(5)]
+    with ActivationStore("cpu", place, directory) as store:
+        for w in windows:
+            store.append(w)
+        assert len(store) == 5 and all(torch.equal(a, b) for a, b in zip(store, windows))
+        assert [b.shape[0] for b in store.batches(2)] == [2, 2, 1]
+        store.propagate(lambda x: x * 2 + 1, size=2)
+        assert all(torch.equal(a, b * 2 + 1) for a, b in zip(store, windows))
+        if place == "files":
+            assert len(list(directory.rglob("*.bin"))) == 1  # the inputs' file went when the outputs were complete
+    assert directory is None or not list(directory.rglob("*"))
+
+
+def test_store_refuses_a_misplaced_directory(tmp_path):
+    with pytest.raises(ValueError, match="needs a directory"):
+        ActivationStore("cpu", "files")
+    with pytest.raises(ValueError, match="place"):
+        ActivationStore("cpu", "disk")
 
 
 def test_trim_host_memory_runs_where_glibc_exists():

@@ -9,6 +9,7 @@ from conftest import make_model
 from lmprune import api
 from lmprune.config import ConfigError, build_config
 from lmprune.report.manifest import versions
+from lmprune.run import rundir
 
 
 def test_top_level_prune_with_keywords(tokenizer, calib_file):
@@ -57,7 +58,10 @@ def test_save_reload_gives_identical_logits(fam, tokenizer, calib_file, tmp_path
     manifest["model"] = {"spec": "tiny", "model_type": fam, "parameters": sum(p.numel() for p in model.parameters())}
     manifest["peak_rss_mb"] = 0.0
     manifest.update(versions=versions(), created="now", lmprune_version=lmprune.__version__)
-    out = api.save_run(model, tokenizer, manifest, tmp_path / "run", plots=False)
+    out = tmp_path / "run"
+    out.mkdir()
+    rundir.save_model(model, tokenizer, out, manifest)
+    assert manifest["reload_check"]["ok"]
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.randint(0, 300, (2, 20))
     with torch.no_grad():
@@ -74,8 +78,8 @@ def test_offload_and_device_do_not_make_a_different_run(tmp_path):
     out.mkdir()
     write_json(out / "lmprune.json", {"model": {"spec": "m"}, "config": config.model_dump()})
     with pytest.raises(api.RunExists):
-        api.check_out_dir(out, "m", build_config(method="wanda", sparsity=0.5, offload_activations=True), False)
+        rundir.check_out_dir(out, "m", build_config(method="wanda", sparsity=0.5, offload_activations=True), False)
     with pytest.raises(api.RunExists):
-        api.check_out_dir(out, "m", build_config(method="wanda", sparsity=0.5, offload_dir="/tmp/x"), False)
+        rundir.check_out_dir(out, "m", build_config(method="wanda", sparsity=0.5, offload_dir="/tmp/x"), False)
     with pytest.raises(ConfigError, match="differs in: sparsity"):
-        api.check_out_dir(out, "m", build_config(method="wanda", sparsity=0.6), False)
+        rundir.check_out_dir(out, "m", build_config(method="wanda", sparsity=0.6), False)

@@ -81,13 +81,15 @@ def test_cuda_offloaded_activations(tokenizer, calib_file, method, monkeypatch):
 
 
 def test_cuda_fit_check_reads_free_device_memory():
-    from lmprune.memory import check_fits, device_free_bytes, plan_memory
+    from lmprune.config import Job
+    from lmprune.run.memory import check_fits, device_free_bytes, plan_memory
     from conftest import _config
 
     free = device_free_bytes("cuda")
     assert free is not None and 0 < free <= torch.cuda.get_device_properties(0).total_memory
     config = build_config(method="sparsegpt", sparsity=0.5, calib="c4", nsamples=4, seqlen=32, device="cuda")
-    check_fits(plan_memory("tiny", config, _config("llama"), runtime=0.0), current_rss=0)  # a tiny run fits
+    job = Job(model="tiny", out="x", config=config)
+    check_fits(plan_memory(job, _config("llama"), runtime=0.0), current_rss=0)  # a tiny run fits
 
 
 @pytest.mark.parametrize("offload", [False, True])

@@ -139,37 +139,43 @@ def test_offloaded_activations_give_identical_weights(tokenizer, calib_file, tmp
 
 
 def test_disk_offload_reads_one_window_at_a_time(tokenizer, calib_file, tmp_path, monkeypatch):
-    """With --offload-dir the blocks see WindowFile inputs, never a list of every window, and each block's input
-    file is deleted once its outputs are written."""
-    from lmprune import engine
-    from lmprune.activations import WindowFile
+    """With --offload-dir the store keeps its windows in a WindowFile, never a list of every window, and each
+    block's input file is deleted once its outputs are written."""
+    from lmprune.activations import ActivationStore, WindowFile
 
     seen, alive = [], []
-    original = engine.BlockContext.forward
+    original = ActivationStore.propagate
 
-    def spy(self):
-        seen.append(type(self.inputs))
-        out = original(self)
-        alive.append(len(list((tmp_path / "acts").rglob("*.bin"))))
-        return out
+    def spy(self, fn, size=1):
+        seen.append(type(self._windows))
 
-    monkeypatch.setattr(engine.BlockContext, "forward", spy)
+        def counting(x):
+            alive.append(len(list((tmp_path / "acts").rglob("*.bin"))))
+            return fn(x)
+
+        original(self, counting, size)
+
+    monkeypatch.setattr(ActivationStore, "propagate", spy)
     api.prune(make_model("llama"), tokenizer, build_config(method="wanda", sparsity=0.5, calib=str(calib_file),
               nsamples=2, seqlen=16, offload_dir=str(tmp_path / "acts")), progress=False)
     assert seen and set(seen) == {WindowFile}
     assert set(alive) == {2}  # the block's inputs and its outputs; the previous block's inputs were deleted
+    assert not list((tmp_path / "acts").rglob("*.bin"))
 
 
 def test_offload_keeps_block_outputs_on_the_activation_device(tokenizer, calib_file):
-    """BlockContext moves each window to the compute device and returns outputs where the inputs are kept."""
+    """The store moves each window to the compute device and keeps the outputs where the inputs are kept."""
+    from lmprune.activations import ActivationStore
     from lmprune.data.calibration import sample_windows
     from lmprune.data.sources import load_source
-    from lmprune.engine import BlockContext, _block_output, capture_block_inputs
+    from lmprune.engine import BlockContext, _block_output, capture_inputs
 
     model = make_model("llama")
     adapter = get_adapter(model)
     windows = sample_windows(load_source(str(calib_file), "calib"), tokenizer, 2, 16, 0)
-    inputs, kwargs = capture_block_inputs(model, adapter, windows, progress=False)
+    store = ActivationStore("cpu", "host")
+    capture_inputs(model, adapter, windows, store, progress=False)
+    inputs = list(store)
     block = adapter.blocks(model)[0]
     moved = []
     original = torch.Tensor.to
@@ -178,18 +184,19 @@ def test_offload_keeps_block_outputs_on_the_activation_device(tokenizer, calib_f
         moved.append(args[0] if args else kw.get("device"))
         return original(self, *args, **kw)
 
-    ctx = BlockContext(0, block, adapter, inputs, kwargs, None, {}, None, torch.device("cpu"), torch.device("cpu"))
-    assert ctx.activation_device == torch.device("cpu")
+    ctx = BlockContext(0, block, adapter, store, None)
+    assert store.storage == torch.device("cpu")
     torch.Tensor.to = spy
     try:
-        outs = ctx.forward()
+        ctx.propagate()
     finally:
         torch.Tensor.to = original
+    outs = list(store)
     assert len(outs) == 2 and all(o.device.type == "cpu" for o in outs)
     assert moved.count(torch.device("cpu")) >= 4  # each window in, each output back
     with torch.no_grad():
         for o, x in zip(outs, inputs):
-            assert torch.equal(o, _block_output(block(x, **kwargs)))
+            assert torch.equal(o, _block_output(block(x, **store.kwargs)))
 
 
 @pytest.mark.parametrize("fam", ["llama", "opt", "qwen2"])

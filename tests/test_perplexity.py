@@ -3,7 +3,7 @@ import math
 import torch
 
 from conftest import make_model
-from lmprune.evaluation.perplexity import perplexity, stream_perplexity
+from lmprune.evaluation.perplexity import EvalSpec, perplexity, stream_perplexity
 
 
 def test_stream_perplexity_is_exp_mean_window_loss(tokenizer):
@@ -30,8 +30,8 @@ class CountingTokenizer:
 def test_evaluation_text_tokenised_once_per_tokenizer(tokenizer, data_dir):
     model = make_model("llama")
     counting = CountingTokenizer(tokenizer)
-    a = perplexity(model, counting, "ptb", 32, 2, data_dir, progress=False)
-    b = perplexity(model, counting, "ptb", 32, 2, data_dir, progress=False)
+    a = perplexity(model, counting, EvalSpec("ptb", 32, 2), data_dir, progress=False)
+    b = perplexity(model, counting, EvalSpec("ptb", 32, 2), data_dir, progress=False)
     assert counting.calls == 1 and a.perplexity == b.perplexity and a.windows == 2
 
 

@@ -21,12 +21,14 @@ def smollm2():
 
 def test_smollm2_loads_prunes_and_evaluates(smollm2, data_dir):
     from lmprune import api
-    from lmprune.config import build_config
+    from lmprune.config import EvalRequest, build_config
+    from lmprune.run.evaluate import perplexities
 
     model, tokenizer, source = smollm2
     assert model.config.model_type == "llama" and len(model.model.layers) == 30
     assert source.sha256 and model.dtype == torch.float32
-    dense = api.evaluate_perplexity(model, tokenizer, ["wikitext2"], 256, 2, str(data_dir), progress=False)
+    request = EvalRequest(datasets=["wikitext2"], seqlen=256, windows=2)
+    dense = perplexities(model, tokenizer, request, str(data_dir), "cpu", progress=False)
     config = build_config(method="sparsegpt", sparsity=0.5, nsamples=4, seqlen=128, blocks="0-1",
                           data_dir=str(data_dir))
     untouched = model.model.layers[2].mlp.down_proj.weight
@@ -36,6 +38,6 @@ def test_smollm2_loads_prunes_and_evaluates(smollm2, data_dir):
     assert report["achieved_sparsity"] == pytest.approx(0.5, abs=1e-4)
     assert all(0 < r["rel_error"] < 0.2 for r in report["layers"])
     assert untouched.count_nonzero().item() == nnz_before
-    pruned = api.evaluate_perplexity(model, tokenizer, ["wikitext2"], 256, 2, str(data_dir), progress=False)
+    pruned = perplexities(model, tokenizer, request, str(data_dir), "cpu", progress=False)
     assert math.isfinite(pruned["wikitext2"])
     assert dense["wikitext2"] < pruned["wikitext2"] < 2 * dense["wikitext2"]

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import _config
-from lmprune import checkpoint as ckpt_mod
-from lmprune.checkpoint import HOLD_ENV, MARKER, staging_dir
+from lmprune.run import checkpoint as ckpt_mod
+from lmprune.run.checkpoint import HOLD_ENV, MARKER, staging_dir
 from lmprune.cli import main
 
 
@@ -81,7 +81,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, deep_model, calib_file, 
     assert not out.exists()  # nothing at OUT looks finished
     assert (staging / MARKER).is_file() and not (staging / "lmprune.json").exists()
     assert sorted(p.name for p in (staging / "checkpoint").iterdir()) == [
-        "block_0000.safetensors", "block_0001.safetensors", "inputs_0001.safetensors", "state.json"]
+        "block_0000.safetensors", "block_0001.safetensors", "inputs_0001", "state.json"]
 
     # a different configuration is refused, naming the difference, and the checkpoint survives
     assert main(_args(deep_model, out, calib_file, **{"--sparsity": "0.6"})) == 2
@@ -106,19 +106,14 @@ class _Interrupt(Exception):
 
 def _interrupt_after(monkeypatch, block: int) -> None:
     """Make the checkpoint writer raise after checkpointing ``block`` (an in-process stand-in for a kill)."""
-    original = ckpt_mod.Checkpoint.writer
+    original = ckpt_mod.CheckpointEvents.block_done
 
-    def writer(self, *a, **kw):
-        save = original(self, *a, **kw)
+    def block_done(self, done):
+        original(self, done)
+        if done.index == block:
+            raise _Interrupt
 
-        def on_block_done(i, inputs_next, records):
-            save(i, inputs_next, records)
-            if i == block:
-                raise _Interrupt
-
-        return on_block_done
-
-    monkeypatch.setattr(ckpt_mod.Checkpoint, "writer", writer)
+    monkeypatch.setattr(ckpt_mod.CheckpointEvents, "block_done", block_done)
 
 
 @pytest.mark.parametrize("method,extra", [("wanda", {"--allocation": "owl"}), ("sparsegpt", {"--pattern": "2:4"}),
@@ -165,14 +160,14 @@ def test_no_resume_starts_over_and_resume_requires_checkpoint(tmp_path, deep_mod
 
 def test_failed_save_leaves_no_finished_looking_dir(tmp_path, deep_model, calib_file, monkeypatch):
     """An error while writing the report (after the model files) must not leave OUT or a manifest at OUT."""
-    from lmprune import api
+    from lmprune.report import markdown
 
     out = tmp_path / "run"
 
     def broken(*a, **kw):
         raise OSError("disk full")
 
-    monkeypatch.setattr(api, "render_report", broken)
+    monkeypatch.setattr(markdown, "render_report", broken)
     assert main(_args(deep_model, out, calib_file)) == 2
     assert not out.exists()
     staging = staging_dir(out)
@@ -199,7 +194,7 @@ def test_streamed_run_killed_then_resumed_is_bit_identical(tmp_path, deep_model,
     proc.stderr.close()
     staging = staging_dir(out)
     assert not out.exists() and (staging / MARKER).is_file()
-    assert sorted(p.name for p in (staging / "checkpoint").iterdir()) == ["inputs_0001.safetensors", "state.json"]
+    assert sorted(p.name for p in (staging / "checkpoint").iterdir()) == ["inputs_0001", "state.json"]
     assert {p.name for p in staging.glob("*.safetensors")} == {"model-00001-of-00005.safetensors",
                                                                "model-00002-of-00005.safetensors"}
     assert main(args) == 0

@@ -102,15 +102,16 @@ def test_run_that_cannot_fit_stops_before_loading(tmp_path, tiny_model_dirs, cal
 
 
 def _cuda_plan(**over):
-    from lmprune.memory import plan_memory
+    from lmprune.config import Job
+    from lmprune.run.memory import plan_memory
 
     kw = dict(method="sparsegpt", sparsity=0.5, calib="c4", nsamples=64, seqlen=128, device="cuda")
     config = build_config(**{**kw, **over})
-    return plan_memory("tiny", config, _config("llama"), runtime=0.0)
+    return plan_memory(Job(model="tiny", out="x", config=config), _config("llama"), runtime=0.0)
 
 
 def test_offload_plans_activations_on_the_host():
-    from lmprune.memory import MiB
+    from lmprune.run.memory import MiB
 
     kept, offloaded = _cuda_plan(), _cuda_plan(offload_activations=True)
     activations = 2 * 64 * 128 * 64 * 4
@@ -139,7 +140,7 @@ def test_offload_dir_plans_activations_on_disk():
 
 
 def test_device_that_cannot_fit_stops_with_what_to_change(monkeypatch):
-    from lmprune.memory import InsufficientMemory, check_fits
+    from lmprune.run.memory import InsufficientMemory, check_fits
 
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -160,12 +161,14 @@ def test_device_that_cannot_fit_stops_with_what_to_change(monkeypatch):
 
 
 def test_device_advice_for_evaluation_peak():
-    from lmprune.memory import plan_memory
+    from lmprune.config import EvalRequest, Job
+    from lmprune.run.memory import plan_memory
 
     config = build_config(method="magnitude", sparsity=0.5, calib="c4", nsamples=1, seqlen=16, device="cuda")
     cfg = _config("llama")
     cfg.vocab_size = 200_000  # evaluation logits dominate the device
-    plan = plan_memory("tiny", config, cfg, runtime=0.0, eval_datasets=["wikitext2"], eval_seqlen=2048)
+    job = Job(model="tiny", out="x", config=config, evaluation=EvalRequest(datasets=["wikitext2"], seqlen=2048))
+    plan = plan_memory(job, cfg, runtime=0.0)
     assert plan.peak("device")[0] == "eval"
     assert "skip --eval" in plan.advice("device") and "--offload-activations" not in plan.advice("device")
 
@@ -435,12 +438,34 @@ def test_streaming_peak_below_model_size_and_same_weights(tmp_path, big_model, c
     assert m["run_options"]["stream"] and m["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
 
 
-def test_streaming_refuses_what_it_cannot_do(tmp_path, tiny_model_dirs, calib_file, capsys):
+def test_streaming_refuses_zero_shot_before_anything_runs(tmp_path, tiny_model_dirs, calib_file, capsys):
     base = _prune(tiny_model_dirs["llama"], tmp_path / "run", calib_file, "--stream")
-    assert main(base + ["--eval", "wikitext2"]) == 2
-    assert "--stream cannot evaluate" in _err(capsys)
-    assert main(base + ["--allocation", "owl"]) == 2
-    assert "uniform or FILE.json only" in _err(capsys)
+    assert main(base + ["--tasks", "piqa"]) == 2
+    assert "zero-shot --tasks need the whole model" in _err(capsys)
+    assert not (tmp_path / "run").exists() and not list(tmp_path.glob(".*partial"))
+
+
+@pytest.mark.parametrize("fam", ["llama", "opt", "qwen2"])
+@pytest.mark.parametrize("allocation", ["owl", "alpha"])
+def test_streamed_run_allocates_and_evaluates_like_the_in_memory_run(tmp_path, tiny_model_dirs, calib_file, data_dir,
+                                                                    fam, allocation):
+    """Every allocation and perplexity evaluation (dense and pruned, read block by block from the shards) works
+    streamed, and gives the in-memory run's weights and figures."""
+    runs = {}
+    for mode in ("stream", "memory"):
+        args = _prune(tiny_model_dirs[fam], tmp_path / mode, calib_file, *(["--stream"] if mode == "stream" else []),
+                      "--eval-dense", **{"--method": "wanda", "--allocation": allocation, "--eval": "wikitext2,c4",
+                                         "--eval-windows": "3", "--eval-seqlen": "32", "--data-dir": str(data_dir)})
+        assert main(args) == 0
+        runs[mode] = json.loads((tmp_path / mode / "lmprune.json").read_text())
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "stream").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "memory").state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert runs["stream"]["perplexity"]["streamed"]
+    for key in ("perplexity", "dense_perplexity"):
+        for ds in ("wikitext2", "c4"):
+            assert runs["stream"][key][ds] == pytest.approx(runs["memory"][key][ds], rel=1e-5), (key, ds)
+    assert runs["stream"]["dense_perplexity"]["wikitext2"] != runs["stream"]["perplexity"]["wikitext2"]
 
 
 def test_streaming_takes_an_allocation_file(tmp_path, tiny_model_dirs, calib_file):

@@ -16,7 +16,7 @@ def prune(model: Any, tokenizer: Any, config: Any = None, *, progress: bool = Tr
     """Prune ``model`` in place; returns the run's manifest fields (per-layer records, timings, settings).
 
     ``config`` is a :class:`lmprune.config.PruneConfig`; or give its fields as keywords (they override the
-    fields of ``config`` when both are given). See :func:`lmprune.api.prune`.
+    fields of ``config`` when both are given). See :func:`lmprune.pipeline.prune`.
     """
     from .api import prune as prune_model
     from .config import build_config

@@ -1,10 +1,19 @@
-"""Calibration activations kept in a file instead of memory (``--offload-dir``), and host-memory trimming.
+"""The calibration activations of a run: one :class:`ActivationStore`, on the device, on the host or in files.
 
 The engine holds two sets of activations at a time -- the inputs of the current block and its outputs, each
-``nsamples x seqlen x d``. :class:`WindowFile` is a drop-in for the in-memory list of windows: appending a window
-writes its bytes at the end of the file, indexing reads one window back into a fresh tensor. Reads and writes go
-through ordinary file I/O rather than a memory map, so what the kernel caches stays page cache and is not charged
-to the process's resident memory: host memory holds one window (or one batch of windows) at a time.
+``nsamples x seqlen x d``. The store keeps the current set, window by window, where the run asked:
+
+* ``device``: on the compute device (fastest, most device memory);
+* ``host``: on the CPU, one window (or batch) moved to the device at a time (``--offload-activations``);
+* ``files``: in a temporary folder under ``--offload-dir``, one window in host memory at a time
+  (:class:`WindowFile`).
+
+Whatever the place, the engine, the checkpoint and the strategies see the same thing: windows, iterated one at
+a time or in batches moved to the compute device, and :meth:`ActivationStore.propagate` replacing them by a
+block's outputs. Where they live never changes a number.
+
+:class:`WindowFile` reads and writes through ordinary file I/O rather than a memory map, so what the kernel caches
+stays page cache and is not charged to the process's resident memory.
 """
 
 from __future__ import annotations
@@ -12,9 +21,9 @@ from __future__ import annotations
 import ctypes
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import overload
+from typing import Any, overload
 
 import torch
 from torch import Tensor
@@ -88,10 +97,99 @@ class WindowFile(Sequence[Tensor]):
             pass
 
 
-def release(windows) -> None:
-    """Free a set of activations the engine no longer needs (a file is deleted; a list is left to the GC)."""
-    if isinstance(windows, WindowFile):
-        windows.close()
+PLACES = ("device", "host", "files")
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+class ActivationStore:
+    """The hidden states entering the current block for every calibration window, and the block's keyword
+    arguments (masks, rotary embeddings: one window's worth, kept on the compute device).
+
+    Use it as a context manager: leaving it removes the files of a ``files`` store, also after an error.
+    """
+
+    def __init__(self, device: str | torch.device = "cpu", place: str = "device",
+                 directory: str | os.PathLike | None = None):
+        if place not in PLACES:
+            raise ValueError(f"activation place must be one of {', '.join(PLACES)}, not {place!r}")
+        if (place == "files") != (directory is not None):
+            raise ValueError("a 'files' store needs a directory, and only it")
+        self.device = torch.device(device)
+        self.place = place
+        #: Where the windows are kept: the compute device, or the host for ``host`` and ``files``.
+        self.storage = self.device if place == "device" else torch.device("cpu")
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        if directory is not None:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            self._tmp = tempfile.TemporaryDirectory(prefix="lmprune-activations-", dir=directory)
+        self._windows = self._new()
+        self.kwargs: dict[str, Any] = {}
+
+    def _new(self):
+        return [] if self._tmp is None else WindowFile(self._tmp.name)
+
+    # filling ----------------------------------------------------------------------------------------------
+    def append(self, window: Tensor) -> None:
+        """Add one window (``1 x seqlen x d``)."""
+        self._windows.append(window.detach().to(self.storage) if self._tmp is None else window)
+
+    def set_kwargs(self, kwargs: dict[str, Any]) -> None:
+        self.kwargs = _to(kwargs, self.device)
+
+    # reading ----------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._windows)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        """Every window where it is kept, one at a time."""
+        for i in range(len(self._windows)):
+            yield self._windows[i]
+
+    def batches(self, size: int = 1) -> Iterator[Tensor]:
+        """``size`` windows at a time, concatenated and on the compute device."""
+        size = max(1, int(size))
+        for i in range(0, len(self._windows), size):
+            chunk = self._windows[i : i + size]
+            x = chunk[0] if len(chunk) == 1 else torch.cat(chunk)
+            yield x.to(self.device)
+
+    # replacing --------------------------------------------------------------------------------------------
+    def propagate(self, fn: Callable[[Tensor], Tensor], size: int = 1) -> None:
+        """Replace every window ``x`` by ``fn(x)`` (a block's output), ``size`` windows per call; the old set is
+        released once the new one is complete."""
+        outputs = self._new()
+        for x in self.batches(size):
+            for out in fn(x).split(1):
+                outputs.append(out.to(self.storage) if self._tmp is None else out)
+        self._release(self._windows)
+        self._windows = outputs
+
+    def _release(self, windows) -> None:
+        if isinstance(windows, WindowFile):
+            windows.close()
+
+    def close(self) -> None:
+        """Drop every window and remove the store's files."""
+        self._release(self._windows)
+        self._windows = []
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> "ActivationStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _load_trim():

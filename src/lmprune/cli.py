@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model's repository")
     p.add_argument("--stream", action="store_true",
                    help="larger-than-memory models: read one block at a time from the safetensors shards and write "
-                        "it out when done (uniform or FILE.json allocation, no --eval/--tasks; resumable; saved in --dtype)")
+                        "it out when done (every allocation; --eval perplexity block by block, no --tasks; "
+                        "resumable; saved in --dtype)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow pickled .bin weights (read with torch.load(weights_only=True))")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -143,7 +144,7 @@ _PRUNE_FIELDS = ("method", "sparsity", "pattern", "allocation", "refine", "inner
 
 def _cmd_prune(args: argparse.Namespace) -> int:
     from . import api
-    from .config import ConfigError, build_config, load_recipe
+    from .config import ConfigError, Job, build_config, build_eval, load_recipe
 
     recipe = load_recipe(args.recipe) if args.recipe else {}
     model = args.model or recipe.pop("model", None)
@@ -161,34 +162,21 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             fields[key] = {**fields.get(key, {}), **_kv(getattr(args, flag))}
     if not model or not out or "sparsity" not in fields or "method" not in fields:
         raise ConfigError("prune needs --model, --method, --sparsity and --out (or a --recipe giving them)")
-    config = build_config(**fields)
+    job = Job(
+        model=model, out=out, config=build_config(**fields), dtype=args.dtype, save_dtype=args.save_dtype,
+        evaluation=build_eval(datasets=eval_list, windows=args.eval_windows, seqlen=args.eval_seqlen,
+                              dense=args.eval_dense, tasks=_csv(args.tasks), limit=args.limit),
+        stream=args.stream, overwrite=args.overwrite, resume=args.resume, trust_remote_code=args.trust_remote_code,
+        trust_pickle=args.trust_pickle, memory_check=not args.skip_memory_check, progress=not args.quiet,
+        invocation={"argv": ["lmprune", *args.argv]},
+    )
     if args.dry_run:
-        from .memory import plan_for_spec
+        from .run.memory import plan_for_job
 
-        plan = plan_for_spec(model, config, args.dtype, eval_list, args.eval_seqlen, args.trust_remote_code,
-                             args.stream)
-        print(plan.table())
-        return 0
-    if args.stream:
-        from .streaming import run_streaming
-
-        if eval_list or args.tasks:
-            raise ConfigError("--stream cannot evaluate in the same run; run lmprune eval on the output afterwards")
-        if args.save_dtype != "original":
-            raise ConfigError("--stream writes each block in the --dtype it was pruned in; "
-                              "use --dtype, not --save-dtype")
-        manifest = run_streaming(model, config, out, args.overwrite, not args.quiet, args.dtype,
-                                 args.trust_remote_code, {"argv": ["lmprune", *args.argv]}, args.resume)
-        print(f"pruned {model} block by block to {manifest['achieved_sparsity']:.4f} sparsity in "
-              f"{manifest['time_s']:.1f} s, peak RSS {manifest['peak_rss_mb']:.0f} MiB\nrun directory: {out}")
+        print(plan_for_job(job).table())
         return 0
     try:
-        manifest = api.run(
-            model, config, out, eval_list, args.eval_windows, args.eval_seqlen, args.eval_dense,
-            _csv(args.tasks), args.limit, args.overwrite, not args.quiet, resume=args.resume, dtype=args.dtype,
-            save_dtype=args.save_dtype, trust_remote_code=args.trust_remote_code, trust_pickle=args.trust_pickle,
-            memory_check=not args.skip_memory_check, invocation={"argv": ["lmprune", *args.argv]},
-        )
+        manifest = api.run(job)
     except api.RunExists as e:
         print(f"lmprune: {e}")
         return 0
@@ -209,12 +197,13 @@ def _print_summary(m: dict[str, Any], out: str) -> None:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from . import api
+    from .config import build_eval
     from .evaluation.zeroshot import score_table
 
-    result = api.evaluate(
-        args.model, _csv(args.ppl), args.eval_windows, args.seqlen, _csv(args.tasks), args.limit, args.data_dir,
-        args.device, args.batch_size, not args.quiet, args.ppl_batch_size,
-    )
+    request = build_eval(datasets=_csv(args.ppl), windows=args.eval_windows, seqlen=args.seqlen,
+                         tasks=_csv(args.tasks), limit=args.limit, ppl_batch_size=args.ppl_batch_size,
+                         task_batch_size=args.batch_size)
+    result = api.evaluate(args.model, request, args.data_dir, args.device, not args.quiet)
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).write_text(text)
@@ -243,11 +232,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_allocate(args: argparse.Namespace) -> int:
     from . import api
+    from .config import build_config
 
-    alloc, paths = api.allocate_only(
-        args.model, args.allocation, args.sparsity, args.out, args.calib, args.nsamples, args.seqlen, args.seed,
-        _kv(args.alloc_opt), args.data_dir, args.device, not args.quiet,
-    )
+    config = build_config(method="magnitude", sparsity=args.sparsity, allocation=args.allocation,
+                          allocation_options=_kv(args.alloc_opt), calib=args.calib, nsamples=args.nsamples,
+                          seqlen=args.seqlen, seed=args.seed, data_dir=args.data_dir, device=args.device)
+    alloc, paths = api.allocate(args.model, config, args.out, not args.quiet)
     per_block: dict[int, list] = {}
     for m in alloc.matrices:
         per_block.setdefault(m.block, []).append(m)

@@ -10,20 +10,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .patterns import Pattern, PatternError, check_sparsity, parse_pattern
-from .solvers import SOLVERS
-
-#: Methods that run as a block strategy around an inner per-matrix solver.
-BLOCK_METHODS = ("sparsellm",)
-REFINERS = ("none", "dsnot")
-ALLOCATIONS = ("uniform", "owl", "alpha")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message is one line naming the problem."""
-
-
-def method_names() -> list[str]:
-    return sorted(SOLVERS) + list(BLOCK_METHODS)
+from .errors import ConfigError
+from .registry import ALLOCATORS, REFINERS, SOLVERS, block_method_of, method_names
 
 
 class PruneConfig(BaseModel):
@@ -71,7 +59,7 @@ class PruneConfig(BaseModel):
     @field_validator("method", "inner", "refine")
     @classmethod
     def _known_name(cls, v: str, info) -> str:
-        choices = {"method": method_names(), "inner": sorted(SOLVERS), "refine": list(REFINERS)}[info.field_name]
+        choices = {"method": method_names(), "inner": SOLVERS.names(), "refine": REFINERS.names()}[info.field_name]
         if v not in choices:
             what = {"method": "method", "inner": "inner solver", "refine": "refiner"}[info.field_name]
             raise ValueError(f"unknown {what} {v!r}; choose from {', '.join(choices)}")
@@ -92,8 +80,9 @@ class PruneConfig(BaseModel):
                 f"pattern {pattern.spec} fixes the sparsity of every matrix ({pattern.effective_sparsity(0):.2f}); "
                 f"--allocation {self.allocation} cannot apply, use uniform"
             )
-        if self.allocation not in ALLOCATIONS and not self.allocation.endswith(".json"):
-            raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)} or a .json file, not {self.allocation!r}")
+        if self.allocation not in ALLOCATORS and not self.allocation.endswith(".json"):
+            raise ValueError(f"allocation must be one of {', '.join(ALLOCATORS)} or a .json file, "
+                             f"not {self.allocation!r}")
         return self
 
     @property
@@ -102,7 +91,7 @@ class PruneConfig(BaseModel):
 
     @property
     def solver_name(self) -> str:
-        return self.inner if self.method in BLOCK_METHODS else self.method
+        return self.method if block_method_of(self.method) == "layerwise" else self.inner
 
     def block_indices(self, n_blocks: int) -> list[int]:
         """Which blocks to prune, parsed from ``blocks``."""
@@ -124,6 +113,77 @@ class PruneConfig(BaseModel):
         if bad:
             raise ConfigError(f"blocks {bad} out of range: the model has {n_blocks} blocks")
         return sorted(out)
+
+
+#: Fields that say where and how a run computes, not what it computes: runs differing only in them are the same run.
+RUN_PLACE_FIELDS = ("device", "offload_activations", "offload_dir", "calib_batch_size", "data_dir")
+
+
+class EvalRequest(BaseModel):
+    """What to evaluate after (and, with ``dense``, before) pruning; every cap is reported beside its figure."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: Perplexity datasets (``wikitext2``, ``ptb``, ``c4`` or a file).
+    datasets: list[str] = Field(default_factory=list)
+    #: Cap on perplexity windows per dataset.
+    windows: int | None = Field(None, ge=1)
+    #: Perplexity window length (default: the calibration window length).
+    seqlen: int | None = Field(None, ge=2)
+    #: Also evaluate the dense model first.
+    dense: bool = False
+    #: Zero-shot tasks (lm-evaluation-harness).
+    tasks: list[str] = Field(default_factory=list)
+    #: Documents per zero-shot task.
+    limit: int | None = Field(None, ge=1)
+    #: Perplexity windows per forward pass.
+    ppl_batch_size: int = Field(1, ge=1)
+    #: Zero-shot batch size.
+    task_batch_size: int = Field(8, ge=1)
+
+    def perplexity_only(self) -> "EvalRequest":
+        return self.model_copy(update={"tasks": []})
+
+
+class Job(BaseModel):
+    """One ``lmprune prune`` command: the model, the configuration, the run directory and how to run."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    model: str
+    out: Path
+    config: PruneConfig
+    evaluation: EvalRequest = Field(default_factory=EvalRequest)
+    #: Precision the model is loaded and propagated in ("auto": as saved); solves are float32 whatever it is.
+    dtype: str = "float32"
+    #: Precision the model is saved in ("original": the model's own).
+    save_dtype: str = "original"
+    #: Read and write one block at a time from safetensors shards.
+    stream: bool = False
+    overwrite: bool = False
+    #: None: resume an interrupted run when there is one; True: require one; False: discard it.
+    resume: bool | None = None
+    trust_remote_code: bool = False
+    trust_pickle: bool = False
+    memory_check: bool = True
+    progress: bool = True
+    invocation: dict[str, Any] | None = None
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What an interrupted run must share with this one to be resumed by it."""
+        cfg = self.config.model_dump()
+        for key in RUN_PLACE_FIELDS:
+            cfg.pop(key, None)
+        return {"model": self.model, **cfg, "dtype": self.dtype, **({"stream": True} if self.stream else {})}
+
+
+def build_eval(**fields: Any) -> EvalRequest:
+    """EvalRequest from keyword fields (None values dropped); errors become one-line :class:`ConfigError`."""
+    try:
+        return EvalRequest(**{k: v for k, v in fields.items() if v is not None})
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise ConfigError(f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
 
 
 def build_config(**fields: Any) -> PruneConfig:

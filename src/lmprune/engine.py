@@ -1,80 +1,62 @@
-"""The layer-sequential pruning driver. It owns devices, hooks, progress and records; methods own the math.
+"""The block loop, and nothing else: it owns devices, hooks, progress and the per-layer records; methods own math.
 
 For calibration windows ``X⁰`` (the embeddings of ``nsamples`` token windows):
 
-1. capture the hidden states entering block 0 and every keyword argument the block is called with
-   (attention mask, position ids, rotary ``position_embeddings`` ...), by stopping the model at block 0;
-2. for each block ``b`` (moved alone to the compute device):
-   a. a *block strategy* prunes its linears -- by default: one pass of the inputs through the block with
-      hooks accumulating ``H = Σ xxᵀ`` (float32) per shared input, then for every linear
-      ``solver(W, H, pattern, target)`` → refiner → write back;
-   b. the pruned block's outputs on the same inputs become the next block's inputs (error propagation).
+1. :func:`capture_inputs` fills an :class:`~lmprune.activations.ActivationStore` with the hidden states entering
+   block 0 and the keyword arguments the model calls its blocks with (attention mask, position ids, rotary
+   ``position_embeddings`` ...), by stopping the model at block 0;
+2. :func:`run_engine`, for each block ``b`` (moved alone to the compute device):
+   a. the *block strategy* prunes its matrices through a :class:`BlockContext` -- by default one pass of the
+      inputs through the block with hooks accumulating ``H = Σ xxᵀ`` (float32) per shared input, then for every
+      matrix the run's :class:`~lmprune.layer_pruner.LayerPruner` (solver → refiner at the run's pattern);
+   b. the pruned block's outputs on the same inputs replace them in the store (error propagation);
+   c. the ``events`` object hears of the block's start and end (streaming loads and writes a block there, the
+      checkpoint saves the store there).
 
-Only the current block and the calibration activations live on the compute device. With
-``offload_activations`` the activations stay on the host instead: the inputs and outputs of every window are
-kept on the CPU and each window is moved to the device alone for the block passes, so the device holds one
-block, one window and the Gram matrices (what a block strategy captures for itself -- SparseLLM's FFN inputs
-of all windows -- still lives on the device while that block is solved). With ``offload_dir`` the activations
-go one step further, into files there (:class:`~lmprune.activations.WindowFile`), so that the host too holds one
-window at a time. The arithmetic is unchanged, so the weights are the same as without offload.
+The seam is narrow: :class:`EngineOptions`, one :class:`BlockEvents`, one store, one layer pruner, one strategy.
+Nothing here calls back into the pipeline or the API.
 """
 
 from __future__ import annotations
 
-import tempfile
 import time
 from contextlib import contextmanager
-from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .activations import WindowFile, release, trim_host_memory
+from .activations import ActivationStore, trim_host_memory
+from .layer_pruner import LayerPruner
 from .models.adapters import FamilyAdapter
-from .patterns import Pattern
 from .solvers.base import Gram, SolveResult, reconstruction_error
-
-InnerSolve = Callable[[Tensor, Gram, float], SolveResult]
 
 
 class _StopForward(Exception):
     pass
 
 
-def _to(obj: Any, device: torch.device | str) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
-
-
 _DROPPED_KWARGS = ("past_key_value", "past_key_values", "cache", "use_cache", "output_attentions")
 
 
 @torch.no_grad()
-def capture_block_inputs(
-    model: nn.Module, adapter: FamilyAdapter, windows: Tensor, progress: bool = True, sink: Any = None
-) -> tuple[list[Tensor], dict[str, Any]]:
-    """Hidden states entering block 0 for each window (1 x seqlen x d), and the block's keyword arguments.
+def capture_inputs(
+    model: nn.Module, adapter: FamilyAdapter, windows: Tensor, store: ActivationStore, progress: bool = True
+) -> None:
+    """Append the hidden states entering block 0 for each window (``1 x seqlen x d``) to ``store`` and set its
+    block keyword arguments (from the first window; they are the same for every window of one length).
 
     Runs on the model's current device (the CPU for large models): only the embedding and whatever precedes
-    the first block are computed. The hidden states are appended to ``sink`` (a fresh list by default).
+    the first block are computed.
     """
     first = adapter.blocks(model)[0]
-    inputs: Any = [] if sink is None else sink
     kwargs: dict[str, Any] = {}
 
     def grab(module, args, kw):
         hidden = args[0] if args else kw["hidden_states"]
-        inputs.append(hidden.detach())
+        store.append(hidden.detach())
         if not kwargs:
             kwargs.update({k: v for k, v in kw.items() if k != "hidden_states" and k not in _DROPPED_KWARGS})
         raise _StopForward
@@ -89,7 +71,14 @@ def capture_block_inputs(
                 pass
     finally:
         handle.remove()
-    return inputs, kwargs
+    store.set_kwargs(kwargs)
+
+
+def capture_kwargs(model: nn.Module, adapter: FamilyAdapter, window: Tensor, store: ActivationStore) -> None:
+    """Only the block keyword arguments, from one window (a resumed run restores the hidden states itself)."""
+    with ActivationStore("cpu") as scratch:
+        capture_inputs(model, adapter, window.reshape(1, -1), scratch, progress=False)
+        store.set_kwargs(scratch.kwargs)
 
 
 def _block_output(out: Any) -> Tensor:
@@ -113,41 +102,25 @@ class LayerRecord:
 
 
 class BlockContext:
-    """What a block strategy may use: the block, its calibration inputs, Gram collection and the solver."""
+    """What a block strategy may use: the block, its calibration inputs, Gram collection and the layer pruner."""
 
-    def __init__(
-        self,
-        index: int,
-        block: nn.Module,
-        adapter: FamilyAdapter,
-        inputs: list[Tensor],
-        kwargs: dict[str, Any],
-        pattern: Pattern,
-        targets: dict[str, float],
-        inner: InnerSolve,
-        device: torch.device,
-        activation_device: torch.device | None = None,
-        batch_windows: int = 1,
-        new_store: Callable[[], Any] = list,
-    ):
+    def __init__(self, index: int, block: nn.Module, adapter: FamilyAdapter, store: ActivationStore,
+                 pruner: LayerPruner, batch_windows: int = 1):
         self.index = index
         self.block = block
         self.adapter = adapter
-        self.inputs = inputs
-        self.kwargs = kwargs
-        self.pattern = pattern
-        self.targets = targets
-        self.inner = inner
-        self.device = device
-        #: Where the inputs live and the outputs of :meth:`forward` are kept (the host when offloading).
-        self.activation_device = device if activation_device is None else torch.device(activation_device)
+        self.store = store
+        self.pruner = pruner
         #: Windows per forward pass: more is faster on a GPU; the results agree up to float rounding.
         self.batch_windows = max(1, int(batch_windows))
-        #: Makes the container the outputs of :meth:`forward` are appended to (a list, or a file on disk).
-        self.new_store = new_store
+        self.device = store.device
         self.records: list[LayerRecord] = []
         self.pass_time_s = 0.0  # seconds spent running calibration inputs through the block
         self._linears = adapter.linears(block)
+
+    @property
+    def pattern(self):
+        return self.pruner.pattern
 
     def full_name(self, rel: str) -> str:
         return self.adapter.full_name(self.index, rel)
@@ -156,31 +129,27 @@ class BlockContext:
         return self._linears[rel]
 
     def target(self, rel: str) -> float:
-        return self.targets[self.full_name(rel)]
+        return self.pruner.targets[self.full_name(rel)]
 
-    @torch.no_grad()
-    def _run_inputs(self, keep_outputs: bool = False) -> list[Tensor]:
-        """One pass of every window through the block, :attr:`batch_windows` windows at a time on the compute
-        device; the outputs (when kept) go to :attr:`activation_device`, one ``1 x seqlen x d`` tensor per window.
-        Both moves are no-ops when nothing is offloaded."""
-        start = time.perf_counter()
-        outs = self.new_store() if keep_outputs else []
-        step = self.batch_windows
-        for i in range(0, len(self.inputs), step):
-            chunk = self.inputs[i : i + step]
-            x = chunk[0] if len(chunk) == 1 else torch.cat(chunk)
-            out = _block_output(self.block(x.to(self.device), **self.kwargs))
-            if keep_outputs:
-                outs.extend(o.to(self.activation_device) for o in out.split(1))
+    def _timed_sync(self, start: float) -> None:
         if self.device.type == "cuda":  # else the queued kernels' time would be charged to the next solve
             torch.cuda.synchronize(self.device)
         self.pass_time_s += time.perf_counter() - start
-        return outs
 
-    def forward(self) -> list[Tensor]:
-        """The block's outputs for every calibration input, with its current weights, on
-        :attr:`activation_device`."""
-        return self._run_inputs(keep_outputs=True)
+    @torch.no_grad()
+    def _run_inputs(self) -> None:
+        """One pass of every window through the block (outputs dropped; hooks collect what they need)."""
+        start = time.perf_counter()
+        for x in self.store.batches(self.batch_windows):
+            self.block(x, **self.store.kwargs)
+        self._timed_sync(start)
+
+    @torch.no_grad()
+    def propagate(self) -> None:
+        """Replace the store's windows by the block's outputs with its current weights."""
+        start = time.perf_counter()
+        self.store.propagate(lambda x: _block_output(self.block(x, **self.store.kwargs)), self.batch_windows)
+        self._timed_sync(start)
 
     @contextmanager
     def _hooks(self, rels: Iterable[str], fn: Callable[[str, Tensor, Tensor], None]):
@@ -220,11 +189,25 @@ class BlockContext:
         return {r: grams[group_of[r]] for r in rels}
 
     @torch.no_grad()
-    def capture(self, rels: Iterable[str], what: str = "input") -> dict[str, Tensor]:
-        """One pass through the block; each linear's inputs (or outputs) stacked as ``tokens x features`` fp32.
+    def collect_input_norms(self, rels: Iterable[str]) -> dict[str, Tensor]:
+        """One pass through the block; ``‖X_j‖₂`` of each linear's input (one per input group), float32."""
+        rels = list(rels)
+        group_of = {r: g[0] for g in self.adapter.groups for r in g if r in rels}
+        acc: dict[str, Tensor] = {}
 
-        The result is on the compute device even when the block's inputs are offloaded (the callers solve on it).
-        """
+        def add(rel: str, x: Tensor, _out: Tensor) -> None:
+            x = x.reshape(-1, x.shape[-1]).float()
+            sq = x.pow(2).sum(0)
+            acc[rel] = sq if rel not in acc else acc[rel].add_(sq)
+
+        with self._hooks(list(dict.fromkeys(group_of.values())), add):
+            self._run_inputs()
+        return {r: acc[group_of[r]].sqrt() for r in rels}
+
+    @torch.no_grad()
+    def capture(self, rels: Iterable[str], what: str = "input") -> dict[str, Tensor]:
+        """One pass through the block; each linear's inputs (or outputs) stacked as ``tokens x features`` fp32,
+        on the compute device (the callers solve on it)."""
         if what not in ("input", "output"):
             raise ValueError("what must be 'input' or 'output'")
         got: dict[str, list[Tensor]] = {r: [] for r in rels}
@@ -238,8 +221,8 @@ class BlockContext:
         return {r: torch.cat(v) for r, v in got.items()}
 
     def inner_solve(self, rel: str, weight: Tensor, gram: Gram, target: float | None = None) -> SolveResult:
-        """The configured solver (and refiner) on one matrix; pure, nothing written."""
-        return self.inner(weight, gram, self.target(rel) if target is None else target)
+        """The run's layer pruner on one matrix; pure, nothing written."""
+        return self.pruner.solve(weight, gram, self.target(rel) if target is None else target)
 
     @torch.no_grad()
     def commit(self, rel: str, result: SolveResult, gram: Gram, dense: Tensor | None = None, seconds: float = 0.0):
@@ -251,8 +234,7 @@ class BlockContext:
             raise FloatingPointError(f"solver produced NaN/Inf for {self.full_name(rel)}")
         lin.weight.copy_(new)
         target = self.target(rel)
-        pattern = result.pattern or self.pattern
-        check = pattern.verify(lin.weight.data, pattern.effective_sparsity(target))
+        check = self.pruner.verify(lin.weight.data, target, result)
         err, rel_err = reconstruction_error(dense, lin.weight.data, gram)
         stats = {k: v for k, v in result.stats.items() if isinstance(v, (int, float, str, bool))}
         self.records.append(
@@ -262,164 +244,106 @@ class BlockContext:
             )
         )
         if not check.ok:
-            raise AssertionError(f"{self.full_name(rel)} violates pattern {pattern.spec}: {check.detail}")
+            raise AssertionError(f"{self.full_name(rel)} violates pattern {check.detail}")
 
 
-def prune_block_layerwise(ctx: BlockContext, options: dict | None = None) -> None:
-    """The default strategy: Gram matrices from one pass of the block's current (dense) weights, then solve
-    every linear. With ``sequential=True`` each input group is solved before the next group's Gram matrix
-    is collected, so later layers see the earlier pruning (SparseGPT's "true sequential")."""
-    sequential = bool((options or {}).get("sequential", False))
-    groups = [list(g) for g in ctx.adapter.groups]
-    stages = groups if sequential else [[r for g in groups for r in g]]
-    for stage in stages:
-        grams = ctx.collect_grams(stage)
-        for rel in stage:
-            start = time.perf_counter()
-            dense = ctx.linear(rel).weight.detach().clone()
-            result = ctx.inner_solve(rel, dense.float(), grams[rel])
-            ctx.commit(rel, result, grams[rel], dense, time.perf_counter() - start)
-        for g in {id(g): g for g in grams.values()}.values():
-            g.release()
+BlockStrategy = Callable[[BlockContext], None]
 
 
-BlockStrategy = Callable[[BlockContext, dict], None]
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the engine runs; none of it changes a result (beyond float rounding for ``batch_windows``)."""
+
+    #: Blocks whose matrices the strategy prunes; the others are propagated dense. None: all.
+    prune_blocks: frozenset[int] | None = None
+    #: The first block to run (a resumed run starts after its last checkpoint) and the one to stop before
+    #: (None: run to the last block).
+    start_block: int = 0
+    end_block: int | None = None
+    #: Calibration windows per forward pass through a block.
+    batch_windows: int = 1
+    progress: bool = True
+    desc: str = "blocks"
+
+
+@dataclass
+class BlockDone:
+    """What the engine tells its events after block ``index``: the store now holds block ``index + 1``'s
+    inputs."""
+
+    index: int
+    store: ActivationStore
+    records: list[LayerRecord]
+    pass_time_s: float  # calibration passes through this block
+    block_time_s: float
+
+
+class BlockEvents:
+    """Hooks around every block; the default does nothing. Streaming loads a block's weights in
+    :meth:`block_start` and writes them in :meth:`block_done`; the checkpoint saves the store there."""
+
+    def block_start(self, index: int) -> None:
+        pass
+
+    def block_done(self, done: BlockDone) -> None:
+        pass
+
+
+class EventChain(BlockEvents):
+    """Several events objects, called in order (a block is written before a checkpoint names it)."""
+
+    def __init__(self, *events: BlockEvents | None):
+        self.events = [e for e in events if e is not None]
+
+    def block_start(self, index: int) -> None:
+        for e in self.events:
+            e.block_start(index)
+
+    def block_done(self, done: BlockDone) -> None:
+        for e in self.events:
+            e.block_done(done)
 
 
 @dataclass
 class EngineResult:
-    records: list[LayerRecord]
-    block_times: list[float]
-    calibration_time_s: float  # capturing block 0's inputs plus every pass of the inputs through a block
+    records: list[LayerRecord] = field(default_factory=list)
+    block_times: list[float] = field(default_factory=list)
+    calibration_time_s: float = 0.0  # every pass of the inputs through a block
 
 
 def run_engine(
     model: nn.Module,
     adapter: FamilyAdapter,
-    windows: Tensor,
-    pattern: Pattern,
-    targets: dict[str, float],
-    inner: InnerSolve,
-    strategy: BlockStrategy = prune_block_layerwise,
-    strategy_options: dict | None = None,
-    blocks: Iterable[int] | None = None,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-    on_block_done: Callable[[int, list[Tensor], list[LayerRecord]], None] | None = None,
-    start_block: int = 0,
-    start_inputs: tuple[list[Tensor], dict[str, Any]] | None = None,
-    before_block: Callable[[int], None] | None = None,
-    offload_activations: bool = False,
-    batch_windows: int = 1,
-    offload_dir: str | Path | None = None,
-    live: dict[str, float] | None = None,
+    store: ActivationStore,
+    pruner: LayerPruner | None,
+    strategy: BlockStrategy,
+    options: EngineOptions,
+    events: BlockEvents,
 ) -> EngineResult:
-    """Prune ``model`` in place, block by block. Blocks not in ``blocks`` are propagated but left dense.
-
-    ``before_block(i)`` runs before block ``i`` is touched (streaming loads its weights there).
-    ``offload_activations`` keeps the calibration activations on the CPU and moves one window at a time to
-    ``device`` (the block's keyword arguments -- masks, rotary embeddings -- are one window's worth and stay
-    there); ``on_block_done`` then receives CPU tensors. ``offload_dir`` keeps them in files in a temporary
-    folder there instead, one window in host memory at a time (``on_block_done`` then receives a
-    :class:`~lmprune.activations.WindowFile`). ``batch_windows`` windows go through a block at once (their keyword
-    arguments broadcast over the batch). ``live``, when given, holds the running ``calibration_time_s`` before
-    every ``on_block_done`` (a checkpoint records it).
-    """
-    device = torch.device(device)
-    act_device = torch.device("cpu") if offload_activations or offload_dir is not None else device
-    all_blocks = adapter.blocks(model)
-    selected = set(range(len(all_blocks)) if blocks is None else blocks)
-    records: list[LayerRecord] = []
-    block_times: list[float] = []
-    with _activation_stores(offload_dir) as new_store:
-        t0 = time.perf_counter()
-        inputs, kwargs = _first_inputs(model, adapter, windows, progress, start_inputs, new_store, act_device)
-        kwargs = _to(kwargs, device)
-        calib_time = time.perf_counter() - t0
-        bar = tqdm(range(start_block, len(all_blocks)), desc="blocks", disable=not progress)
-        for i in bar:
-            start = time.perf_counter()
-            if before_block is not None:
-                before_block(i)
-            block = all_blocks[i]
-            home = next(block.parameters()).device
-            block.to(device)
-            ctx = BlockContext(i, block, adapter, inputs, kwargs, pattern, targets, inner, device, act_device,
-                               batch_windows, new_store)
-            if i in selected:
-                strategy(ctx, strategy_options or {})
-            outputs = ctx.forward()
-            release(inputs)
-            inputs = outputs
-            block.to(home)
-            records.extend(ctx.records)
-            calib_time += ctx.pass_time_s
-            block_times.append(time.perf_counter() - start)
-            if live is not None:
-                live["calibration_time_s"] = calib_time
-            if on_block_done is not None:
-                on_block_done(i, inputs, ctx.records)
-            if ctx.records:
-                bar.set_postfix(err=f"{sum(r.rel_error for r in ctx.records) / len(ctx.records):.4f}")
-            trim_host_memory()  # after on_block_done, which may have written and dropped the block (streaming)
-        release(inputs)
-    return EngineResult(records, block_times, calib_time)
-
-
-@contextmanager
-def _activation_stores(offload_dir: str | Path | None):
-    """The factory of activation containers: lists in memory, or files in a temporary folder in ``offload_dir``
-    (removed with everything in it on exit, also after an error)."""
-    if offload_dir is None:
-        yield list
-        return
-    Path(offload_dir).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="lmprune-activations-", dir=offload_dir) as tmp:
-        yield lambda: WindowFile(tmp)
-
-
-def _first_inputs(model, adapter, windows, progress, start_inputs, new_store, act_device):
-    """The inputs of the first block to run (captured, or a resumed checkpoint's) in a ``new_store()`` container
-    on ``act_device``, and the blocks' keyword arguments."""
-    if start_inputs is None:
-        inputs, kwargs = capture_block_inputs(model, adapter, windows, progress, sink=new_store())
-    else:
-        resumed, kwargs = start_inputs
-        inputs = new_store()
-        inputs.extend(resumed)
-    if isinstance(inputs, list):
-        inputs = [x.to(act_device) for x in inputs]
-    return inputs, kwargs
-
-
-@torch.no_grad()
-def collect_input_norms(
-    model: nn.Module, adapter: FamilyAdapter, windows: Tensor, device: str | torch.device = "cpu",
-    progress: bool = True, offload_activations: bool = False, batch_windows: int = 1,
-    offload_dir: str | Path | None = None,
-) -> dict[str, Tensor]:
-    """``‖X_j‖₂`` of every prunable linear's input on the dense model (for OWL), block by block.
-
-    ``offload_activations`` and ``offload_dir`` keep the activations on the CPU or on disk as in
-    :func:`run_engine`.
-    """
-    device = torch.device(device)
-    act_device = torch.device("cpu") if offload_activations or offload_dir is not None else device
-    norms: dict[str, Tensor] = {}
-    with _activation_stores(offload_dir) as new_store:
-        inputs, kwargs = _first_inputs(model, adapter, windows, progress, None, new_store, act_device)
-        kwargs = _to(kwargs, device)
-        for i, block in enumerate(tqdm(adapter.blocks(model), desc="input norms", disable=not progress)):
-            home = next(block.parameters()).device
-            block.to(device)
-            ctx = BlockContext(i, block, adapter, inputs, kwargs, None, {}, None, device,  # type: ignore[arg-type]
-                               act_device, batch_windows, new_store)
-            for rel, gram in ctx.collect_grams(adapter.linear_names()).items():
-                norms[ctx.full_name(rel)] = gram.column_norms().cpu()
-            outputs = ctx.forward()
-            release(inputs)
-            inputs = outputs
-            trim_host_memory()
-            block.to(home)
-        release(inputs)
-    return norms
+    """Run ``store``'s windows through the blocks from ``options.start_block`` on, pruning each selected block
+    with ``strategy`` (``pruner`` is what it solves with; None for a pass that only collects statistics) and
+    propagating the pruned block's outputs. Blocks not selected are propagated unchanged."""
+    blocks = adapter.blocks(model)
+    result = EngineResult()
+    end = len(blocks) if options.end_block is None else options.end_block
+    bar = tqdm(range(options.start_block, end), desc=options.desc, disable=not options.progress)
+    for i in bar:
+        start = time.perf_counter()
+        events.block_start(i)
+        block = blocks[i]
+        home = next(block.parameters()).device
+        block.to(store.device)
+        ctx = BlockContext(i, block, adapter, store, pruner, options.batch_windows)
+        if options.prune_blocks is None or i in options.prune_blocks:
+            strategy(ctx)
+        ctx.propagate()
+        block.to(home)
+        result.records.extend(ctx.records)
+        result.calibration_time_s += ctx.pass_time_s
+        seconds = time.perf_counter() - start
+        result.block_times.append(seconds)
+        events.block_done(BlockDone(i, store, ctx.records, ctx.pass_time_s, seconds))
+        if ctx.records:
+            bar.set_postfix(err=f"{sum(r.rel_error for r in ctx.records) / len(ctx.records):.4f}")
+        trim_host_memory()  # after the events, which may have written and dropped the block (streaming)
+    return result

@@ -51,6 +51,31 @@ def token_stream(source: TextSource, tokenizer) -> torch.Tensor:
     return cache[key]
 
 
+def window_nll(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """Sum over the windows of ``batch`` of each window's mean next-token negative log-likelihood (float64)."""
+    nll = F.cross_entropy(logits.float()[:, :-1].transpose(1, 2), batch[:, 1:], reduction="none").mean(dim=1)
+    return nll.double().sum().cpu()
+
+
+def split_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> tuple[torch.Tensor, int]:
+    """``(windows n x seqlen, windows available)``: non-overlapping windows of the stream, the last partial one
+    dropped, the first ``max_windows`` kept."""
+    available = ids.shape[1] // seqlen
+    if available == 0:
+        raise ValueError(f"evaluation text has {ids.shape[1]} tokens, fewer than one window of {seqlen}")
+    n = available if max_windows is None else min(available, max_windows)
+    return ids[0, : n * seqlen].view(n, seqlen), available
+
+
+def eval_windows(source: TextSource, tokenizer, dataset: str, seqlen: int,
+                 max_windows: int | None = None) -> tuple[torch.Tensor, int]:
+    """The evaluation windows of a dataset under the protocol (C4: at most 256 windows)."""
+    ids = token_stream(source, tokenizer)
+    if dataset == "c4":
+        ids = ids[:, : C4_MAX_WINDOWS * seqlen]
+    return split_windows(ids, seqlen, max_windows)
+
+
 @torch.no_grad()
 def stream_perplexity(
     model, ids: torch.Tensor, seqlen: int, max_windows: int | None = None, device: str | torch.device = "cpu",
@@ -61,29 +86,31 @@ def stream_perplexity(
     ``batch_size`` windows go through the model at once (faster on a GPU; each window is still scored on its own,
     so the figure agrees with ``batch_size=1`` up to float rounding).
     """
-    available = ids.shape[1] // seqlen
-    if available == 0:
-        raise ValueError(f"evaluation text has {ids.shape[1]} tokens, fewer than one window of {seqlen}")
-    n = available if max_windows is None else min(available, max_windows)
-    windows = ids[0, : n * seqlen].view(n, seqlen)
+    windows, available = split_windows(ids, seqlen, max_windows)
+    n = windows.shape[0]
     nll_sum = torch.zeros((), dtype=torch.float64)
     step = max(1, int(batch_size))
     for w in tqdm(range(0, n, step), desc=desc, disable=not progress, leave=False):
         batch = windows[w : w + step].to(device)
-        logits = model(batch, use_cache=False).logits.float()
-        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch[:, 1:], reduction="none").mean(dim=1)
-        nll_sum += nll.double().sum().cpu()
+        nll_sum += window_nll(model(batch, use_cache=False).logits, batch)
     return math.exp(nll_sum.item() / n), n, available
 
 
-def perplexity(
-    model, tokenizer, dataset: str, seqlen: int, max_windows: int | None = None, data_dir=None,
-    device: str | torch.device = "cpu", progress: bool = True, batch_size: int = 1,
-) -> PerplexityResult:
-    source = load_source(dataset, "eval", data_dir)
-    ids = token_stream(source, tokenizer)
-    if dataset == "c4":
-        ids = ids[:, : C4_MAX_WINDOWS * seqlen]
-    ppl, n, available = stream_perplexity(model, ids, seqlen, max_windows, device, progress, f"ppl {dataset}",
-                                         batch_size)
-    return PerplexityResult(dataset, ppl, n, available, seqlen, n * seqlen, source.origin, source.sha256)
+@dataclass(frozen=True)
+class EvalSpec:
+    """One perplexity evaluation: dataset, window length, window cap, and windows per forward pass."""
+
+    dataset: str
+    seqlen: int
+    max_windows: int | None = None
+    batch_size: int = 1
+
+
+def perplexity(model, tokenizer, spec: EvalSpec, data_dir=None, device: str | torch.device = "cpu",
+               progress: bool = True) -> PerplexityResult:
+    source = load_source(spec.dataset, "eval", data_dir)
+    windows, available = eval_windows(source, tokenizer, spec.dataset, spec.seqlen, spec.max_windows)
+    ppl, n, _ = stream_perplexity(model, windows.reshape(1, -1), spec.seqlen, None, device, progress,
+                                  f"ppl {spec.dataset}", spec.batch_size)
+    return PerplexityResult(spec.dataset, ppl, n, available, spec.seqlen, n * spec.seqlen, source.origin,
+                            source.sha256)

@@ -135,7 +135,7 @@ def load_model(
             path = Path(source.path)
             source.sha256 = file_sha256(path)
             model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            tokenizer = _tokenizer(source, trust_remote_code)
             _drop_quantizer(model)
         else:
             if source.kind == "dir":
@@ -143,7 +143,7 @@ def load_model(
                 if not trust_pickle:
                     _refuse_pickles(Path(source.path), spec)
             model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+            tokenizer = _tokenizer(source, trust_remote_code)
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError, SafetensorError, EOFError) as e:
@@ -155,6 +155,26 @@ def load_model(
         source.details["pad_token"] = note
     check_finite(model)
     return model, tokenizer, source
+
+
+def _tokenizer(source: ModelSource, trust_remote_code: bool):
+    if source.kind in ("alias", "gguf"):
+        path = Path(source.path)
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+
+
+def load_tokenizer(spec: str, trust_remote_code: bool = False):
+    """The tokenizer of a model spec alone (no weights)."""
+    try:
+        return _tokenizer(resolve(spec), trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load the tokenizer of {spec!r}: {_first_line(e)}") from e
+
+
+def default_seqlen(config) -> int:
+    """The calibration and evaluation window length when none is given: the context length, at most 2048."""
+    return int(min(getattr(config, "max_position_embeddings", 2048) or 2048, 2048))
 
 
 def ensure_pad_token(tokenizer, spec: str) -> str | None:

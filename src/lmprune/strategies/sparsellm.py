@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..solvers.base import Gram
 from ..solvers.sparsellm import FFNPruneResult, Options, prune_ffn_relu, prune_ffn_swiglu
+from .layerwise import prune_groups
 
 
 class StrategyOptions(Options):
@@ -28,35 +29,20 @@ class StrategyOptions(Options):
     sequential_attention: bool = True
 
 
-def _prune_layerwise(ctx, rels: list[list[str]], note: str | None = None) -> None:
-    for stage in rels:
-        grams = ctx.collect_grams(stage)
-        for rel in stage:
-            start = time.perf_counter()
-            dense = ctx.linear(rel).weight.detach().clone()
-            result = ctx.inner_solve(rel, dense.float(), grams[rel])
-            if note:
-                result.stats["sparsellm"] = note
-            ctx.commit(rel, result, grams[rel], dense, time.perf_counter() - start)
-        for g in {id(g): g for g in grams.values()}.values():
-            g.release()
-
-
 def _supported(ffn) -> bool:
     return (ffn.kind == "relu" and ffn.act == "relu") or (ffn.kind == "swiglu" and ffn.act == "silu" and ffn.gate)
 
 
 @torch.no_grad()
-def prune_block(ctx, options: dict | None = None) -> None:
-    opts = StrategyOptions(**(options or {}))
+def prune_block(ctx, opts: StrategyOptions) -> None:
     ffn = ctx.adapter.ffn
     roles = {"up": ffn.up, "down": ffn.down} | ({"gate": ffn.gate} if ffn.gate else {})
     ffn_rels = set(roles.values())
     attention = [list(g) for g in ctx.adapter.groups if not set(g) & ffn_rels]
     ffn_groups = [list(g) for g in ctx.adapter.groups if set(g) & ffn_rels]
-    _prune_layerwise(ctx, attention if opts.sequential_attention else [[r for g in attention for r in g]])
+    prune_groups(ctx, attention if opts.sequential_attention else [[r for g in attention for r in g]])
     if not _supported(ffn):
-        _prune_layerwise(ctx, ffn_groups, note=f"layer-wise fallback: unsupported FFN {ffn.kind}/{ffn.act}")
+        prune_groups(ctx, ffn_groups, {"sparsellm": f"layer-wise fallback: unsupported FFN {ffn.kind}/{ffn.act}"})
         return
 
     start = time.perf_counter()

@@ -38,7 +38,8 @@ from typing import Any
 
 import torch
 
-from .config import BLOCK_METHODS, ConfigError, PruneConfig
+from ..config import ConfigError, Job, PruneConfig
+from ..registry import BLOCK_METHODS, REFINERS, SOLVERS, block_method_of
 
 MiB = 2**20
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -141,18 +142,18 @@ class MemoryPlan:
         return ", ".join(tips) + ", or prune on --device cpu"
 
 
-def _meta_model(config: Any):
+def _meta_model(config: Any, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def runtime_bytes() -> float:
     """Resident size of this process after importing what a run imports (torch, transformers, lmprune)."""
     import psutil
 
-    for name in ("lmprune.api", "lmprune.report.plots", "safetensors.torch"):
+    for name in ("lmprune.pipeline", "lmprune.report.plots", "safetensors.torch"):
         try:
             importlib.import_module(name)
         except ImportError:
@@ -160,63 +161,44 @@ def runtime_bytes() -> float:
     return float(psutil.Process().memory_info().rss)
 
 
-def _solver_workspace(method: str, out: int, inp: int, tokens: int, d_ff: int, inner: str, refine: str) -> float:
-    """float32 bytes a solver holds beyond its inputs for one ``out x in`` matrix."""
-    mat, sq = out * inp, inp * inp
-    base = 2 * mat  # the engine's dense clone and the float32 copy handed to the solver
-    per = {
-        "magnitude": 3 * mat,
-        "wanda": 5 * mat,
-        "sparsegpt": 3 * sq + 4 * mat,
-        "alps": 3 * sq + 5 * mat,
-        "alps-fast": 3 * sq + 5 * mat,
-    }
-    if method in BLOCK_METHODS:
-        work = per.get(inner, 3 * sq + 5 * mat) + 4 * tokens * d_ff
-    else:
-        work = per.get(method, 3 * sq + 5 * mat)
-    if refine != "none":
-        work += 3 * mat
-    return 4.0 * (base + work)
+def _solver_workspace(config: PruneConfig, out: int, inp: int, tokens: int, d_ff: int) -> float:
+    """float32 bytes the solver, refiner and block method hold beyond their inputs for one ``out x in`` matrix
+    (their registry entries say how much)."""
+    words = 2 * out * inp  # the engine's dense clone and the float32 copy handed to the solver
+    for plugin in (SOLVERS.get(config.solver_name), REFINERS.get(config.refine),
+                   BLOCK_METHODS.get(block_method_of(config.method))):
+        a, b, c = plugin.workspace
+        words += a * inp * inp + b * out * inp + c * tokens * d_ff
+    return 4.0 * words
 
 
 def plan_memory(
-    model_spec: str,
-    config: PruneConfig,
-    model_config: Any,
-    dtype: str = "float32",
-    source_kind: str = "dir",
-    eval_datasets: list[str] | None = None,
-    eval_seqlen: int | None = None,
-    runtime: float | None = None,
+    job: Job, model_config: Any, source_kind: str = "dir", runtime: float | None = None,
     text_tokens: dict[str, int] | None = None,
-    stream: bool = False,
 ) -> MemoryPlan:
-    """Estimate the peak memory of ``lmprune prune`` with ``config`` on a model with ``model_config``.
+    """Estimate the peak memory of ``job`` on a model with ``model_config``.
 
     ``text_tokens`` maps a stream text (the calibration source under "calib", evaluation datasets by name) to
-    its token count, for the tokenisation transients; absent texts are left out of the plan. ``stream``
-    plans ``--stream``: the non-block weights plus one block, each block written as its own shard.
+    its token count, for the tokenisation transients; absent texts are left out of the plan. A streamed job
+    plans the non-block weights plus one block, each block written as its own shard.
     """
-    from .models.adapters import get_adapter
+    from ..models.adapters import get_adapter
+    from ..models.loading import declared_dtype, default_seqlen
 
-    model = _meta_model(model_config)
+    config, model_spec, stream = job.config, job.model, job.stream
+    eval_datasets, eval_seqlen = job.evaluation.datasets, job.evaluation.seqlen
+    model = _meta_model(model_config, job.trust_remote_code)
     adapter = get_adapter(model)
     blocks = adapter.blocks(model)
-    if dtype == "auto":
-        tdtype = next(model.parameters()).dtype if source_kind not in ("gguf", "alias") else torch.float32
-        saved = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
-        if isinstance(saved, str) and saved in _DTYPES:
-            tdtype = _DTYPES[saved]
-        elif isinstance(saved, torch.dtype):
-            tdtype = saved
+    if job.dtype == "auto":
+        tdtype = torch.float32 if source_kind in ("gguf", "alias") else declared_dtype(model_config)
     else:
-        tdtype = _DTYPES[dtype]
+        tdtype = _DTYPES[job.dtype]
     width = torch.finfo(tdtype).bits // 8
     n_params = sum(p.numel() for p in model.parameters())
     weights = n_params * width
     block_params = max(sum(p.numel() for p in b.parameters()) for b in blocks)
-    seqlen = config.seqlen or int(min(getattr(model_config, "max_position_embeddings", 2048) or 2048, 2048))
+    seqlen = config.seqlen or default_seqlen(model_config)
     n, d = config.nsamples, int(model_config.hidden_size)
     tokens = n * seqlen
     heads = int(getattr(model_config, "num_attention_heads", 1))
@@ -226,11 +208,8 @@ def plan_memory(
     leaders = [g[0] for g in adapter.groups]
     gram_sizes = [linears[r].in_features for r in leaders]
     grams = 4.0 * (max(i * i + i for i in gram_sizes) if config.sequential else sum(i * i + i for i in gram_sizes))
-    work = max(
-        _solver_workspace(config.method, lin.out_features, lin.in_features, tokens, d_ff, config.inner, config.refine)
-        for lin in linears.values()
-    )
-    if config.method in BLOCK_METHODS:
+    work = max(_solver_workspace(config, lin.out_features, lin.in_features, tokens, d_ff) for lin in linears.values())
+    if block_method_of(config.method) != "layerwise":
         grams += 4.0 * sum(i * i for i in gram_sizes)  # the FFN's own Gram matrices beside the attention's
     activations = 2.0 * tokens * d * width
     forward = 4.0 * (heads * seqlen * seqlen + 4 * seqlen * d + 3 * seqlen * d_ff)
@@ -269,7 +248,8 @@ def plan_memory(
         plan.add(act_name, activations, prune, where)
     plan.add("block forward intermediates (one window)", forward, prune, where)
     plan.add("Gram matrices of one block (float32)", grams, prune, where)
-    plan.add(f"solver workspace ({config.solver_name if config.method not in BLOCK_METHODS else config.method})",
+    label = config.solver_name if block_method_of(config.method) == "layerwise" else config.method
+    plan.add(f"solver workspace ({label})",
              work, "prune", where)
     if on_device:
         plan.add("one block's weights", block_params * width, "prune", "device")
@@ -292,43 +272,31 @@ class InsufficientMemory(ConfigError):
     """The run's estimated peak does not fit in the memory available now."""
 
 
-def plan_for_spec(
-    model_spec: str, config: PruneConfig, dtype: str = "float32", eval_datasets: list[str] | None = None,
-    eval_seqlen: int | None = None, trust_remote_code: bool = False, stream: bool = False,
-) -> MemoryPlan:
-    """:func:`plan_memory` for a model spec, reading only its configuration."""
-    from .models.loading import load_config, resolve
+def plan_for_job(job: Job) -> MemoryPlan:
+    """:func:`plan_memory` for a job, reading only its model's configuration and tokenizer."""
+    from ..models.loading import load_config, resolve
 
-    source = resolve(model_spec)
-    cfg = load_config(model_spec, trust_remote_code)
-    texts = {"calib": config.calib, **{ds: ds for ds in eval_datasets or []}}
-    tokens = _stream_tokens(source, texts, config.data_dir, trust_remote_code)
-    return plan_memory(model_spec, config, cfg, dtype, source.kind, eval_datasets, eval_seqlen, text_tokens=tokens,
-                       stream=stream)
+    source = resolve(job.model)
+    cfg = load_config(job.model, job.trust_remote_code)
+    texts = {"calib": job.config.calib, **{ds: ds for ds in job.evaluation.datasets}}
+    return plan_memory(job, cfg, source.kind, text_tokens=_stream_tokens(job, texts))
 
 
-def _stream_tokens(source: Any, texts: dict[str, str], data_dir: str | None, trust_remote_code: bool) -> dict:
+def _stream_tokens(job: Job, texts: dict[str, str]) -> dict:
     """Token counts of the stream texts a run tokenises whole, from the tokenizer's rate on a 50k-char sample."""
-    from pathlib import Path
-
-    from transformers import AutoTokenizer
-
-    from .data.sources import DataError, load_source
+    from ..data.sources import DataError, load_source
+    from ..models.loading import ModelLoadError, load_tokenizer
 
     try:
-        if source.kind in ("alias", "gguf"):
-            path = Path(source.path)
-            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        else:
-            tok = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError):
+        tok = load_tokenizer(job.model, job.trust_remote_code)
+    except ModelLoadError:
         return {}
     out = {}
     for key, spec in texts.items():
         if key == "calib" and spec == "c4":
             continue  # C4 calibration samples single documents
         try:
-            text = load_source(spec, "calib" if key == "calib" else "eval", data_dir)
+            text = load_source(spec, "calib" if key == "calib" else "eval", job.config.data_dir)
         except (DataError, OSError):
             continue
         if not text.stream and key == "calib":

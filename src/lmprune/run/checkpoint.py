@@ -1,18 +1,22 @@
 """Per-block checkpoints, so an interrupted run continues where it stopped.
 
 A run writes everything into the staging directory ``.OUT.partial`` beside ``OUT`` and renames it to ``OUT``
-only when the model, the manifest and the report are all written (see :func:`lmprune.api.save_run`). While it
+only when the model, the manifest and the report are all written (:mod:`lmprune.run.rundir`). While it
 prunes, ``.OUT.partial/checkpoint/`` holds, after every finished block ``k``:
 
 * ``block_KKKK.safetensors``: the pruned block's state dict (blocks left dense are not stored);
-* ``inputs_KKKK.safetensors``: the inputs of block ``k + 1`` (the pruned block's outputs), ``nsamples x L x d``;
+* ``inputs_KKKK/window_NNNNN.safetensors``: the inputs of block ``k + 1`` (the pruned block's outputs), one file
+  per calibration window, written from the activation store window by window and read back the same way, so
+  neither side ever holds more than one window beyond the store itself;
 * ``state.json``: the configuration fingerprint, the last finished block, the per-layer records, block times,
   the run's cumulative wall and calibration time and the allocation, written last and atomically, so it only
   ever names files that are complete.
 
 Tensors go through safetensors only; nothing is ever unpickled. The block keyword arguments (attention mask,
-rotary embeddings) are not stored: they are recaptured from one calibration window, which runs the embedding
-only and is deterministic. A resumed run is therefore bit-identical to an uninterrupted one.
+rotary embeddings) are not stored: the pipeline recaptures them from one calibration window, which runs the
+embedding only and is deterministic. A resumed run is therefore bit-identical to an uninterrupted one.
+
+The checkpoint is a :class:`~lmprune.engine.BlockEvents`: the engine tells it of every finished block.
 
 ``.OUT.partial/INCOMPLETE`` says in words that the directory is an interrupted run.
 
@@ -35,25 +39,21 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .config import ConfigError
-from .engine import LayerRecord, capture_block_inputs
-from .models.adapters import FamilyAdapter
-from .report.manifest import write_json
+from ..activations import ActivationStore
+from ..config import ConfigError
+from ..engine import BlockDone, BlockEvents, LayerRecord
+from ..models.adapters import FamilyAdapter
+from ..report.manifest import write_json
+from .rundir import LOCK_FILE, MARKER, clear, staging_dir
 
 CHECKPOINT = "checkpoint"
 STATE = "state.json"
-MARKER = "INCOMPLETE"
-FORMAT = 1
+FORMAT = 2
 HOLD_ENV = "LMPRUNE_TEST_HOLD_AFTER_BLOCK"
 
 
 class ResumeMismatch(ConfigError):
     """The staging directory holds an interrupted run of a different configuration."""
-
-
-def staging_dir(out: str | Path) -> Path:
-    out = Path(out)
-    return out.with_name(f".{out.name}.partial")
 
 
 def _save(tensors: dict[str, Tensor], path: Path) -> None:
@@ -70,7 +70,7 @@ def open_checkpoint(
     interrupted run of a different configuration is refused, naming the difference."""
     checkpoint = Checkpoint(staging_dir(out), fingerprint, store_blocks)
     if overwrite or resume is False:
-        shutil.rmtree(checkpoint.staging, ignore_errors=True)
+        clear(checkpoint.staging, keep=(LOCK_FILE,))
     elif resume and checkpoint.done_block() < 0:
         raise ConfigError(f"--resume: no interrupted run to resume at {checkpoint.staging}")
     checkpoint.verify(keys=list(checkpoint.fingerprint))
@@ -89,7 +89,6 @@ class Checkpoint:
         self.store_blocks = store_blocks
         self.dir = self.staging / CHECKPOINT
         self.fingerprint = json.loads(json.dumps(fingerprint, default=str))
-        self._last = time.perf_counter()
         self._state: dict[str, Any] | None = None
 
     # reading ---------------------------------------------------------------------------------------------
@@ -130,11 +129,9 @@ class Checkpoint:
         return -1 if state is None else int(state["done_block"])
 
     @torch.no_grad()
-    def restore(
-        self, model: nn.Module, adapter: FamilyAdapter, windows: Tensor, progress: bool = False
-    ) -> tuple[int, tuple[list[Tensor], dict[str, Any]], list[LayerRecord], list[float], dict]:
-        """Load finished blocks into ``model``; ``(next block, (its inputs, block kwargs), records, block
-        times, allocation dict)``."""
+    def restore(self, model: nn.Module, adapter: FamilyAdapter, store: ActivationStore) -> int:
+        """Load the finished blocks into ``model`` (unless they are stored elsewhere) and the next block's inputs
+        into ``store``, window by window; returns the index of the next block."""
         state = self.state()
         assert state is not None, "nothing to restore"
         self._state = state
@@ -147,11 +144,24 @@ class Checkpoint:
                 raise ConfigError(f"checkpoint block {i} does not fit the model; re-run with --no-resume")
             block.load_state_dict({k: v.to(ref[k].dtype) for k, v in tensors.items()})
         done = int(state["done_block"])
-        stacked = load_file(str(self.dir / f"inputs_{done:04d}.safetensors"))["inputs"]
-        inputs = list(stacked.split(1))
-        _, kwargs = capture_block_inputs(model, adapter, windows[:1], progress=False)
-        records = [LayerRecord(**r) for r in state["records"]]
-        return done + 1, (inputs, kwargs), records, list(state["block_times"]), state["allocation"]
+        folder = self.dir / _inputs_name(done)
+        for k in range(int(state["windows"])):
+            store.append(load_file(str(folder / _window_name(k)))["window"])
+        return done + 1
+
+    def records(self) -> list[LayerRecord]:
+        """The per-layer records of the blocks finished before the interruption."""
+        state = self._state or self.state()
+        return [] if state is None else [LayerRecord(**r) for r in state["records"]]
+
+    def block_times(self) -> list[float]:
+        state = self._state or self.state()
+        return [] if state is None else list(state["block_times"])
+
+    def allocation(self) -> dict[str, Any]:
+        state = self._state or self.state()
+        assert state is not None, "nothing to restore"
+        return state["allocation"]
 
     def prior_timings(self) -> dict[str, float]:
         """Wall and calibration seconds the interrupted process(es) had spent up to the last checkpoint, so a
@@ -163,17 +173,11 @@ class Checkpoint:
         return state.get("timings") or {"elapsed_s": sum(state["block_times"]), "calibration_time_s": 0.0}
 
     # writing ---------------------------------------------------------------------------------------------
-    def writer(
+    def events(
         self, model: nn.Module, adapter: FamilyAdapter, allocation: dict[str, Any], extra: dict[str, Any],
-        started: float, live: dict[str, float],
-    ):
-        """The engine's ``on_block_done`` callback that checkpoints every finished block.
-
-        ``started`` is this process's ``time.perf_counter()`` at the start of pruning and ``live`` the engine's
-        running counters (``calibration_time_s``); with them every checkpoint records the run's cumulative
-        wall and calibration time, which a resumed run adds its own to.
-        """
-        prior = self.prior_timings()
+        clock: "RunClock",
+    ) -> "CheckpointEvents":
+        """The engine events that checkpoint every finished block (``clock``: the run's cumulative times)."""
         if self._state is None:
             self._state = {
                 "format": FORMAT,
@@ -182,36 +186,10 @@ class Checkpoint:
                 "saved_blocks": [],
                 "records": [],
                 "block_times": [],
+                "windows": 0,
                 "allocation": allocation,
             }
-        state = self._state
-        self._last = time.perf_counter()
-
-        def on_block_done(i: int, inputs_next: list[Tensor], records: list[LayerRecord]) -> None:
-            self._start()
-            if records and self.store_blocks:
-                _save(adapter.blocks(model)[i].state_dict(), self.dir / f"block_{i:04d}.safetensors")
-                state["saved_blocks"].append(i)
-            _save({"inputs": torch.cat([x.detach().cpu() for x in inputs_next])},
-                  self.dir / f"inputs_{i:04d}.safetensors")
-            previous = state["done_block"]
-            state["done_block"] = i
-            state["records"].extend(asdict(r) for r in records)
-            now = time.perf_counter()
-            state["block_times"].append(now - self._last)
-            self._last = now
-            state["timings"] = {
-                "elapsed_s": prior["elapsed_s"] + now - started,
-                "calibration_time_s": prior["calibration_time_s"] + live.get("calibration_time_s", 0.0),
-            }
-            write_json(self.dir / STATE, state)
-            if previous >= 0:
-                (self.dir / f"inputs_{previous:04d}.safetensors").unlink(missing_ok=True)
-            if os.environ.get(HOLD_ENV) == str(i):
-                print(f"lmprune: test hold after block {i}", file=sys.stderr, flush=True)
-                time.sleep(3600)
-
-        return on_block_done
+        return CheckpointEvents(self, model, adapter, clock)
 
     def _start(self) -> None:
         if not self.dir.is_dir():
@@ -227,3 +205,76 @@ class Checkpoint:
         shutil.rmtree(self.dir, ignore_errors=True)
         (self.staging / MARKER).unlink(missing_ok=True)
         self._state = None
+
+
+class RunClock(BlockEvents):
+    """The run's cumulative wall and calibration seconds, including those of interrupted processes before it;
+    as engine events it adds every block's calibration passes."""
+
+    def __init__(self, prior: dict[str, float], started: float, calibration_s: float = 0.0):
+        self.started = started  # this process's time.perf_counter() when the run began
+        self.prior = prior
+        self.calibration_s = calibration_s  # this process's, so far
+
+    def block_done(self, done: BlockDone) -> None:
+        self.calibration_s += done.pass_time_s
+
+    def totals(self) -> dict[str, float]:
+        return {"elapsed_s": self.prior["elapsed_s"] + time.perf_counter() - self.started,
+                "calibration_time_s": self.prior["calibration_time_s"] + self.calibration_s}
+
+
+def _inputs_name(block: int) -> str:
+    return f"inputs_{block:04d}"
+
+
+def _window_name(k: int) -> str:
+    return f"window_{k:05d}.safetensors"
+
+
+def _save_windows(store: ActivationStore, folder: Path) -> int:
+    """Write every window of ``store`` as its own file under ``folder`` (complete before it has its name)."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    n = 0
+    for k, window in enumerate(store):
+        save_file({"window": window.detach().cpu().contiguous()}, str(tmp / _window_name(k)))
+        n += 1
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return n
+
+
+class CheckpointEvents(BlockEvents):
+    """Saves, after every block: the pruned block (unless stored elsewhere), the store, then ``state.json`` with
+    the ``clock``'s totals (chain the clock before these events)."""
+
+    def __init__(self, checkpoint: Checkpoint, model: nn.Module, adapter: FamilyAdapter, clock: RunClock):
+        self.checkpoint = checkpoint
+        self.model = model
+        self.adapter = adapter
+        self.clock = clock
+        self._last = time.perf_counter()
+
+    def block_done(self, done: BlockDone) -> None:
+        ck, state = self.checkpoint, self.checkpoint._state
+        ck._start()
+        i = done.index
+        if done.records and ck.store_blocks:
+            _save(self.adapter.blocks(self.model)[i].state_dict(), ck.dir / f"block_{i:04d}.safetensors")
+            state["saved_blocks"].append(i)
+        state["windows"] = _save_windows(done.store, ck.dir / _inputs_name(i))
+        previous = state["done_block"]
+        state["done_block"] = i
+        state["records"].extend(asdict(r) for r in done.records)
+        now = time.perf_counter()
+        state["block_times"].append(now - self._last)
+        self._last = now
+        state["timings"] = self.clock.totals()
+        write_json(ck.dir / STATE, state)
+        if previous >= 0:
+            shutil.rmtree(ck.dir / _inputs_name(previous), ignore_errors=True)
+        if os.environ.get(HOLD_ENV) == str(i):
+            print(f"lmprune: test hold after block {i}", file=sys.stderr, flush=True)
+            time.sleep(3600)

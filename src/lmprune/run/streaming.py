@@ -1,25 +1,24 @@
-"""Pruning a model larger than memory: blocks are read from the safetensors shards one at a time.
+"""A model larger than memory as a run's source: blocks are read from the safetensors shards one at a time.
 
 The model is built with every decoder block on PyTorch's ``meta`` device (shapes, no storage); embeddings,
-final norm and head are real. Before the engine touches block ``i`` its weights are read from the shards;
-when block ``i`` is finished (pruned and propagated) it is written as its own output shard and returned to
-``meta``. Peak memory is one block, the calibration activations and the non-block weights, whatever the depth.
+final norm and head are real. Engine events load block ``i``'s weights before the engine touches it; after a
+pruning pass they write it as its own output shard, after any other pass (OWL's statistics, an evaluation)
+they drop it, and either way the block returns to ``meta``. Peak memory is one block, the activations and the
+non-block weights, whatever the depth. AlphaPruning reads one matrix at a time from the shards.
 
-An interrupted run resumes like an in-memory one (:mod:`lmprune.checkpoint`): the blocks finished before the
+An interrupted run resumes like an in-memory one (:mod:`lmprune.run.checkpoint`): the blocks finished before the
 interruption are already output shards in the staging directory, so the checkpoint holds only the next block's
 inputs and the records; a shard is written before the checkpoint names its block.
 
-Limits of this mode: HF safetensors directories only (no GGUF, no pickles); uniform or ``FILE.json``
-allocation (OWL and alpha read every weight up front); no perplexity or zero-shot evaluation in the same run
-(evaluate the output directory afterwards on a machine that holds it); the reload check compares each written
-tensor with the one in memory rather than reloading the whole model.
+Limits of this mode: HF safetensors directories only (no GGUF, no pickles); the reload check compares each
+written tensor with the one in memory rather than reloading the whole model.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +27,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__
-from .config import ConfigError, PruneConfig
-from .models.adapters import get_adapter
-from .models.loading import (ModelLoadError, _dir_fingerprint, _dtype_arg, declared_dtype, ensure_pad_token,
-                             resolve)
-from .report.manifest import MANIFEST, REPORT, now_iso, peak_rss_mb, versions, write_json
+from ..config import ConfigError
+from ..engine import BlockDone, BlockEvents
+from ..models.adapters import FamilyAdapter, get_adapter
+from ..models.loading import ModelLoadError, _dir_fingerprint, _dtype_arg, declared_dtype, ensure_pad_token, resolve
+from ..report.manifest import write_json
+from .rundir import disk_space
+from .sources import LoadedModel
 
 INDEX = "model.safetensors.index.json"
 
@@ -41,9 +41,11 @@ INDEX = "model.safetensors.index.json"
 class ShardReader:
     """Tensor name → its safetensors file, read one tensor at a time."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, weight_map: dict[str, str] | None = None):
         index = path / INDEX
-        if index.is_file():
+        if weight_map is not None:
+            pass
+        elif index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
         elif (path / "model.safetensors").is_file():
             with safe_open(str(path / "model.safetensors"), framework="pt") as f:
@@ -61,8 +63,10 @@ class ShardReader:
         return [n for n in self.weight_map if n.startswith(prefix)]
 
 
-def load_streaming(spec: str, dtype: str = "float32", trust_remote_code: bool = False):
-    """``(model, tokenizer, source, reader)`` with real non-block weights and every block on ``meta``."""
+def open_streamed(spec: str, staging: Path, dtype: str = "float32", trust_remote_code: bool = False
+                  ) -> "StreamedModel":
+    """The model of ``spec`` with real non-block weights and every block on ``meta``; finished blocks are written
+    as shards into ``staging``."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     source = resolve(spec)
@@ -100,7 +104,7 @@ def load_streaming(spec: str, dtype: str = "float32", trust_remote_code: bool = 
     note = ensure_pad_token(tokenizer, spec)
     if note:
         source.details["pad_token"] = note
-    return model, tokenizer, source, reader
+    return StreamedModel(model, tokenizer, source, stream=BlockStream(model, reader, staging))
 
 
 def _tied(model: nn.Module, name: str) -> bool:
@@ -108,7 +112,7 @@ def _tied(model: nn.Module, name: str) -> bool:
 
 
 class BlockStream:
-    """Loads block ``i`` before the engine uses it; writes it as a shard and frees it when it is done."""
+    """Block ``i``'s weights in and out of memory: read from the source shards, written as output shards."""
 
     def __init__(self, model: nn.Module, reader: ShardReader, staging: Path):
         self.model = model
@@ -128,22 +132,28 @@ class BlockStream:
         return f"{self.adapter.blocks_path}.{i}."
 
     @torch.no_grad()
-    def load(self, i: int) -> None:
+    def load(self, i: int, reader: "ShardReader | None" = None) -> None:
+        """Read block ``i`` from ``reader`` (default: the source shards)."""
+        reader = reader or self.reader
         block = self.blocks[i]
         dtype = next(self.model.parameters()).dtype
         block.to_empty(device="cpu")
         prefix = self._prefix(i)
-        block.load_state_dict({k: self.reader.get(prefix + k).to(dtype) for k in block.state_dict()})
+        block.load_state_dict({k: reader.get(prefix + k).to(dtype) for k in block.state_dict()})
         for name, p in block.named_parameters():
             if p.is_floating_point() and not torch.isfinite(p).all():
                 raise ModelLoadError(f"model weight {prefix}{name} contains NaN or Inf")
 
+    def drop(self, i: int) -> None:
+        self.blocks[i].to("meta")
+
     @torch.no_grad()
-    def done(self, i: int, inputs_next, records) -> None:
+    def write(self, i: int) -> None:
+        """Write block ``i`` as its output shard and drop it."""
         block = self.blocks[i]
         tensors = {self._prefix(i) + k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
         self._write(tensors, self._shard(i))
-        block.to("meta")
+        self.drop(i)
 
     def adopt(self, finished: int) -> None:
         """Take blocks ``0..finished`` as already written (their shards are in the staging directory)."""
@@ -161,7 +171,8 @@ class BlockStream:
 
     def _write(self, tensors: dict[str, torch.Tensor], shard: str) -> None:
         self.staging.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(self.staging / shard), metadata={"format": "pt"})
+        with disk_space(self.staging, sum(v.numel() * v.element_size() for v in tensors.values()), shard):
+            save_file(tensors, str(self.staging / shard), metadata={"format": "pt"})
         back = load_file(str(self.staging / shard))
         for k, v in tensors.items():
             if not torch.equal(back[k], v):
@@ -177,6 +188,83 @@ class BlockStream:
         self._write(rest, self._shard(self.n))
         write_json(self.staging / INDEX, {"metadata": {"total_size": self.total}, "weight_map": self.weight_map})
 
+    def output_reader(self) -> "ShardReader":
+        """The shards written so far, read like a source."""
+        return ShardReader(self.staging, dict(self.weight_map))
+
+
+class _ReadEvents(BlockEvents):
+    """Each block read before the engine uses it and dropped after (from ``reader``: the source, or the output)."""
+
+    def __init__(self, stream: BlockStream, reader: ShardReader | None = None):
+        self.stream, self.reader = stream, reader
+
+    def block_start(self, index: int) -> None:
+        self.stream.load(index, self.reader)
+
+    def block_done(self, done: BlockDone) -> None:
+        self.stream.drop(done.index)
+
+
+class _PruneEvents(BlockEvents):
+    """Each block read before it is pruned and written as an output shard once it is done."""
+
+    def __init__(self, stream: BlockStream):
+        self.stream = stream
+
+    def block_start(self, index: int) -> None:
+        self.stream.load(index)
+
+    def block_done(self, done: BlockDone) -> None:
+        self.stream.write(done.index)
+
+
+class StreamedMatrix:
+    """A prunable matrix as an allocator sees it, whose weight is read from the shards when it is asked for."""
+
+    def __init__(self, name: str, block: int, reader: ShardReader, like: torch.Tensor):
+        self.name, self.block, self.reader = name, block, reader
+        self.shape, self.dtype = tuple(like.shape), like.dtype
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """In the dtype the run computes in, as an in-memory model would hold it."""
+        return self.reader.get(self.name + ".weight").to(self.dtype)
+
+    @property
+    def params(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class StreamedModel(LoadedModel):
+    """A model whose blocks stay on ``meta`` except while the engine works on one."""
+
+    stream: BlockStream | None = None
+
+    streamed = True
+
+    def read_events(self) -> BlockEvents:
+        return _ReadEvents(self.stream)
+
+    def prune_events(self) -> BlockEvents:
+        return _PruneEvents(self.stream)
+
+    def output_events(self) -> BlockEvents:
+        """Events for a pass over the pruned blocks written so far (evaluation after pruning)."""
+        return _ReadEvents(self.stream, self.stream.output_reader())
+
+    def matrix_infos(self, adapter: FamilyAdapter, blocks: list[int]) -> list[StreamedMatrix]:
+        chosen = set(blocks)
+        return [StreamedMatrix(n, b, self.stream.reader, lin.weight)
+                for n, b, lin in adapter.matrices(self.model) if b in chosen]
+
+    def weights_on(self, device):
+        raise ConfigError("a streamed model is never whole in memory")
+
 
 def _nbytes(shape: list[int], dtype: str) -> int:
     size = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}
@@ -184,62 +272,3 @@ def _nbytes(shape: list[int], dtype: str) -> int:
     for d in shape:
         n *= d
     return n * size[dtype]
-
-
-def run_streaming(
-    model_spec: str, config: PruneConfig, out: str | Path, overwrite: bool = False, progress: bool = True,
-    dtype: str = "float32", trust_remote_code: bool = False, invocation: dict[str, Any] | None = None,
-    resume: bool | None = None,
-) -> dict[str, Any]:
-    """``lmprune prune --stream``: like :func:`lmprune.api.run` without evaluation, one block in memory.
-
-    ``resume`` as in :func:`lmprune.api.run`: an interrupted streamed run of the same configuration continues
-    from its last finished block."""
-    from . import api
-    from .checkpoint import open_checkpoint
-    from .report.markdown import render_report
-
-    if config.allocation in ("owl", "alpha"):
-        raise ConfigError("--stream supports --allocation uniform or FILE.json only (OWL and alpha read every "
-                          "weight first; compute one with lmprune allocate and pass its JSON)")
-    out = Path(out)
-    api.check_out_dir(out, model_spec, config, overwrite)
-    key = api._config_key({"model": {"spec": model_spec}, "config": config.model_dump()})
-    checkpoint = open_checkpoint(out, {**key, "dtype": dtype, "stream": True}, overwrite, resume, store_blocks=False)
-    staging = checkpoint.staging
-    if checkpoint.done_block() < 0:
-        shutil.rmtree(staging, ignore_errors=True)  # leftovers of a run killed before its first block
-    model, tokenizer, source, reader = load_streaming(model_spec, dtype, trust_remote_code)
-    checkpoint.fingerprint["model_sha256"] = source.sha256  # checked against the checkpoint's by api.prune
-    stream = BlockStream(model, reader, staging)
-    stream.adopt(checkpoint.done_block())
-    manifest: dict[str, Any] = {"lmprune_version": __version__, "created": now_iso()}
-    if invocation:
-        manifest["invocation"] = invocation
-    manifest["run_options"] = {"dtype": dtype, "trust_remote_code": trust_remote_code, "stream": True,
-                               "resume": resume}
-    manifest.update(api.prune(model, tokenizer, config, progress, on_block_done=stream.done,
-                              before_block=stream.load, checkpoint=checkpoint))
-    stream.finish()
-    checkpoint.discard()
-    manifest["model"] = {
-        "spec": model_spec, "kind": source.kind, "path": source.path, "sha256": source.sha256,
-        "model_type": model.config.model_type, "parameters": sum(p.numel() for p in model.parameters()),
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        **source.details,
-    }
-    manifest["reload_check"] = {"ok": True, "mode": "each written tensor read back and compared",
-                                "tensors": stream.checked}
-    manifest["peak_rss_mb"] = peak_rss_mb()
-    manifest["peak_cuda_mb"] = None
-    manifest["versions"] = versions()
-    model.config.save_pretrained(staging)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    write_json(staging / MANIFEST, manifest)
-    (staging / REPORT).write_text(render_report(manifest, {}))
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
-    return manifest

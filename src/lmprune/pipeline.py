@@ -1,0 +1,286 @@
+"""One pruning job, whatever the model source: calibration → allocation → engine → evaluation → run directory.
+
+:func:`prune` is the job on a model already loaded (in memory, or streamed block by block); :func:`run` is the
+whole command: validate everything, lock and stage the run directory, plan memory, load, prune, evaluate, save,
+reload-check and publish. Both sources take every allocation and evaluation option.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .activations import ActivationStore
+from .allocation import load_allocation_file
+from .allocation.base import Allocation
+from .config import ConfigError, Job, PruneConfig
+from .data.calibration import sample_windows
+from .data.sources import load_source
+from .engine import BlockEvents, EngineOptions, EventChain, capture_inputs, capture_kwargs, run_engine
+from .layer_pruner import LayerPruner
+from .models.adapters import FamilyAdapter, get_adapter
+from .models.loading import default_seqlen
+from .registry import ALLOCATORS, BLOCK_METHODS, REFINERS, SOLVERS, block_method_of
+from .report.manifest import now_iso, peak_cuda_mb, peak_rss_mb, versions
+from .run import rundir
+from .run.checkpoint import Checkpoint, RunClock, open_checkpoint
+from .run.evaluate import evaluate_loaded
+from .run.sources import LoadedModel
+from .strategies.statistics import InputNorms
+
+ALPHA_CACHE = Path("~/.cache/lmprune/alpha").expanduser()
+
+
+def resolved_settings(config: PruneConfig) -> dict[str, Any]:
+    """Every option each stage runs with (presets and defaults filled in, validated), for the manifest."""
+    method = block_method_of(config.method)
+    method_options = {"sequential": config.sequential} if method == "layerwise" else config.method_options
+    return {
+        "solver": config.solver_name,
+        "solver_options": SOLVERS.resolved(config.solver_name, config.solver_options),
+        "refiner": config.refine,
+        "refine_options": REFINERS.resolved(config.refine, config.refine_options),
+        "block_method": method,
+        "method_options": BLOCK_METHODS.resolved(method, method_options),
+    }
+
+
+def _store(config: PruneConfig) -> ActivationStore:
+    if config.offload_dir is not None:
+        return ActivationStore(config.device, "files", config.offload_dir)
+    return ActivationStore(config.device, "host" if config.offload_activations else "device")
+
+
+def _engine_options(config: PruneConfig, progress: bool, **over: Any) -> EngineOptions:
+    return EngineOptions(batch_windows=config.calib_batch_size, progress=progress, **over)
+
+
+def input_norms(loaded: LoadedModel, adapter: FamilyAdapter, windows: torch.Tensor, config: PruneConfig,
+                progress: bool) -> dict[str, torch.Tensor]:
+    """``‖X_j‖₂`` of every prunable matrix's input on the dense model, by one statistics pass of the engine."""
+    collector = InputNorms()
+    with _store(config) as store:
+        capture_inputs(loaded.model, adapter, windows, store, progress)
+        run_engine(loaded.model, adapter, store, None, collector, _engine_options(config, progress, desc="input norms"),
+                   loaded.read_events() or BlockEvents())
+    return collector.norms
+
+
+def allocate(loaded: LoadedModel, adapter: FamilyAdapter, config: PruneConfig, blocks: list[int],
+             windows: torch.Tensor | None, progress: bool = True) -> Allocation:
+    """Per-matrix target sparsities (stage 1). N:M patterns are uniform by definition."""
+    start = time.perf_counter()
+    infos = loaded.matrix_infos(adapter, blocks)
+    if config.allocation.endswith(".json"):
+        alloc = load_allocation_file(config.allocation, [m.name for m in infos])
+    else:
+        plugin = ALLOCATORS.get(config.allocation)
+        options = dict(config.allocation_options)
+        needs: dict[str, Any] = {}
+        if "input_norms" in plugin.needs:
+            if windows is None:
+                raise ValueError(f"{plugin.name} allocation needs calibration windows")
+            needs["input_norms"] = input_norms(loaded, adapter, windows, config, progress)
+        if plugin.name == "alpha":
+            options.setdefault("cache_dir", str(ALPHA_CACHE))
+            options.setdefault("device", config.device)  # the SVDs run where the solvers do
+        target = config.pattern_obj.effective_sparsity(config.sparsity)
+        alloc = plugin.function()(infos, sparsity=target, **needs, **options)
+    alloc.time_s = time.perf_counter() - start  # includes OWL's calibration pass
+    return alloc
+
+
+def _check_patterns(adapter: FamilyAdapter, model: torch.nn.Module, config: PruneConfig, blocks: list[int]) -> None:
+    chosen = set(blocks)
+    for name, b, lin in adapter.matrices(model):
+        if b in chosen:
+            try:
+                config.pattern_obj.validate(tuple(lin.weight.shape))
+            except ValueError as e:
+                raise ConfigError(f"{name}: {e}") from None
+
+
+def prune(loaded: LoadedModel, config: PruneConfig, progress: bool = True,
+          checkpoint: Checkpoint | None = None) -> dict[str, Any]:
+    """Prune ``loaded`` in place according to ``config``; returns the manifest fields of the run.
+
+    With a ``checkpoint``, every finished block is checkpointed and a matching earlier checkpoint is resumed.
+    """
+    torch.manual_seed(config.seed)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    adapter = get_adapter(model)
+    n_blocks = len(adapter.blocks(model))
+    blocks = config.block_indices(n_blocks)
+    seqlen = config.seqlen or default_seqlen(model.config)
+    _check_patterns(adapter, model, config, blocks)
+    settings = resolved_settings(config)
+    start = time.perf_counter()
+
+    source = load_source(config.calib, "calib", config.data_dir)
+    windows = sample_windows(source, tokenizer, config.nsamples, seqlen, config.seed)
+    windows_sha = hashlib.sha256(windows.numpy().tobytes()).hexdigest()
+    resuming = checkpoint is not None and checkpoint.done_block() >= 0
+    with _store(config) as store:
+        if resuming:
+            checkpoint.verify({"windows_sha256": windows_sha})
+            start_block = checkpoint.restore(model, adapter, store)
+            capture_kwargs(model, adapter, windows[0], store)
+            alloc = Allocation.from_dict(checkpoint.allocation())
+            clock = RunClock(checkpoint.prior_timings(), start)
+            done_records, done_times = checkpoint.records(), checkpoint.block_times()
+        else:
+            alloc = allocate(loaded, adapter, config, blocks, windows, progress)
+            t0 = time.perf_counter()
+            capture_inputs(model, adapter, windows, store, progress)
+            clock = RunClock({"elapsed_s": 0.0, "calibration_time_s": 0.0}, start, time.perf_counter() - t0)
+            start_block, done_records, done_times = 0, [], []
+        saving = None
+        if checkpoint is not None:
+            saving = checkpoint.events(model, adapter, alloc.to_dict(), {"windows_sha256": windows_sha}, clock)
+        pruner = LayerPruner.build(config.solver_name, config.refine, config.pattern_obj, alloc.targets, settings)
+        prune_block = BLOCK_METHODS.get(settings["block_method"]).function()
+        method_options = BLOCK_METHODS.options(settings["block_method"], settings["method_options"])
+
+        def strategy(ctx) -> None:
+            prune_block(ctx, method_options)
+
+        options = _engine_options(config, progress, prune_blocks=frozenset(blocks), start_block=start_block)
+        result = run_engine(model, adapter, store, pruner, strategy, options,
+                            EventChain(loaded.prune_events(), clock, saving))
+    elapsed = time.perf_counter() - start
+    records = done_records + result.records
+    achieved = {r.name: r.sparsity for r in records}
+    for m in alloc.matrices:
+        m.achieved = achieved.get(m.name)
+    layers = [asdict(r) for r in records]
+    totals = clock.totals()
+    return {
+        "method": config.method,
+        "sparsity": config.sparsity,
+        "pattern": config.pattern,
+        "allocation": config.allocation,
+        "achieved_sparsity": rundir.achieved_sparsity(layers),
+        "pattern_ok": all(r.pattern_ok for r in result.records),
+        "pruned_blocks": blocks,
+        "n_blocks": n_blocks,
+        "layers": layers,
+        "allocation_detail": alloc.to_dict(),
+        "time_s": clock.prior["elapsed_s"] + elapsed,  # a resumed run adds the interrupted one's
+        "time_this_process_s": elapsed,
+        "calibration_time_s": totals["calibration_time_s"],
+        "solver_time_s": sum(r.time_s for r in records),
+        "block_times_s": done_times + result.block_times,
+        "resumed_from_block": start_block or None,
+        "seed": config.seed,
+        "resolved_options": settings,
+        "calibration": {
+            "source": source.origin,
+            "sha256": source.sha256,
+            "nsamples": config.nsamples,
+            "seqlen": seqlen,
+            "windows_sha256": windows_sha,
+        },
+        "config": config.model_dump(),
+    }
+
+
+def validate(job: Job) -> None:
+    """Everything that can be checked before a weight is read: data files, tasks, an allocation file's mean."""
+    config = job.config
+    for ds in job.evaluation.datasets:
+        load_source(ds, "eval", config.data_dir)
+    if job.evaluation.tasks:
+        from .evaluation.zeroshot import check_tasks
+
+        check_tasks(job.evaluation.tasks, config.data_dir)
+    if config.allocation.endswith(".json"):
+        mean = Allocation.from_json(config.allocation).weighted_mean()
+        target = config.pattern_obj.effective_sparsity(config.sparsity)
+        if abs(mean - target) > 1e-4:
+            raise ConfigError(f"--allocation {config.allocation} averages {mean:.4f} sparsity, not the --sparsity "
+                              f"{target}; pass --sparsity {mean:.4f} or another allocation")
+    if job.stream and job.evaluation.tasks:
+        raise ConfigError("--stream evaluates perplexity block by block; zero-shot --tasks need the whole model in "
+                          "memory: run lmprune eval on the output")
+    if job.stream and job.save_dtype != "original":
+        raise ConfigError("--stream writes each block in the --dtype it was pruned in; use --dtype, not --save-dtype")
+    if config.device != "cpu" and not torch.cuda.is_available():
+        raise ConfigError(f"device {config.device} requested but CUDA is not available")
+
+
+def load(job: Job, staging: Path) -> LoadedModel:
+    if job.stream:
+        from .run.streaming import open_streamed
+
+        return open_streamed(job.model, staging, job.dtype, job.trust_remote_code)
+    from .models.loading import load_model
+
+    model, tokenizer, source = load_model(job.model, job.dtype, job.trust_remote_code, job.trust_pickle)
+    return LoadedModel(model, tokenizer, source)
+
+
+def run(job: Job) -> dict[str, Any]:
+    """Load → (dense eval) → prune → eval → save → publish. Returns the manifest written to ``out/lmprune.json``;
+    raises :class:`~lmprune.run.rundir.RunExists` when ``out`` already holds this very run."""
+    validate(job)
+    out = Path(job.out)
+    with rundir.locked(out) as staging:
+        rundir.check_out_dir(out, job.model, job.config, job.overwrite)
+        checkpoint = open_checkpoint(out, job.fingerprint(), job.overwrite, job.resume, store_blocks=not job.stream)
+        manifest: dict[str, Any] = {"lmprune_version": __version__, "created": now_iso()}
+        if job.invocation:
+            manifest["invocation"] = job.invocation
+        manifest["run_options"] = {"dtype": job.dtype, "save_dtype": job.save_dtype, "stream": job.stream,
+                                   "trust_remote_code": job.trust_remote_code, "trust_pickle": job.trust_pickle,
+                                   "resume": job.resume}
+        if job.memory_check:
+            from .run.memory import check_fits, plan_for_job
+
+            plan = plan_for_job(job)
+            check_fits(plan)
+            manifest["memory_plan"] = plan.to_dict()
+        loaded = load(job, staging)
+        if loaded.streamed:
+            loaded.stream.adopt(checkpoint.done_block())
+        request = job.evaluation
+        if request.dense and request.datasets:
+            dense = evaluate_loaded(loaded, request.perplexity_only(), job.config, job.progress, after_pruning=False)
+            manifest["dense_perplexity"] = {k: v for k, v in dense["perplexity"].items() if k in request.datasets}
+        checkpoint.fingerprint["model_sha256"] = loaded.source.sha256
+        manifest.update(prune(loaded, job.config, job.progress, checkpoint))
+        manifest["model"] = loaded.describe(job.model)
+        manifest.update(evaluate_loaded(loaded, request, job.config, job.progress, after_pruning=True))
+        manifest["peak_rss_mb"] = peak_rss_mb()
+        manifest["peak_cuda_mb"] = peak_cuda_mb()
+        manifest["versions"] = versions()
+        manifest["world_size"] = 1
+        _save(loaded, job, staging, manifest)
+        rundir.write_report(staging, manifest)
+        checkpoint.discard()
+        rundir.publish(staging, out)
+    return manifest
+
+
+def _save(loaded: LoadedModel, job: Job, staging: Path, manifest: dict[str, Any]) -> None:
+    """The pruned weights, config and tokenizer into ``staging``: written block by block already when streamed."""
+    rundir.clear(staging, keep=(rundir.LOCK_FILE, rundir.MARKER, "checkpoint") +
+                 (tuple(loaded.stream.weight_map.values()) if loaded.streamed else ()))
+    if loaded.streamed:
+        loaded.stream.finish()
+        manifest["reload_check"] = {"ok": True, "mode": "each written tensor read back and compared",
+                                    "tensors": loaded.stream.checked}
+        model = loaded.model
+        model.config.save_pretrained(staging)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(staging)
+        loaded.tokenizer.save_pretrained(staging)
+        return
+    dtype = rundir.saved_dtype(job.model, job.save_dtype, job.trust_remote_code)
+    rundir.cast_for_saving(loaded.model, dtype, manifest)
+    rundir.save_model(loaded.model, loaded.tokenizer, staging, manifest)

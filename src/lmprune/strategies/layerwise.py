@@ -1,0 +1,39 @@
+"""The default block method: every matrix of the block by the run's layer pruner (solver → refiner).
+
+Gram matrices come from one pass of the block's current (dense) weights; with ``sequential=True`` each input
+group is solved before the next group's Gram matrix is collected, so later matrices see the earlier pruning
+(SparseGPT's "true sequential").
+"""
+
+from __future__ import annotations
+
+import time
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Options(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    #: Collect each input group's Gram matrix after the previous groups were pruned.
+    sequential: bool = False
+
+
+def prune_groups(ctx, stages: list[list[str]], stats: dict | None = None) -> None:
+    """Solve the matrices of each stage (a list of relative names) on Gram matrices collected for that stage;
+    ``stats`` are added to each result's statistics."""
+    for stage in stages:
+        grams = ctx.collect_grams(stage)
+        for rel in stage:
+            start = time.perf_counter()
+            dense = ctx.linear(rel).weight.detach().clone()
+            result = ctx.inner_solve(rel, dense.float(), grams[rel])
+            result.stats.update(stats or {})
+            ctx.commit(rel, result, grams[rel], dense, time.perf_counter() - start)
+        for g in {id(g): g for g in grams.values()}.values():
+            g.release()
+
+
+def prune_block(ctx, options: Options) -> None:
+    groups = [list(g) for g in ctx.adapter.groups]
+    prune_groups(ctx, groups if options.sequential else [[r for g in groups for r in g]])
