@@ -215,9 +215,9 @@ def test_fixed_rho_and_trace():
 @pytest.mark.parametrize("name", ["alps", "alps-fast"])
 def test_registered(name):
     spec = SOLVERS[name]
-    opts = spec.options()
+    opts = SOLVERS.options(name)
     w, gram = planted(seed=10)
-    res = spec.solve_fn()(w, gram, parse_pattern("2:4"), 0.5, **opts.model_dump())
+    res = spec.function()(w, gram, parse_pattern("2:4"), 0.5, **opts.model_dump())
     assert parse_pattern("2:4").verify(res.weight, 0.5).ok
 
 

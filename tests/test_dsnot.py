@@ -37,7 +37,7 @@ CASES = [
 def test_keeps_pattern_counts_and_never_increases_row_error(spec, sparsity, solver):
     w, gram = _problem(seed=CASES.index((spec, sparsity, solver)), dead=(3, 17))
     pattern = parse_pattern(spec)
-    before = get_solver(solver).solve_fn()(w, gram, pattern, sparsity)
+    before = get_solver(solver).function()(w, gram, pattern, sparsity)
     after = refine(w, before, gram, pattern, sparsity)
 
     assert pattern.verify(after.weight, sparsity).ok == pattern.verify(before.weight, sparsity).ok
@@ -59,7 +59,7 @@ def test_keeps_pattern_counts_and_never_increases_row_error(spec, sparsity, solv
 def test_regrown_take_dense_values_and_survivors_keep_solver_values():
     w, gram = _problem(seed=3)
     pattern = parse_pattern("unstructured")
-    before = get_solver("sparsegpt").solve_fn()(w, gram, pattern, 0.7)
+    before = get_solver("sparsegpt").function()(w, gram, pattern, 0.7)
     after = refine(w, before, gram, pattern, 0.7)
     grown = after.mask & ~before.mask
     stayed = after.mask & before.mask
@@ -71,7 +71,7 @@ def test_regrown_take_dense_values_and_survivors_keep_solver_values():
 def test_unguarded_reference_variant_still_never_worsens_a_row():
     w, gram = _problem(seed=5)
     pattern = parse_pattern("unstructured:row")
-    before = get_solver("wanda").solve_fn()(w, gram, pattern, 0.7)
+    before = get_solver("wanda").function()(w, gram, pattern, 0.7)
     after = refine(w, before, gram, pattern, 0.7, guard=False, update_threshold=0.0)
     assert torch.all(_row_errors(w, after.weight, gram) <= _row_errors(w, before.weight, gram))
     assert torch.equal(before.mask.sum(1), after.mask.sum(1))
@@ -82,12 +82,12 @@ def test_zero_mean_inputs_and_block_patterns_are_left_alone():
     w = torch.randn(8, 16)
     gram = Gram(torch.eye(16) * 10, 10, torch.zeros(16))  # zero mean: no expected error to fix
     pattern = parse_pattern("unstructured")
-    before = get_solver("magnitude").solve_fn()(w, gram, pattern, 0.5)
+    before = get_solver("magnitude").function()(w, gram, pattern, 0.5)
     after = refine(w, before, gram, pattern, 0.5)
     assert torch.equal(after.weight, before.weight)
 
     block = parse_pattern("block:4")
-    res = get_solver("magnitude").solve_fn()(w, gram, block, 0.5)
+    res = get_solver("magnitude").function()(w, gram, block, 0.5)
     assert torch.equal(refine(w, res, gram, block, 0.5).weight, res.weight)
 
 
@@ -101,6 +101,6 @@ def test_gram_without_mean_is_left_alone():
     w, gram = _problem(seed=9)
     bare = Gram(gram.matrix, gram.n_tokens)
     pattern = parse_pattern("unstructured")
-    before = get_solver("wanda").solve_fn()(w, bare, pattern, 0.5)
+    before = get_solver("wanda").function()(w, bare, pattern, 0.5)
     after = refine(w, before, bare, pattern, 0.5)
     assert torch.equal(after.weight, before.weight) and "dsnot" in after.stats

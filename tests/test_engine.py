@@ -42,7 +42,7 @@ def test_propagation_matches_reference(fam, tokenizer, calib_file):
     api.prune(model, tokenizer, config, progress=False)
 
     adapter = get_adapter(reference)
-    wanda = get_solver("wanda").solve_fn()
+    wanda = get_solver("wanda").function()
     for b, block in enumerate(adapter.blocks(reference)):
         lins = adapter.linears(block)
         grams = {rel: _gram_of_inputs(reference, lin, windows) for rel, lin in lins.items()}

@@ -18,7 +18,7 @@ def errors(pattern, s):
     w, gram, _ = planted()
     out = {}
     for name in ("magnitude", "wanda", "sparsegpt"):
-        res = get_solver(name).solve_fn()(w, gram, parse_pattern(pattern), s)
+        res = get_solver(name).function()(w, gram, parse_pattern(pattern), s)
         used = res.pattern or parse_pattern(pattern)
         assert used.verify(res.weight, used.effective_sparsity(s)).ok
         out[name] = reconstruction_error(w, res.weight, gram)[1]
@@ -35,7 +35,7 @@ def test_sparsegpt_beats_magnitude(pattern, s):
 
 def test_reconstruction_error_matches_definition():
     w, gram, x = planted()
-    res = get_solver("sparsegpt").solve_fn()(w, gram, parse_pattern("unstructured"), 0.5)
+    res = get_solver("sparsegpt").function()(w, gram, parse_pattern("unstructured"), 0.5)
     direct = ((x @ w.T - x @ res.weight.T) ** 2).sum() / ((x @ w.T) ** 2).sum()
     assert reconstruction_error(w, res.weight, gram)[1] == pytest.approx(direct.item(), rel=1e-3)
 
@@ -44,17 +44,17 @@ def test_sparsegpt_exact_counts_and_dead_inputs():
     w, gram, x = planted()
     x[:, :5] = 0
     gram = Gram.from_inputs(x)
-    res = get_solver("sparsegpt").solve_fn()(w, gram, parse_pattern("unstructured"), 0.7)
+    res = get_solver("sparsegpt").function()(w, gram, parse_pattern("unstructured"), 0.7)
     assert torch.count_nonzero(res.weight).item() == round(0.3 * w.numel())
     assert torch.isfinite(res.weight).all()
     assert (res.weight[:, :5] == 0).all()
-    row = get_solver("sparsegpt").solve_fn()(w, gram, parse_pattern("unstructured:row"), 0.7)
+    row = get_solver("sparsegpt").function()(w, gram, parse_pattern("unstructured:row"), 0.7)
     assert (torch.count_nonzero(row.weight, dim=1) == round(0.3 * w.shape[1])).all()
 
 
 def test_wanda_is_per_row_and_scores_use_norms():
     w, gram, _ = planted()
-    res = get_solver("wanda").solve_fn()(w, gram, parse_pattern("unstructured"), 0.5)
+    res = get_solver("wanda").function()(w, gram, parse_pattern("unstructured"), 0.5)
     assert (torch.count_nonzero(res.weight, dim=1) == w.shape[1] // 2).all()
     kept = res.mask
     assert torch.equal(res.weight[kept], w[kept])
@@ -62,6 +62,6 @@ def test_wanda_is_per_row_and_scores_use_norms():
 
 def test_solvers_are_deterministic():
     w, gram, _ = planted()
-    a = get_solver("sparsegpt").solve_fn()(w, gram, parse_pattern("unstructured"), 0.6)
-    b = get_solver("sparsegpt").solve_fn()(w, Gram(gram.matrix.clone(), gram.n_tokens), parse_pattern("unstructured"), 0.6)
+    a = get_solver("sparsegpt").function()(w, gram, parse_pattern("unstructured"), 0.6)
+    b = get_solver("sparsegpt").function()(w, Gram(gram.matrix.clone(), gram.n_tokens), parse_pattern("unstructured"), 0.6)
     assert torch.equal(a.weight, b.weight)

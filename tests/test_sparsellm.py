@@ -10,7 +10,7 @@ T, D, DFF = 1024, 32, 96
 
 
 def _inner(pattern, solver="sparsegpt"):
-    fn = get_solver(solver).solve_fn()
+    fn = get_solver(solver).function()
     return lambda w, gram, target: fn(w, gram, pattern, target)
 
 

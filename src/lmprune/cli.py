@@ -14,6 +14,36 @@ PATTERN_HELP = (
 )
 
 
+class UsageError(ValueError):
+    """A command line argparse cannot parse; reported as one line like every other bad input."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (``lmprune: error: …``, exit 2), not a usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _int_at_least(low: int):
+    """An argparse type: an integer ``>= low``, checked before anything is loaded."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, not {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, not {value}")
+        return value
+
+    return parse
+
+
+POSITIVE = _int_at_least(1)
+SEQLEN = _int_at_least(2)  # a window needs a token to predict from and one to predict
+
+
 def _csv(value: str | None) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()] if value else []
 
@@ -38,7 +68,7 @@ def _add_data_dir(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmprune", description="One-shot pruning of causal language models.")
+    parser = _Parser(prog="lmprune", description="One-shot pruning of causal language models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prune", help="prune a model and write a run directory",
@@ -54,19 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refine", help="none | dsnot")
     p.add_argument("--inner", help="per-matrix solver inside block methods (sparsellm), default sparsegpt")
     p.add_argument("--calib", help="c4 | wikitext2 | ptb | FILE (.txt or .jsonl with 'text')")
-    p.add_argument("--nsamples", type=int, help="calibration windows (default 128)")
-    p.add_argument("--seqlen", type=int, help="tokens per window (default min(max_position_embeddings, 2048))")
+    p.add_argument("--nsamples", type=POSITIVE, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", type=SEQLEN, help="tokens per window (default min(max_position_embeddings, 2048))")
     _add_data_dir(p)
     p.add_argument("--eval", default=None, help="perplexity datasets after pruning, e.g. wikitext2,ptb,c4")
-    p.add_argument("--eval-windows", type=int, default=None, help="cap on evaluation windows per dataset (reported)")
-    p.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window length (default: --seqlen)")
+    p.add_argument("--eval-windows", type=POSITIVE, default=None, help="cap on evaluation windows per dataset (reported)")
+    p.add_argument("--eval-seqlen", type=SEQLEN, default=None, help="evaluation window length (default: --seqlen)")
     p.add_argument("--eval-dense", action="store_true", help="also evaluate the dense model before pruning")
     p.add_argument("--tasks", default=None, help="zero-shot tasks after pruning (lm-eval), e.g. piqa,arc_easy")
-    p.add_argument("--limit", type=int, default=None, help="documents per zero-shot task (reported)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--limit", type=POSITIVE, default=None, help="documents per zero-shot task (reported)")
+    p.add_argument("--seed", type=int, help="seed of the calibration window sampling (default 0)")
     p.add_argument("--device", help="cpu | cuda")
     p.add_argument("--blocks", help="blocks to prune: all | first-half | 0-14 | 0,3,5")
-    p.add_argument("--calib-batch-size", type=int,
+    p.add_argument("--calib-batch-size", type=POSITIVE,
                    help="calibration windows per block forward pass (default 1; larger is faster on a GPU)")
     p.add_argument("--sequential", action="store_true", default=None,
                    help="collect each input group's Gram matrix after the previous groups were pruned")
@@ -103,36 +133,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model or run directory")
-    e.add_argument("--model", required=True)
-    e.add_argument("--ppl", default=None, help="datasets, e.g. wikitext2,ptb,c4")
-    e.add_argument("--eval-windows", type=int, default=None)
-    e.add_argument("--seqlen", type=int, default=None)
+    e.add_argument("--model", required=True, help="run directory, HF directory, hub id, .gguf file or alias "
+                                                   "smollm2-135m")
+    e.add_argument("--ppl", default=None, help="perplexity datasets, e.g. wikitext2,ptb,c4 (give --ppl, --tasks "
+                                               "or both)")
+    e.add_argument("--eval-windows", type=POSITIVE, default=None,
+                   help="cap on perplexity windows per dataset (reported; default: all, at most 256 for c4)")
+    e.add_argument("--seqlen", type=SEQLEN, default=None,
+                   help="tokens per perplexity window (default min(max_position_embeddings, 2048))")
     e.add_argument("--tasks", default=None, help="zero-shot tasks, e.g. piqa,arc_easy,arc_challenge")
-    e.add_argument("--limit", type=int, default=None)
-    e.add_argument("--batch-size", type=int, default=8, help="zero-shot batch size")
-    e.add_argument("--ppl-batch-size", type=int, default=1,
+    e.add_argument("--limit", type=POSITIVE, default=None, help="documents per zero-shot task (reported; default all)")
+    e.add_argument("--batch-size", type=POSITIVE, default=8, help="zero-shot batch size")
+    e.add_argument("--ppl-batch-size", type=POSITIVE, default=1,
                    help="perplexity windows per forward pass (larger is faster on a GPU, needs more memory)")
     _add_data_dir(e)
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
     e.add_argument("--out", default=None, help="write the results as JSON here")
-    e.add_argument("--quiet", action="store_true")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
 
     a = sub.add_parser("allocate", help="compute and plot a per-matrix sparsity allocation without pruning")
-    a.add_argument("--model", required=True)
+    a.add_argument("--model", required=True, help="HF directory, hub id, .gguf file or alias smollm2-135m")
     a.add_argument("--allocation", required=True, help="owl | alpha | uniform")
-    a.add_argument("--sparsity", type=float, required=True)
+    a.add_argument("--sparsity", type=float, required=True, help="target parameter-weighted mean sparsity in [0, 1)")
     a.add_argument("--out", default=None, help="allocation JSON (a PNG plot is written beside it)")
-    a.add_argument("--calib", default="c4")
-    a.add_argument("--nsamples", type=int, default=128)
-    a.add_argument("--seqlen", type=int, default=None)
-    a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--alloc-opt", action="append", metavar="KEY=VALUE")
+    a.add_argument("--calib", default="c4", help="calibration data for owl: c4 | wikitext2 | ptb | FILE (default c4)")
+    a.add_argument("--nsamples", type=POSITIVE, default=128, help="calibration windows for owl (default 128)")
+    a.add_argument("--seqlen", type=SEQLEN, default=None,
+                   help="tokens per calibration window (default min(max_position_embeddings, 2048))")
+    a.add_argument("--seed", type=int, default=0, help="seed of the calibration window sampling (default 0)")
+    a.add_argument("--alloc-opt", action="append", metavar="KEY=VALUE",
+                   help="allocator option, e.g. epsilon=0.2 (alpha) or lam=0.1 (owl) (repeatable)")
     _add_data_dir(a)
-    a.add_argument("--device", default="cpu")
-    a.add_argument("--quiet", action="store_true")
+    a.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
+    a.add_argument("--quiet", action="store_true", help="no progress bars")
 
     c = sub.add_parser("compare", help="one table and plots over several run directories")
-    c.add_argument("runs", nargs="+")
+    c.add_argument("runs", nargs="+", help="run directories (or their lmprune.json files)")
     c.add_argument("--out", default=None, help="output directory (default: ./compare)")
     return parser
 
@@ -197,9 +233,11 @@ def _print_summary(m: dict[str, Any], out: str) -> None:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from . import api
-    from .config import build_eval
+    from .config import ConfigError, build_eval
     from .evaluation.zeroshot import score_table
 
+    if not _csv(args.ppl) and not _csv(args.tasks):
+        raise ConfigError("nothing to evaluate: no --ppl and no --tasks given (e.g. --ppl wikitext2)")
     request = build_eval(datasets=_csv(args.ppl), windows=args.eval_windows, seqlen=args.seqlen,
                          tasks=_csv(args.tasks), limit=args.limit, ppl_batch_size=args.ppl_batch_size,
                          task_batch_size=args.batch_size)
@@ -266,7 +304,11 @@ COMMANDS = {"prune": _cmd_prune, "eval": _cmd_eval, "allocate": _cmd_allocate, "
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as e:
+        print(f"lmprune: error: {e}", file=sys.stderr)
+        return 2
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if getattr(args, "quiet", False):
         from transformers.utils import logging as hf_logging

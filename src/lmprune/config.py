@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .patterns import Pattern, PatternError, check_sparsity, parse_pattern
 from .errors import ConfigError
-from .registry import ALLOCATORS, REFINERS, SOLVERS, block_method_of, method_names
+from .registry import ALLOCATORS, BLOCK_METHODS, REFINERS, SOLVERS, block_method_of, method_names
 
 
 class PruneConfig(BaseModel):
@@ -65,6 +65,13 @@ class PruneConfig(BaseModel):
             raise ValueError(f"unknown {what} {v!r}; choose from {', '.join(choices)}")
         return v
 
+    @field_validator("blocks")
+    @classmethod
+    def _blocks(cls, v: str | None) -> str | None:
+        if v is not None:
+            _parse_blocks(v)  # the syntax and the order of each range; the model's block count comes later
+        return v
+
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
@@ -83,11 +90,36 @@ class PruneConfig(BaseModel):
         if self.allocation not in ALLOCATORS and not self.allocation.endswith(".json"):
             raise ValueError(f"allocation must be one of {', '.join(ALLOCATORS)} or a .json file, "
                              f"not {self.allocation!r}")
+        self._check_stage_options()
         return self
+
+    def _check_stage_options(self) -> None:
+        """Every stage's options against its ``Options`` model (names, types, ranges), before any model is loaded."""
+        SOLVERS.options(self.solver_name, self.solver_options)
+        REFINERS.options(self.refine, self.refine_options)
+        BLOCK_METHODS.options(self.block_method, self.block_method_options)
+        if self.allocation in ALLOCATORS:
+            options = ALLOCATORS.options(self.allocation, self.allocation_options)
+            try:
+                if hasattr(options, "check_target"):
+                    options.check_target(self.pattern_obj.effective_sparsity(self.sparsity))
+            except ValueError as e:
+                raise ValueError(f"allocation_options for {self.allocation}: {e}") from None
+        elif self.allocation_options:
+            raise ValueError(f"allocation_options given, but the allocation file {self.allocation} takes none")
 
     @property
     def pattern_obj(self) -> Pattern:
         return parse_pattern(self.pattern)
+
+    @property
+    def block_method(self) -> str:
+        """The block method the run prunes with (``layerwise`` for a per-matrix method)."""
+        return block_method_of(self.method)
+
+    @property
+    def block_method_options(self) -> dict[str, Any]:
+        return {"sequential": self.sequential} if self.block_method == "layerwise" else self.method_options
 
     @property
     def solver_name(self) -> str:
@@ -98,18 +130,11 @@ class PruneConfig(BaseModel):
         if self.blocks is None or self.blocks == "all":
             return list(range(n_blocks))
         if self.blocks == "first-half":
+            if n_blocks < 2:
+                raise ConfigError(f"blocks 'first-half' selects no block: the model has {n_blocks} block(s)")
             return list(range(n_blocks // 2))
-        out: set[int] = set()
-        try:
-            for part in self.blocks.split(","):
-                if "-" in part:
-                    a, b = part.split("-")
-                    out.update(range(int(a), int(b) + 1))
-                else:
-                    out.add(int(part))
-        except ValueError:
-            raise ConfigError(f"blocks must look like '0-14', '0,3,5', 'all' or 'first-half', not {self.blocks!r}") from None
-        bad = [i for i in out if not 0 <= i < n_blocks]
+        out = _parse_blocks(self.blocks)
+        bad = sorted(i for i in out if not 0 <= i < n_blocks)
         if bad:
             raise ConfigError(f"blocks {bad} out of range: the model has {n_blocks} blocks")
         return sorted(out)
@@ -186,6 +211,24 @@ def build_eval(**fields: Any) -> EvalRequest:
         raise ConfigError(f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
 
 
+def _parse_blocks(spec: str) -> set[int]:
+    """Block indices of ``'0-14'``, ``'0,3,5'`` or a mix (empty for ``all``/``first-half``, which need the block
+    count); a malformed or reversed range is a one-line ConfigError."""
+    if spec in ("all", "first-half"):
+        return set()
+    out: set[int] = set()
+    for part in spec.split(","):
+        try:
+            bounds = [int(x) for x in part.split("-")] if "-" in part else [int(part)] * 2
+            a, b = bounds
+        except ValueError:
+            raise ConfigError(f"blocks must look like '0-14', '0,3,5', 'all' or 'first-half', not {spec!r}") from None
+        if b < a:
+            raise ConfigError(f"blocks range {part.strip()!r} is reversed and selects no block; write '{b}-{a}'")
+        out.update(range(a, b + 1))
+    return out
+
+
 def build_config(**fields: Any) -> PruneConfig:
     """PruneConfig from keyword fields; validation errors become one-line :class:`ConfigError`."""
     try:
@@ -194,7 +237,7 @@ def build_config(**fields: Any) -> PruneConfig:
         err = e.errors()[0]
         where = ".".join(str(x) for x in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"{where}: {msg}" if where else msg) from None
+        raise ConfigError(f"{where}: {msg}" if where and not msg.startswith(where) else msg) from None
     except PatternError as e:
         raise ConfigError(str(e)) from None
 
@@ -207,8 +250,18 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     text = p.read_text()
     try:
         data = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+    except tomllib.TOMLDecodeError as e:  # its message carries the line and column
         raise ConfigError(f"cannot parse recipe {p}: {str(e).splitlines()[0]}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot parse recipe {p}: {_yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {p} must be a mapping of options")
     return data
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """One line from a YAML error: where (1-based line and column) and what."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    what = " ".join(str(x) for x in (getattr(e, "problem", None), getattr(e, "context", None)) if x)
+    what = what or str(e).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {what}" if mark is not None else what

@@ -26,7 +26,7 @@ from .engine import BlockEvents, EngineOptions, EventChain, capture_inputs, capt
 from .layer_pruner import LayerPruner
 from .models.adapters import FamilyAdapter, get_adapter
 from .models.loading import default_seqlen
-from .registry import ALLOCATORS, BLOCK_METHODS, REFINERS, SOLVERS, block_method_of
+from .registry import ALLOCATORS, BLOCK_METHODS, REFINERS, SOLVERS
 from .report.manifest import now_iso, peak_cuda_mb, peak_rss_mb, versions
 from .run import rundir
 from .run.checkpoint import Checkpoint, RunClock, open_checkpoint
@@ -39,15 +39,14 @@ ALPHA_CACHE = Path("~/.cache/lmprune/alpha").expanduser()
 
 def resolved_settings(config: PruneConfig) -> dict[str, Any]:
     """Every option each stage runs with (presets and defaults filled in, validated), for the manifest."""
-    method = block_method_of(config.method)
-    method_options = {"sequential": config.sequential} if method == "layerwise" else config.method_options
+    method = config.block_method
     return {
         "solver": config.solver_name,
         "solver_options": SOLVERS.resolved(config.solver_name, config.solver_options),
         "refiner": config.refine,
         "refine_options": REFINERS.resolved(config.refine, config.refine_options),
         "block_method": method,
-        "method_options": BLOCK_METHODS.resolved(method, method_options),
+        "method_options": BLOCK_METHODS.resolved(method, config.block_method_options),
     }
 
 

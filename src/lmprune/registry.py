@@ -21,7 +21,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Generic, Iterator, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from .errors import ConfigError
 
@@ -58,11 +58,6 @@ class Plugin:
     def function(self):
         return getattr(self.load(), self.entry)
 
-    def options(self, overrides: dict[str, Any] | None = None) -> BaseModel:
-        """The validated options: the preset's values, then ``overrides`` (raises pydantic's ValidationError;
-        :meth:`Registry.options` turns it into one line)."""
-        return getattr(self.load(), self.options_attr)(**{**self.preset, **(overrides or {})})
-
 
 P = TypeVar("P", bound=Plugin)
 
@@ -90,16 +85,16 @@ class Registry(Generic[P]):
             raise UnknownPlugin(f"unknown {self.kind} {name!r}; choose from {', '.join(self.names())}") from None
 
     def options(self, name: str, overrides: dict[str, Any] | None = None) -> BaseModel:
-        """``name``'s validated options; an invalid value is one :class:`InvalidOptions` line naming the option
-        and what it must be."""
+        """``name``'s validated options (its preset's values, then ``overrides``); an invalid value is one
+        :class:`InvalidOptions` line naming the option and its valid range."""
+        from .solvers.base import OptionsError, validate_options
+
         plugin = self.get(name)
         try:
-            return plugin.options(overrides)
-        except ValidationError as e:
-            err = e.errors()[0]
-            where = ".".join(map(str, err["loc"]))
-            msg = err["msg"].removeprefix("Value error, ")
-            raise InvalidOptions(f"{self.options_field} for {name}: {where}: {msg}") from None
+            return validate_options(getattr(plugin.load(), plugin.options_attr), {**plugin.preset, **(overrides or {})},
+                                    f"{self.options_field} for {name}")
+        except OptionsError as e:
+            raise InvalidOptions(str(e)) from None
 
     def resolved(self, name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         """:meth:`options` as a plain dict, for the manifest."""

@@ -1,6 +1,6 @@
 """Layer-wise sparsity allocation: per-matrix targets whose parameter-weighted mean is the target.
 
-Allocators (``ALLOCATORS``) never prune; the engine hands their targets to a solver. What each needs:
+Allocators (registered in :data:`lmprune.registry.ALLOCATORS`) never prune; the engine hands their targets to a solver. What each needs:
 
 - ``uniform``: nothing (``uniform.allocate(matrices, sparsity)``);
 - ``alpha``: the weights only (``alpha.allocate(matrices, sparsity, epsilon=...)``), AlphaPruning;
@@ -12,29 +12,10 @@ A saved allocation (``Allocation.to_json``) is reused with :func:`load_allocatio
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 from .base import Allocation, MatrixAllocation, MatrixInfo, fit_weighted_mean
-
-
-@dataclass(frozen=True)
-class AllocatorSpec:
-    name: str
-    module: str
-    needs_input_norms: bool
-    summary: str
-
-
-ALLOCATORS: dict[str, AllocatorSpec] = {
-    s.name: s
-    for s in [
-        AllocatorSpec("uniform", "uniform", False, "the target for every matrix"),
-        AllocatorSpec("owl", "owl", True, "per block, less pruning where Wanda scores have more outliers (OWL)"),
-        AllocatorSpec("alpha", "alpha", False, "per block, less pruning for heavier-tailed spectra (AlphaPruning)"),
-    ]
-}
 
 
 def load_allocation_file(path: str | Path, expected_names: Iterable[str]) -> Allocation:
@@ -67,9 +48,7 @@ def check_weighted_mean(allocation: Allocation, target: float, tol: float = 1e-6
 
 
 __all__ = [
-    "ALLOCATORS",
     "Allocation",
-    "AllocatorSpec",
     "MatrixAllocation",
     "MatrixInfo",
     "check_weighted_mean",

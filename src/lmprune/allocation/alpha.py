@@ -36,11 +36,66 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
+from ..solvers.base import StageOptions, validate_options
 from .base import Allocation, MatrixAllocation, MatrixInfo, fit_weighted_mean
 from .hill import XMIN_RULES, PowerLawFit, matrix_alpha
 
 AGGREGATES = ("block", "matrix", "block_median")
+_SVD_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class Options(StageOptions):
+    """AlphaPruning's options (``--alloc-opt``), with their valid ranges."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    epsilon: float = Field(0.3, ge=0, lt=1)
+    xmin_rule: str = "peak"
+    aggregate: str = "block"
+    min_sparsity: float = Field(0.0, ge=0, lt=1)
+    max_sparsity: float = Field(0.99, ge=0, lt=1)
+    cache_dir: str | Path | None = None
+    model_hash: str | None = None
+    device: str | torch.device | None = None
+    #: dtype of the SVDs (``float32`` or ``float64``)
+    dtype: torch.dtype = torch.float32
+
+    @field_validator("xmin_rule")
+    @classmethod
+    def _xmin_rule(cls, v: str) -> str:
+        if v not in XMIN_RULES:
+            raise ValueError(f"unknown xmin rule {v!r}; choose from {', '.join(XMIN_RULES)}")
+        return v
+
+    @field_validator("aggregate")
+    @classmethod
+    def _aggregate(cls, v: str) -> str:
+        if v not in AGGREGATES:
+            raise ValueError(f"unknown aggregate {v!r}; choose from {', '.join(AGGREGATES)}")
+        return v
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype(cls, v):
+        if isinstance(v, str) and v.removeprefix("torch.") in _SVD_DTYPES:
+            return _SVD_DTYPES[v.removeprefix("torch.")]
+        if v not in _SVD_DTYPES.values():
+            raise ValueError(f"dtype must be one of {', '.join(_SVD_DTYPES)}, not {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Options":
+        if self.min_sparsity > self.max_sparsity:
+            raise ValueError(f"min_sparsity {self.min_sparsity} is above max_sparsity {self.max_sparsity}")
+        return self
+
+    def check_target(self, sparsity: float) -> None:
+        """The target must lie in ``[min_sparsity, max_sparsity]``, or no allocation reaches it."""
+        if not self.min_sparsity <= sparsity <= self.max_sparsity:
+            raise ValueError(f"need 0 <= min_sparsity <= sparsity <= max_sparsity < 1, got "
+                             f"{self.min_sparsity}, {sparsity}, {self.max_sparsity}")
 
 
 def weights_hash(matrices: Sequence[MatrixInfo]) -> str:
@@ -142,13 +197,12 @@ def allocate(
     start = time.perf_counter()
     if not matrices:
         raise ValueError("no matrices to allocate")
-    if not 0.0 <= epsilon < 1.0:
-        raise ValueError(f"epsilon must be in [0, 1), got {epsilon}")
-    if aggregate not in AGGREGATES:
-        raise ValueError(f"unknown aggregate {aggregate!r}; choose from {', '.join(AGGREGATES)}")
-    if not 0.0 <= min_sparsity <= sparsity <= max_sparsity < 1.0:
-        raise ValueError(f"need 0 <= min_sparsity <= sparsity <= max_sparsity < 1, got "
-                         f"{min_sparsity}, {sparsity}, {max_sparsity}")
+    opt = validate_options(Options, {"epsilon": epsilon, "xmin_rule": xmin_rule, "aggregate": aggregate,
+                                     "min_sparsity": min_sparsity, "max_sparsity": max_sparsity,
+                                     "cache_dir": cache_dir, "model_hash": model_hash, "device": device,
+                                     "dtype": dtype}, "alpha allocation")
+    opt.check_target(sparsity)
+    dtype = opt.dtype
 
     fits, stats = compute_alphas(matrices, xmin_rule, cache_dir, model_hash, device, dtype)
     by_block: dict[int, list[float]] = defaultdict(list)

@@ -71,21 +71,55 @@ class Allocation:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Allocation":
+        """The inverse of :meth:`to_dict`; a one-line ``ValueError`` saying what is missing or malformed."""
+        if not isinstance(d, dict):
+            raise ValueError(f"an allocation is a JSON object with {', '.join(_REQUIRED)}, not a {type(d).__name__}")
+        missing = [k for k in _REQUIRED if k not in d]
+        if missing:
+            raise ValueError(f"no {', '.join(repr(k) for k in missing)} key (an allocation needs "
+                             f"{', '.join(_REQUIRED)}; 'matrices' lists {{{', '.join(_MATRIX_REQUIRED)}}} per matrix)")
+        if not isinstance(d["matrices"], list):
+            raise ValueError(f"'matrices' must be a list of {{{', '.join(_MATRIX_REQUIRED)}}}, "
+                             f"not a {type(d['matrices']).__name__}")
+        matrices = []
+        for i, m in enumerate(d["matrices"]):
+            lacking = [k for k in _MATRIX_REQUIRED if k not in m] if isinstance(m, dict) else list(_MATRIX_REQUIRED)
+            if lacking:
+                raise ValueError(f"matrices[{i}] has no {', '.join(repr(k) for k in lacking)}")
+            try:
+                matrices.append(MatrixAllocation(**m))
+            except TypeError as e:  # a key MatrixAllocation does not know
+                raise ValueError(f"matrices[{i}]: {e}") from None
+        numbers = {}
+        for key, default in (("sparsity", None), ("time_s", 0.0)):
+            try:
+                numbers[key] = float(d.get(key, default))
+            except (TypeError, ValueError):
+                raise ValueError(f"{key!r} must be a number, not {d.get(key)!r}") from None
         return cls(
             method=d["method"],
-            sparsity=float(d["sparsity"]),
-            matrices=[MatrixAllocation(**m) for m in d["matrices"]],
+            sparsity=numbers["sparsity"],
+            matrices=matrices,
             options=d.get("options", {}),
             metric_name=d.get("metric_name"),
-            time_s=float(d.get("time_s", 0.0)),
+            time_s=numbers["time_s"],
         )
 
     @classmethod
     def from_json(cls, path: str | Path) -> "Allocation":
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"cannot read allocation file {path}: {e}") from None
+        except (OSError, ValueError) as e:  # ValueError includes JSONDecodeError and UnicodeDecodeError
+            raise ValueError(f"cannot read allocation file {path}: {_first_line(e)}") from None
+
+
+_REQUIRED = ("method", "sparsity", "matrices")
+_MATRIX_REQUIRED = ("name", "block", "params", "target")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def uniform(names_params_blocks: list[tuple[str, int, int]], sparsity: float) -> Allocation:

@@ -18,9 +18,34 @@ import time
 from collections import defaultdict
 from typing import Mapping, Sequence
 
+from pydantic import Field, model_validator
 from torch import Tensor
 
+from ..solvers.base import StageOptions, validate_options
 from .base import Allocation, MatrixAllocation, MatrixInfo, fit_weighted_mean
+
+
+class Options(StageOptions):
+    """OWL's options (``--alloc-opt``), with their valid ranges."""
+
+    #: outlier threshold: a score counts as an outlier above ``M`` times its block's mean score
+    M: float = Field(5.0, gt=0)
+    #: half-width of the sparsity spread across blocks (targets span about ``S ± lam``)
+    lam: float = Field(0.08, ge=0)
+    min_sparsity: float = Field(0.0, ge=0, lt=1)
+    max_sparsity: float = Field(0.99, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Options":
+        if self.min_sparsity > self.max_sparsity:
+            raise ValueError(f"min_sparsity {self.min_sparsity} is above max_sparsity {self.max_sparsity}")
+        return self
+
+    def check_target(self, sparsity: float) -> None:
+        """The target must lie in ``[min_sparsity, max_sparsity]``, or no allocation reaches it."""
+        if not self.min_sparsity <= sparsity <= self.max_sparsity:
+            raise ValueError(f"need 0 <= min_sparsity <= sparsity <= max_sparsity < 1, got "
+                             f"{self.min_sparsity}, {sparsity}, {self.max_sparsity}")
 
 
 def _scores(m: MatrixInfo, norms: Tensor) -> Tensor:
@@ -65,11 +90,9 @@ def allocate(
     start = time.perf_counter()
     if not matrices:
         raise ValueError("no matrices to allocate")
-    if lam < 0 or M <= 0:
-        raise ValueError(f"need lam >= 0 and M > 0, got lam={lam}, M={M}")
-    if not 0.0 <= min_sparsity <= sparsity <= max_sparsity < 1.0:
-        raise ValueError(f"need 0 <= min_sparsity <= sparsity <= max_sparsity < 1, got "
-                         f"{min_sparsity}, {sparsity}, {max_sparsity}")
+    opt = validate_options(Options, {"M": M, "lam": lam, "min_sparsity": min_sparsity, "max_sparsity": max_sparsity},
+                           "owl allocation")
+    opt.check_target(sparsity)
 
     ratio = outlier_ratios(matrices, input_norms, M)
     lo_d, hi_d = min(ratio.values()), max(ratio.values())

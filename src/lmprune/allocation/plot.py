@@ -1,4 +1,5 @@
-"""PNG of an allocation: the allocator's metric (top) and the target sparsity (bottom) per decoder block."""
+"""PNG of an allocation: the allocator's metric (top) and the target sparsity (bottom) per decoder block; an
+allocation without a metric (uniform, or a file without one) gets the sparsity panel alone."""
 
 from __future__ import annotations
 
@@ -32,15 +33,14 @@ def plot_allocation(allocation: Allocation, path: str | Path) -> Path:
     """Write the plot to ``path`` and return it."""
     profile = block_profile(allocation)
     blocks = list(profile)
-    fig, (ax_metric, ax_sparsity) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-
     with_metric = [b for b in blocks if profile[b][0] is not None]
     if with_metric:
+        fig, (ax_metric, ax_sparsity) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
         ax_metric.plot(with_metric, [profile[b][0] for b in with_metric], "o-", color="tab:blue")
         ax_metric.set_ylabel(allocation.metric_name or "metric")
-    else:
-        ax_metric.text(0.5, 0.5, "no metric (uniform)", ha="center", va="center", transform=ax_metric.transAxes)
-    ax_metric.grid(alpha=0.3)
+        ax_metric.grid(alpha=0.3)
+    else:  # nothing to show above the sparsities
+        fig, ax_sparsity = plt.subplots(1, 1, figsize=(8, 3.5))
 
     ax_sparsity.plot(blocks, [profile[b][1] for b in blocks], "s-", color="tab:red", label="block (param-weighted)")
     distinct = {(m.block, m.target) for m in allocation.matrices}

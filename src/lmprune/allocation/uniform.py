@@ -5,7 +5,12 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
+from ..solvers.base import StageOptions
 from .base import Allocation, MatrixInfo, uniform
+
+
+class Options(StageOptions):
+    """Uniform allocation takes no options."""
 
 
 def allocate(matrices: Sequence[MatrixInfo], sparsity: float) -> Allocation:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import struct
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
@@ -146,7 +148,14 @@ def load_model(
             tokenizer = _tokenizer(source, trust_remote_code)
     except ModelLoadError:
         raise
-    except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError, SafetensorError, EOFError) as e:
+    except (OSError, ValueError, KeyError, IndexError, RuntimeError, json.JSONDecodeError, SafetensorError, EOFError,
+            struct.error) as e:
+        if gguf:  # a truncated file fails wherever the reader first runs past its end: say what is wrong
+            _raise_if_truncated_gguf(Path(source.path), e)
+        elif source.kind == "dir":
+            mismatch = checkpoint_shape_mismatch(Path(source.path), trust_remote_code)
+            if mismatch:
+                raise ModelLoadError(f"cannot load model {spec!r}: {mismatch}") from e
         raise ModelLoadError(f"cannot load model {spec!r}: {_first_line(e)}") from e
     model.eval()
     model.config.use_cache = False
@@ -175,6 +184,96 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
 def default_seqlen(config) -> int:
     """The calibration and evaluation window length when none is given: the context length, at most 2048."""
     return int(min(getattr(config, "max_position_embeddings", 2048) or 2048, 2048))
+
+
+def _gguf_reader_class():
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+
+    class HeaderReader(GGUFReader):
+        """The gguf package's reader, stopped before it maps the tensor data: records where each tensor's bytes
+        end instead (the stock reader fails on a truncated file with a numpy reshape error)."""
+
+        def _build_tensors(self, start_offs: int, fields) -> None:
+            self.tensor_ends: list[tuple[int, str]] = []
+            for field in fields:
+                _name_len, name, _n_dims, dims, raw_dtype, offset = field.parts
+                block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(int(raw_dtype[0]))]
+                n_bytes = int(np.prod(dims, dtype=np.int64)) * type_size // block
+                self.tensor_ends.append((int(start_offs) + int(offset[0]) + n_bytes, bytes(name).decode("utf-8")))
+
+    return HeaderReader
+
+
+def gguf_declared_size(path: str | Path) -> tuple[int, str | None]:
+    """The size a GGUF file's header declares: the data offset plus the end of its last tensor (and that tensor's
+    name; ``None`` for a file without tensors). Raises ``ValueError`` when the header itself cannot be read."""
+    try:
+        reader = _gguf_reader_class()(str(path))
+    except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError, struct.error) as e:
+        raise ValueError(_first_line(e)) from None
+    if not reader.tensor_ends:
+        return int(reader.data_offset), None
+    end, name = max(reader.tensor_ends)
+    return end, name
+
+
+def gguf_truncation(path: str | Path) -> str | None:
+    """One line saying that a GGUF file is truncated or corrupt, with its size against the size its header
+    declares; ``None`` when its size matches (or it is no GGUF file at all: the loader says that)."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if head[:4] != b"GGUF":
+        return None
+    try:
+        declared, last = gguf_declared_size(path)
+    except ValueError:
+        counts = ""
+        if len(head) == 24:
+            n_tensors, n_keys = struct.unpack("<QQ", head[8:24])
+            counts = f" (it declares {n_tensors} tensors and {n_keys} metadata keys)"
+        return f"GGUF file {path} is truncated or corrupt: its header does not fit in the file's {size} bytes{counts}"
+    if size < declared:
+        return (f"GGUF file {path} is truncated or corrupt: it has {size} bytes, its header declares {declared} bytes "
+                f"(tensor data up to the end of {last})")
+    return None
+
+
+def _raise_if_truncated_gguf(path: Path, error: BaseException) -> None:
+    problem = gguf_truncation(path)
+    if problem:
+        raise ModelLoadError(problem) from error
+
+
+def checkpoint_shape_mismatch(path: Path, trust_remote_code: bool = False) -> str | None:
+    """The first tensor whose shape in the safetensors headers differs from the model its config builds (on the
+    meta device, no memory), as one line; ``None`` when all shared names agree or nothing can be compared."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError):
+        return None
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    mismatches = []
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    shape = tuple(f.get_slice(name).get_shape())
+                    if name in expected and shape != expected[name]:
+                        mismatches.append((file.name, name, shape, expected[name]))
+        except (OSError, SafetensorError):
+            continue
+    if not mismatches:
+        return None
+    file, name, shape, want = mismatches[0]
+    more = f" (and {len(mismatches) - 1} more tensors)" if len(mismatches) > 1 else ""
+    return (f"tensor {name} in {file} has shape {list(shape)}, but the model's config.json needs {list(want)}"
+            f"{more}: the checkpoint is corrupt or belongs to another configuration")
 
 
 def ensure_pad_token(tokenizer, spec: str) -> str | None:
@@ -223,7 +322,9 @@ def load_config(spec: str, trust_remote_code: bool = False):
             path = Path(source.path)
             return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
         return AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, KeyError, IndexError, json.JSONDecodeError, struct.error) as e:
+        if source.kind in ("alias", "gguf"):
+            _raise_if_truncated_gguf(Path(source.path), e)
         raise ModelLoadError(f"cannot read the configuration of {spec!r}: {_first_line(e)}") from e
 
 

@@ -25,25 +25,26 @@ refiner never increases a row's reconstruction error. Kept weights keep the solv
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from ..patterns import NM, Pattern, Unstructured
-from ..solvers.base import Gram, SolveResult, SolverOptions
+from ..solvers.base import Gram, SolveResult, SolverOptions, check_finite, validate_options, zero_gram
 
 
 class Options(SolverOptions):
-    max_cycles: int = 50
+    max_cycles: int = Field(50, ge=0)
     #: Stop a row once |ε_i| (per-token expected error) is below this. The reference's 0.1 is on a sum over
     #: a 2048-token sequence, about 5e-5 per token.
-    update_threshold: float = 5e-5
+    update_threshold: float = Field(5e-5, ge=0)
     #: Exponent of Var[x_j] dividing the growing score (reference: 1).
-    pow_of_var: float = 1.0
+    pow_of_var: float = Field(1.0, ge=0)
     #: Reference option: also stop a row when a swap would flip the sign of ε_i.
     same_sign: bool = False
     #: Accept a swap only if it lowers the row's exact H-weighted error.
     guard: bool = True
     #: Stop a row after this many consecutive swaps rejected by the guard.
-    patience: int = 3
+    patience: int = Field(3, ge=1)
 
 
 def _row_errors(delta: Tensor, h: Tensor) -> Tensor:
@@ -80,9 +81,16 @@ def refine(
     guard: bool = True,
     patience: int = 3,
 ) -> SolveResult:
+    validate_options(Options, {"max_cycles": max_cycles, "update_threshold": update_threshold,
+                               "pow_of_var": pow_of_var, "same_sign": same_sign, "guard": guard,
+                               "patience": patience}, "dsnot")
+    check_finite("dsnot", dense_weight, gram)
+    check_finite("dsnot", result.weight)
     skip = None if isinstance(pattern, (Unstructured, NM)) else f"skipped: pattern {pattern.spec}"
     if gram.sum_x is None:
         skip = "skipped: the Gram matrix carries no input mean"
+    elif zero_gram(gram):
+        skip = "skipped: the calibration inputs are all zero (nothing to fit)"
     if skip:
         return SolveResult(result.weight, result.mask, {**result.stats, "dsnot": skip}, result.pattern)
     dtype = torch.float64 if dense_weight.device.type == "cpu" else torch.float32

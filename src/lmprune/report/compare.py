@@ -333,9 +333,9 @@ def compare_runs(run_dirs: list[Path], out_dir: Path, dense: Path | None = None,
     if not run_dirs and dense is None:
         raise ValueError("compare needs at least one run directory")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     dense_run = load_run(dense) if dense is not None else None
     runs = [load_run(p) for p in run_dirs if dense is None or Path(p).resolve() != Path(dense).resolve()]
+    out_dir.mkdir(parents=True, exist_ok=True)  # only once every input was read: a failed compare writes nothing
     dense_note = None
     if dense_run is None and not any(r.is_dense for r in runs):
         dense_run, dense_note = dense_from_manifests(runs)

@@ -73,7 +73,17 @@ def _jsonable(obj: Any) -> Any:
 
 
 def read_manifest(run_dir: str | Path) -> dict[str, Any]:
+    """The manifest of a run directory; a one-line error naming the file when it is missing, unreadable or not a
+    JSON object."""
     path = Path(run_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a finished lmprune run (no {MANIFEST})")
-    return json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not a valid manifest: not UTF-8 text ({e.reason})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not a valid manifest (truncated or corrupt JSON: {e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a valid manifest: a JSON {type(data).__name__}, not an object")
+    return data

@@ -26,38 +26,41 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from ..patterns import NM, Pattern, Unstructured
-from .base import Gram, SolveResult, SolverOptions
+from .base import Gram, SolveResult, SolverOptions, screen_inputs, validate_options
 from .pcg import masked_pcg
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: a factor of the ρ schedule (ρ never shrinks by it)
+_Factor = Annotated[float, Field(ge=1)]
 
 
 class Options(SolverOptions):
-    rho0: float = 0.1
-    max_iter: int = 300
-    update_iter: int = 3
-    switch_iter: int = 30
+    rho0: float = Field(0.1, gt=0)
+    max_iter: int = Field(300, ge=0)
+    update_iter: int = Field(3, ge=1)
+    switch_iter: int = Field(30, ge=0)
     #: after ``switch_iter``, stop once the support change per check is below this fraction of ``k``
-    switch_tol: float = 3e-4
-    rho_max: float = 1e6
+    switch_tol: float = Field(3e-4, ge=0)
+    rho_max: float = Field(1e6, gt=0)
     #: ρ factors for large (s/k > 0.1), medium (> 0.005) and small (s ≥ 1) support changes
-    growth: tuple[float, float, float] = (1.3, 1.2, 1.1)
+    growth: tuple[_Factor, _Factor, _Factor] = (1.3, 1.2, 1.1)
     #: treat ρ as already growing from the first check (skips the ρ/5 restart branch; for warm/fast starts)
     grow_from_start: bool = False
     #: False: keep ρ = rho0 for ``max_iter`` iterations (the fixed-penalty ADMM the schedule improves on)
     schedule: bool = True
     #: the reference runs 10; from ADMM's converged iterate steps 4–10 lowered the layer error by 0.02–0.16%
     #: on SmolLM2 layers (bench/RESULTS.md) and cost 10–15% of the solve
-    pcg_iters: int = 3
+    pcg_iters: int = Field(3, ge=0)
     #: record the PCG objective after every step (stats["pcg_objective"]); otherwise only before and after
     pcg_track: bool = False
-    percdamp: float = 0.01
+    percdamp: float = Field(0.01, ge=0)
     #: initial feasible point D⁰: scaled magnitude (ALPS), or the mask/weights of Wanda or SparseGPT
     warm_start: Literal["magnitude", "wanda", "sparsegpt"] = "magnitude"
     #: only used by the ``eig``/``inverse`` ridge modes; float32 measured as accurate as float64
@@ -67,7 +70,7 @@ class Options(SolverOptions):
     #: how ``(H̃ + ρI)⁻¹`` is applied (see :class:`RidgeSolver`)
     ridge: Literal["auto", "eig", "inverse", "cholesky"] = "auto"
     #: iterations (1-based) at which to record the objective of D and the support change (costs a product)
-    trace: tuple[int, ...] = ()
+    trace: tuple[Annotated[int, Field(ge=1)], ...] = ()
 
 
 @dataclass
@@ -206,8 +209,8 @@ def _initial_point(
 
 
 def _rel_error(b: Tensor, hb: Tensor, g: Tensor, r0: float) -> float:
-    """``tr((B−B0)ᵀH̃(B−B0)) / tr(B0ᵀH̃B0)`` from ``H̃B`` and ``G = H̃B0``."""
-    return float(((b * hb).sum() - 2 * (b * g).sum() + r0) / r0)
+    """``tr((B−B0)ᵀH̃(B−B0)) / tr(B0ᵀH̃B0)`` from ``H̃B`` and ``G = H̃B0`` (the absolute error when ``r0 = 0``)."""
+    return float(((b * hb).sum() - 2 * (b * g).sum() + r0) / (r0 if r0 > 0 else 1.0))
 
 
 def solve(
@@ -223,8 +226,11 @@ def solve(
     check: iteration, entries changed, ρ), ``pcg_iterations``, ``rel_error_scaled_before_pcg`` and
     ``rel_error_scaled`` (on the damped scaled Gram), ``pcg_objective``, timings, and ``trace`` if asked.
     """
-    opt = Options(**options)
+    opt = validate_options(Options, options, "alps")
     pattern.validate(weight.shape)
+    zero = screen_inputs("alps", weight, gram, pattern, sparsity)
+    if zero is not None:
+        return zero
     start = time.perf_counter()
     wd = _DTYPES[opt.dtype]
     sg = scaled_gram(gram, opt.percdamp, opt.eigh_dtype, opt.dtype)
@@ -307,8 +313,10 @@ def solve(
         x0 = b * mask
     pcg = masked_pcg(sg.h, g, mask, x0, iters=opt.pcg_iters, track_objective=True if opt.pcg_track else "ends")
     x = pcg.x * mask
-    err_before = (2 * pcg.objective[0] + r0) / r0 if pcg.objective else None
-    err_after = (2 * pcg.objective[-1] + r0) / r0 if pcg.objective else None
+    # r0 = 0: the weight produces no output on these inputs (all zero, or only on dead inputs): nothing to lose
+    scaled = lambda obj: (2 * obj + r0) / r0 if r0 > 0 else 0.0  # noqa: E731
+    err_before = scaled(pcg.objective[0]) if pcg.objective else None
+    err_after = scaled(pcg.objective[-1]) if pcg.objective else None
     pruned = (x / sg.d.unsqueeze(1)).T
     mask_w = mask.T.contiguous()
     total = time.perf_counter() - start

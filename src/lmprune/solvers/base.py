@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor
 
 from ..patterns import Pattern
@@ -101,10 +101,113 @@ class SolveResult:
     pattern: Pattern | None = None  # set when the solver used a different comparison group than requested
 
 
-class SolverOptions(BaseModel):
-    """Base for each solver's validated options; unknown options are an error."""
+class StageOptions(BaseModel):
+    """Validated options of a pipeline stage (solver, refiner, allocator, block method): an unknown name, a value
+    outside the field's range, NaN and Inf are errors. Ranges are declared with ``Field(ge=, gt=, le=, lt=)``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class SolverOptions(StageOptions):
+    """Base for each solver's validated options."""
+
+
+class OptionsError(ValueError):
+    """Options a stage cannot run with; the message is one line naming the option and its valid range."""
+
+
+def _bounds_text(lower: tuple[str, Any] | None, upper: tuple[str, Any] | None) -> str:
+    if lower and upper:
+        return f"in {'[' if lower[0] == 'ge' else '('}{lower[1]}, {upper[1]}{']' if upper[0] == 'le' else ')'}"
+    if lower:
+        return f"{'>=' if lower[0] == 'ge' else '>'} {lower[1]}"
+    if upper:
+        return f"{'<=' if upper[0] == 'le' else '<'} {upper[1]}"
+    return ""
+
+
+def valid_range(options_cls: type[BaseModel], name: str) -> str:
+    """The declared range of one option, e.g. ``in [0, 1)`` or ``>= 1`` ("" when it has none)."""
+    info = options_cls.model_fields.get(name)
+    lower = upper = None
+    for m in info.metadata if info is not None else ():
+        for key in ("ge", "gt"):
+            if getattr(m, key, None) is not None:
+                lower = (key, getattr(m, key))
+        for key in ("le", "lt"):
+            if getattr(m, key, None) is not None:
+                upper = (key, getattr(m, key))
+    return _bounds_text(lower, upper)
+
+
+def options_error(options_cls: type[BaseModel], error: ValidationError, owner: str) -> OptionsError:
+    """One line for the first problem of ``error``: which option of ``owner``, its value and what is valid."""
+    err = error.errors()[0]
+    loc = [str(x) for x in err["loc"]]
+    if not loc:  # a check across options (model validator)
+        return OptionsError(f"{owner}: {err['msg'].removeprefix('Value error, ')}")
+    name = loc[0]
+    if err["type"] == "extra_forbidden":
+        known = ", ".join(options_cls.model_fields)
+        return OptionsError(f"{owner}: unknown option {name!r}; "
+                            + (f"choose from {known}" if known else "it takes no options"))
+    label = name + "".join(f"[{x}]" for x in loc[1:])
+    value = err.get("input")
+    ctx = err.get("ctx") or {}
+    if len(loc) == 1:
+        rng = valid_range(options_cls, name)
+    else:  # an element of a tuple option: its own bound, from the error
+        rng = _bounds_text(next(((k, ctx[k]) for k in ("ge", "gt") if k in ctx), None),
+                           next(((k, ctx[k]) for k in ("le", "lt") if k in ctx), None))
+    if err["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number") and rng:
+        return OptionsError(f"{owner}: option {label}={value!r} is out of range: must be {rng}")
+    msg = err["msg"].removeprefix("Value error, ")
+    return OptionsError(f"{owner}: option {label}={value!r}: {msg}" + (f" (valid range {rng})" if rng else ""))
+
+
+def validate_options(options_cls: type[BaseModel], values: dict[str, Any] | None, owner: str) -> BaseModel:
+    """``options_cls(**values)``, or a one-line :class:`OptionsError` naming the option and its valid range."""
+    try:
+        return options_cls(**(values or {}))
+    except ValidationError as e:
+        raise options_error(options_cls, e, owner) from None
+    except TypeError as e:  # not a mapping of names
+        raise OptionsError(f"{owner}: options must be a mapping of name to value ({e})") from None
+
+
+def keep_largest(weight: Tensor, pattern: Pattern, sparsity: float, stats: dict[str, Any] | None = None) -> SolveResult:
+    """Magnitude's answer: the largest ``|W_ij|`` of each comparison group survive, unchanged."""
+    mask = pattern.keep_mask(weight.abs().float(), sparsity)
+    return SolveResult(weight * mask, mask, stats or {})
+
+
+def check_finite(solver: str, weight: Tensor, gram: "Gram | None" = None) -> None:
+    """Refuse a weight or Gram matrix holding NaN or Inf (one-line ``ValueError``): no solver's answer would mean
+    anything, and some would return the input unpruned without a word."""
+    for what, t in (("weight", weight), ("Gram matrix", None if gram is None else gram.matrix)):
+        if t is None:
+            continue
+        finite = gram.cached("finite", lambda: bool(torch.isfinite(t).all())) if what == "Gram matrix" \
+            else bool(torch.isfinite(t).all())
+        if not finite:
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"{solver}: the {what} ({'x'.join(map(str, t.shape))}) has {bad} NaN or Inf "
+                             f"entr{'y' if bad == 1 else 'ies'}")
+
+
+def zero_gram(gram: "Gram") -> bool:
+    """Whether every calibration input was zero (then there is nothing to fit)."""
+    return gram.cached("all_zero", lambda: not bool(gram.matrix.any()))
+
+
+def screen_inputs(solver: str, weight: Tensor, gram: "Gram", pattern: Pattern, sparsity: float) -> SolveResult | None:
+    """The checks every calibrated solver shares: refuses non-finite inputs; for a Gram matrix of zeros (the
+    inputs never fired: nothing to fit) returns magnitude's answer under ``pattern``. ``None``: go on solving."""
+    check_finite(solver, weight, gram)
+    if zero_gram(gram):
+        return keep_largest(weight, pattern, sparsity,
+                            {"zero_gram": "the calibration inputs are all zero: kept the largest weights"})
+    return None
 
 
 class SolveFn(Protocol):

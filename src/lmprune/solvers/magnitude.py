@@ -1,7 +1,8 @@
 """Magnitude pruning: keep the largest |W_ij| within the pattern's comparison group.
 
 Objective: none beyond ``max Σ_kept |W_ij|`` -- the calibration inputs are ignored (the Gram argument is
-accepted for the common signature). The surviving weights are left unchanged.
+accepted for the common signature). The surviving weights are left unchanged. A weight holding NaN or Inf is
+refused.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..patterns import Pattern
-from .base import Gram, SolveResult, SolverOptions
+from .base import Gram, SolveResult, SolverOptions, check_finite, keep_largest
 
 
 class Options(SolverOptions):
@@ -17,5 +18,5 @@ class Options(SolverOptions):
 
 
 def solve(weight: Tensor, gram: Gram | None, pattern: Pattern, sparsity: float) -> SolveResult:
-    mask = pattern.keep_mask(weight.abs().float(), sparsity)
-    return SolveResult(weight * mask, mask, {})
+    check_finite("magnitude", weight)
+    return keep_largest(weight, pattern, sparsity)

@@ -17,15 +17,16 @@ from the same saliency and then reconstructed by the same sweep.
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from ..patterns import NM, Pattern, Unstructured, kept_count
-from .base import Gram, SolveResult, SolverOptions
+from .base import Gram, SolveResult, SolverOptions, screen_inputs, validate_options
 
 
 class Options(SolverOptions):
-    blocksize: int = 128
-    percdamp: float = 0.01
+    blocksize: int = Field(128, ge=1)
+    percdamp: float = Field(0.01, ge=0)
 
 
 def inverse_hessian_factor(gram: Gram, percdamp: float) -> tuple[Tensor, int]:
@@ -59,7 +60,11 @@ def solve(
     blocksize: int = 128,
     percdamp: float = 0.01,
 ) -> SolveResult:
+    validate_options(Options, {"blocksize": blocksize, "percdamp": percdamp}, "sparsegpt")
     pattern.validate(weight.shape)
+    zero = screen_inputs("sparsegpt", weight, gram, pattern, sparsity)
+    if zero is not None:
+        return zero
     rows, cols = weight.shape
     w = weight.detach().float().clone()
     w[:, gram.dead()] = 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..patterns import Pattern, Unstructured
-from .base import Gram, SolveResult, SolverOptions
+from .base import Gram, SolveResult, SolverOptions, screen_inputs
 
 
 class Options(SolverOptions):
@@ -25,5 +25,9 @@ def scores(weight: Tensor, gram: Gram) -> Tensor:
 def solve(weight: Tensor, gram: Gram, pattern: Pattern, sparsity: float, per_row: bool = True) -> SolveResult:
     if per_row and isinstance(pattern, Unstructured):
         pattern = Unstructured("row")
+    zero = screen_inputs("wanda", weight, gram, pattern, sparsity)
+    if zero is not None:
+        zero.stats["comparison_group"], zero.pattern = pattern.spec, pattern
+        return zero
     mask = pattern.keep_mask(scores(weight, gram), sparsity)
     return SolveResult(weight * mask, mask, {"comparison_group": pattern.spec}, pattern)
