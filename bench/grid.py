@@ -19,7 +19,7 @@ than the pruning): the model is loaded once with ``lmprune.load_model``, each ce
 prunes with ``lmprune.prune`` and evaluates perplexity, and appends one JSON line per cell to ``ROOT/grid.jsonl``
 (read by ``bench/tables.py``). Nothing is saved to disk in that mode.
 
-The grid file (see ``bench/grids/README.md``): ``[model]`` (``spec``; ``prepare``: a directory the spec is
+The grid file (examples: ``bench/grids/*.toml``): ``[model]`` (``spec``; ``prepare``: a directory the spec is
 converted into once, as an HF model, and then used), ``[settings]`` (CLI options of every cell) and
 ``[[cells]]`` tables. In a ``[[cells]]`` table a list value is an axis: the cells are the product of the axes,
 the first key outermost; scalars (and tables) are fixed. Keys are the CLI's options with ``_`` for ``-``
