@@ -184,7 +184,7 @@ def test_csv_reads_back_into_the_same_table(runs, tmp_path):
     sparse, dense = runs
     compare_runs([sparse, dense], tmp_path / "cmp", plots=False)
     back = read_csv(tmp_path / "cmp" / "comparison.csv")
-    assert [r.label for r in back] == ["dense", "sparsegpt_50"]
+    assert [r.name for r in back] == ["dense", "sparsegpt_50"]
     assert back[1].perplexity == {"c4": 45.25, "wikitext2": 30.5}
     assert back[1].zeroshot == {"piqa": {"acc": 0.6, "acc_norm": 0.62}, "arc_easy": {"acc": 0.4, "acc_norm": 0.38}}
     assert (back[1].sparsity, back[1].time_s, back[1].peak_rss_mb) == (0.5, 12.5, 900.0)

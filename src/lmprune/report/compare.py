@@ -10,120 +10,14 @@ as ``dense``, or any run whose method is "dense" or whose target sparsity is 0; 
 from __future__ import annotations
 
 import csv
-import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-MANIFEST = "lmprune.json"
-ZEROSHOT_SIDECAR = "zeroshot.json"  # `lmprune eval --out RUN/zeroshot.json`, used when the manifest has none
-_PPL_META = {"eval_windows", "seqlen", "tokens", "tokens_evaluated", "windows", "windows_available"}
-_ZS_METRICS = ("acc", "acc_norm", "perplexity")
+from .runs import MANIFEST, ZEROSHOT_SIDECAR, ZS_METRICS, Run, common_tasks, load_run, number, zeroshot_average
 
-
-@dataclass
-class Run:
-    """The fields of one manifest that a comparison shows (``method`` carries a refiner as "wanda+dsnot")."""
-
-    label: str
-    path: Path
-    method: str
-    allocation: str
-    pattern: str
-    sparsity: float
-    achieved_sparsity: float | None
-    perplexity: dict[str, float]
-    eval_windows: Any
-    seqlen: Any
-    zeroshot: dict[str, dict[str, float]]
-    zeroshot_limit: Any
-    time_s: float | None
-    peak_rss_mb: float | None
-    layers: list[dict] = field(default_factory=list)
-    dense_perplexity: dict[str, float] = field(default_factory=dict)  # --eval-dense figures, same windows/seqlen
-    model: str | None = None  # the pruned model's sha256 (or spec) and dtype: which dense model those figures are of
-
-    @property
-    def is_dense(self) -> bool:
-        return self.method == "dense" or self.sparsity == 0
-
-    @property
-    def series(self) -> str:
-        """The curve a run belongs to in plots: its method, qualified by a non-default allocation or pattern."""
-        extras = [x for x in (self.allocation, self.pattern) if x not in ("uniform", "unstructured", "", "-")]
-        return f"{self.method} ({', '.join(extras)})" if extras else self.method
-
-
-def _name(value: Any, default: str = "-") -> str:
-    """A short label for a manifest field that may be a string, a number, None or a dict with a name."""
-    if value is None:
-        return default
-    if isinstance(value, dict):
-        for key in ("name", "method", "kind", "type"):
-            if key in value:
-                return str(value[key])
-        return json.dumps(value, sort_keys=True)
-    return str(value)
-
-
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def _sidecar_zeroshot(path: Path) -> dict:
-    """Zero-shot scores from an evaluation file: its ``zeroshot`` entry, or the file itself (a plain
-    ``evaluate_tasks`` result)."""
-    if not path.is_file():
-        return {}
-    data = json.loads(path.read_text())
-    return data.get("zeroshot") or data
-
-
-def load_run(path: Path) -> Run:
-    """Read a run directory (or its ``lmprune.json``); a one-line ``ValueError`` when the manifest is missing."""
-    path = Path(path)
-    manifest = path if path.is_file() else path / MANIFEST
-    if not manifest.is_file():
-        raise ValueError(f"{path}: no {MANIFEST} (not a run directory)")
-    try:
-        data = json.loads(manifest.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{manifest}: not valid JSON ({err})") from None
-    ppl_block = data.get("perplexity") or {}
-    perplexity = {k: float(v) for k, v in ppl_block.items() if k not in _PPL_META and _number(v) is not None}
-    zs_block = data.get("zeroshot") or _sidecar_zeroshot(manifest.parent / ZEROSHOT_SIDECAR)
-    per_task = zs_block.get("tasks") if isinstance(zs_block.get("tasks"), dict) else zs_block  # nested form too
-    zeroshot = {
-        task: {m: float(s[m]) for m in _ZS_METRICS if _number(s.get(m)) is not None}
-        for task, s in per_task.items()
-        if isinstance(s, dict) and any(_number(s.get(m)) is not None for m in _ZS_METRICS)
-    }
-    sparsity = _number(data.get("sparsity"))
-    refine = data.get("refine") or (data.get("config") or {}).get("refine")
-    method = _name(data.get("method"))
-    model = data.get("model") if isinstance(data.get("model"), dict) else {}
-    model_id = model.get("sha256") or model.get("spec")
-    return Run(
-        label=manifest.parent.name,
-        path=manifest.parent,
-        method=method if refine in (None, "none") else f"{method}+{_name(refine)}",
-        allocation=_name(data.get("allocation"), "uniform"),
-        pattern=_name(data.get("pattern"), "unstructured"),
-        sparsity=sparsity if sparsity is not None else 0.0,
-        achieved_sparsity=_number(data.get("achieved_sparsity")),
-        perplexity=perplexity,
-        eval_windows=ppl_block.get("eval_windows", data.get("eval_windows")),
-        seqlen=ppl_block.get("seqlen", data.get("seqlen")),
-        zeroshot=zeroshot,
-        zeroshot_limit=zs_block.get("limit"),
-        time_s=_number(data.get("time_s")),
-        peak_rss_mb=_number(data.get("peak_rss_mb")),
-        layers=list(data.get("layers") or []),
-        dense_perplexity={k: float(v) for k, v in (data.get("dense_perplexity") or {}).items()
-                          if k not in _PPL_META and _number(v) is not None},
-        model=f"{model_id} {model.get('dtype', '')}".strip() if model_id else None,
-    )
+__all__ = ["MANIFEST", "ZEROSHOT_SIDECAR", "Run", "common_tasks", "compare_runs", "dense_from_manifests",
+           "load_run", "markdown_table", "order_runs", "read_csv", "table_rows", "write_csv", "zeroshot_average"]
 
 
 def _settings(r: Run) -> str:
@@ -139,7 +33,7 @@ def dense_from_manifests(runs: list[Run]) -> tuple[Run | None, str | None]:
     note; on a tie there is no dense row, and the note says why. ``(None, None)`` when no run carries any.
     """
     groups: dict[tuple, list[Run]] = {}
-    for r in sorted(runs, key=lambda r: r.label):
+    for r in sorted(runs, key=lambda r: r.name):
         if r.dense_perplexity:
             groups.setdefault((r.model, r.eval_windows, r.seqlen), []).append(r)
     if not groups:
@@ -147,7 +41,7 @@ def dense_from_manifests(runs: list[Run]) -> tuple[Run | None, str | None]:
     matching = {key: sum((r.model, r.eval_windows, r.seqlen) == key for r in runs if r.perplexity) for key in groups}
     best = max(matching.values())
     chosen = [key for key, n in matching.items() if n == best]
-    describe = lambda key: f"{_settings(groups[key][0])} (runs {', '.join(r.label for r in groups[key])})"  # noqa: E731
+    describe = lambda key: f"{_settings(groups[key][0])} (runs {', '.join(r.name for r in groups[key])})"  # noqa: E731
     if len(chosen) > 1:
         return None, ("No dense row: the runs' `--eval-dense` perplexities were taken with different settings or "
                       "models, none matching more runs than the others: " + "; ".join(map(describe, groups))
@@ -158,11 +52,11 @@ def dense_from_manifests(runs: list[Run]) -> tuple[Run | None, str | None]:
     for r in sources:
         for ds, v in r.dense_perplexity.items():
             perplexity.setdefault(ds, v)
-    dense = Run(label="dense (--eval-dense)", path=sources[0].path, method="dense", allocation="-", pattern="-",
+    dense = Run(name="dense (--eval-dense)", path=sources[0].path, method="dense", allocation="-", pattern="-",
                 sparsity=0.0, achieved_sparsity=None, perplexity=perplexity, eval_windows=key[1], seqlen=key[2],
                 zeroshot={}, zeroshot_limit=None, time_s=None, peak_rss_mb=None)
     note = (f"Dense row: perplexity only, measured before pruning by `lmprune prune --eval-dense` in run(s) "
-            f"{', '.join(r.label for r in sources)} ({_settings(sources[0])}).")
+            f"{', '.join(r.name for r in sources)} ({_settings(sources[0])}).")
     spread = [ds for ds in perplexity
               if len({round(r.dense_perplexity[ds], 6) for r in sources if ds in r.dense_perplexity}) > 1]
     if spread:
@@ -177,30 +71,14 @@ def dense_from_manifests(runs: list[Run]) -> tuple[Run | None, str | None]:
 def order_runs(runs: list[Run], dense: Run | None = None) -> list[Run]:
     """Dense first, then by method, allocation, pattern and sparsity."""
     rest = [r for r in runs if r is not dense]
-    key = lambda r: (not r.is_dense, r.method, r.allocation, r.pattern, r.sparsity, r.label)  # noqa: E731
+    key = lambda r: (not r.is_dense, r.method, r.allocation, r.pattern, r.sparsity, r.name)  # noqa: E731
     return ([dense] if dense is not None else []) + sorted(rest, key=key)
-
-
-def common_tasks(runs: list[Run]) -> list[str]:
-    """Tasks with an accuracy in every run that has zero-shot results (the average is taken over these)."""
-    scored = [r for r in runs if r.zeroshot]
-    if not scored:
-        return []
-    first = [t for t in scored[0].zeroshot if "acc" in scored[0].zeroshot[t]]
-    return [t for t in first if all("acc" in r.zeroshot.get(t, {}) for r in scored)]
-
-
-def zeroshot_average(run: Run, tasks: list[str]) -> float | None:
-    """Mean ``acc`` over ``tasks`` (None when the run has no zero-shot results)."""
-    if not tasks or not run.zeroshot:
-        return None
-    return sum(run.zeroshot[t]["acc"] for t in tasks) / len(tasks)
 
 
 def _columns(runs: list[Run]) -> tuple[list[str], list[str], dict[str, list[str]]]:
     datasets = sorted({d for r in runs for d in r.perplexity})
     tasks = list(dict.fromkeys(t for r in runs for t in r.zeroshot))
-    metrics = {t: [m for m in _ZS_METRICS if any(m in r.zeroshot.get(t, {}) for r in runs)] for t in tasks}
+    metrics = {t: [m for m in ZS_METRICS if any(m in r.zeroshot.get(t, {}) for r in runs)] for t in tasks}
     return datasets, tasks, metrics
 
 
@@ -211,7 +89,7 @@ def table_rows(runs: list[Run]) -> list[dict[str, Any]]:
     rows = []
     for r in runs:
         row: dict[str, Any] = {
-            "run": r.label, "method": r.method, "allocation": r.allocation, "pattern": r.pattern,
+            "run": r.name, "method": r.method, "allocation": r.allocation, "pattern": r.pattern,
             "sparsity": r.sparsity, "achieved_sparsity": r.achieved_sparsity,
         }
         row.update({f"ppl_{d}": r.perplexity.get(d) for d in datasets})
@@ -237,7 +115,7 @@ def _zeroshot_column(key: str) -> tuple[str, str] | None:
     """(task, metric) for a CSV column written by :func:`table_rows` from a zero-shot score, else None."""
     if key.startswith("ppl_") or key == "zeroshot_avg_acc":
         return None
-    for metric in sorted(_ZS_METRICS, key=len, reverse=True):  # "acc_norm" before "acc"
+    for metric in sorted(ZS_METRICS, key=len, reverse=True):  # "acc_norm" before "acc"
         if key.endswith(f"_{metric}"):
             return key[: -len(metric) - 1], metric
     return None
@@ -254,14 +132,14 @@ def read_csv(path: Path) -> list[Run]:
                 if (col := _zeroshot_column(key)) and (v := _number_text(text)) is not None:
                     zeroshot.setdefault(col[0], {})[col[1]] = v
             runs.append(Run(
-                label=row["run"], path=Path(row.get("path") or row["run"]), method=row["method"],
+                name=row["run"], path=Path(row.get("path") or row["run"]), method=row["method"],
                 allocation=row["allocation"], pattern=row["pattern"], sparsity=_number_text(row["sparsity"]) or 0.0,
                 achieved_sparsity=_number_text(row["achieved_sparsity"]),
                 perplexity={k[4:]: v for k, x in row.items()
                             if k.startswith("ppl_") and (v := _number_text(x)) is not None},
                 eval_windows=_int_text(row.get("eval_windows")), seqlen=_int_text(row.get("seqlen")),
                 zeroshot=zeroshot, zeroshot_limit=_int_text(row.get("zeroshot_limit")), time_s=_number_text(row.get("time_s")),
-                peak_rss_mb=_number_text(row.get("peak_rss_mb")),
+                peak_rss_mb=_number_text(row.get("peak_rss_mb")), refiner=row["method"].partition("+")[2] or "none",
             ))
     return runs
 
@@ -301,7 +179,7 @@ def markdown_table(runs: list[Run]) -> str:
     header += ["time s", "peak RSS MB"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 4 + ["--:"] * (len(header) - 4)) + "|"]
     for r in runs:
-        cells = [r.label, r.method, r.allocation, r.pattern, _fmt(r.sparsity, "pct"), _fmt(r.achieved_sparsity, "pct")]
+        cells = [r.name, r.method, r.allocation, r.pattern, _fmt(r.sparsity, "pct"), _fmt(r.achieved_sparsity, "pct")]
         cells += [_fmt(r.perplexity.get(d), "ppl") for d in datasets]
         for t in tasks:
             scores = r.zeroshot.get(t, {})
@@ -346,7 +224,7 @@ def compare_runs(run_dirs: list[Path], out_dir: Path, dense: Path | None = None,
     lines += [f"- {n}" for n in _notes(runs) + ([dense_note] if dense_note else [])]
     lines += ["- Raw numbers: [comparison.csv](comparison.csv)."]
     if plots:
-        from .plots import comparison_plots
+        from .plots import comparison_plots  # matplotlib only when plots are asked for
 
         images = comparison_plots(runs, out_dir)
         if images:

@@ -13,7 +13,10 @@ from typing import Any
 
 import torch
 
-MANIFEST = "lmprune.json"
+from .runs import MANIFEST
+
+__all__ = ["MANIFEST", "REPORT", "now_iso", "peak_cuda_mb", "peak_rss_mb", "read_manifest", "versions", "write_json"]
+
 REPORT = "report.md"
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -18,13 +17,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-if TYPE_CHECKING:
-    from .compare import Run
+from .runs import Run, common_tasks, load_run, zeroshot_average  # noqa: E402
 
 _BLOCK = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
-def _series(runs: list["Run"]) -> dict[str, list["Run"]]:
+def _series(runs: list[Run]) -> dict[str, list[Run]]:
     groups: dict[str, list[Run]] = defaultdict(list)
     for r in runs:
         if not r.is_dense:
@@ -40,7 +38,7 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_perplexity_vs_sparsity(runs: list["Run"], path: Path) -> Path | None:
+def plot_perplexity_vs_sparsity(runs: list[Run], path: Path) -> Path | None:
     """One panel per dataset: perplexity (log) against target sparsity per method; dense as a dashed line."""
     datasets = sorted({d for r in runs for d in r.perplexity})
     if not datasets:
@@ -56,7 +54,7 @@ def plot_perplexity_vs_sparsity(runs: list["Run"], path: Path) -> Path | None:
                 ax.plot(*zip(*points), marker="o", label=name)
         for r in dense:
             if dataset in r.perplexity:
-                ax.axhline(r.perplexity[dataset], color="k", ls="--", lw=1, label=f"dense ({r.label})")
+                ax.axhline(r.perplexity[dataset], color="k", ls="--", lw=1, label=f"dense ({r.name})")
         ax.set_yscale("log")
         ax.set_xlabel("target sparsity (%)")
         ax.set_ylabel(f"{dataset} perplexity")
@@ -65,10 +63,8 @@ def plot_perplexity_vs_sparsity(runs: list["Run"], path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def plot_zeroshot_vs_sparsity(runs: list["Run"], tasks: list[str], path: Path) -> Path | None:
+def plot_zeroshot_vs_sparsity(runs: list[Run], tasks: list[str], path: Path) -> Path | None:
     """Mean zero-shot acc over ``tasks`` against target sparsity per method; dense as a dashed line."""
-    from .compare import zeroshot_average
-
     if not tasks:
         return None
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
@@ -80,7 +76,7 @@ def plot_zeroshot_vs_sparsity(runs: list["Run"], tasks: list[str], path: Path) -
             ax.plot(*zip(*points), marker="o", label=name)
     for r in runs:
         if r.is_dense and (a := zeroshot_average(r, tasks)) is not None:
-            ax.axhline(100 * a, color="k", ls="--", lw=1, label=f"dense ({r.label})")
+            ax.axhline(100 * a, color="k", ls="--", lw=1, label=f"dense ({r.name})")
     ax.set_xlabel("target sparsity (%)")
     ax.set_ylabel(f"mean zero-shot acc (%), {len(tasks)} tasks")
     ax.grid(True, alpha=0.3)
@@ -112,8 +108,9 @@ def block_stats(layers: list[dict]) -> tuple[list[int], list[float], dict[str, d
     return blocks, [zeros[b] / sizes[b] for b in blocks], dict(errors)
 
 
-def plot_layers(run: "Run", path: Path) -> Path | None:
-    """Achieved sparsity per block (bars, target as a line) and reconstruction error per matrix kind (log)."""
+def plot_layers(run: Run, path: Path, title: str | None = None) -> Path | None:
+    """Achieved sparsity per block (bars, target as a line) and reconstruction error per matrix kind (log).
+    ``title`` names the run in the title (default: its directory name)."""
     blocks, sparsity, errors = block_stats(run.layers)
     if not blocks:
         return None
@@ -123,7 +120,7 @@ def plot_layers(run: "Run", path: Path) -> Path | None:
     ax.bar(blocks, [100 * s for s in sparsity], color="tab:blue", alpha=0.8)
     ax.axhline(100 * run.sparsity, color="k", ls="--", lw=1, label="target")
     ax.set_ylabel("achieved sparsity (%)")
-    ax.set_title(f"{run.label}: {run.series} at {100 * run.sparsity:.0f}%")
+    ax.set_title(f"{title or run.name}: {run.series} at {100 * run.sparsity:.0f}%")
     ax.legend(fontsize=7)
     if errors:
         ax = axes[1][0]
@@ -138,10 +135,8 @@ def plot_layers(run: "Run", path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def comparison_plots(runs: list["Run"], out_dir: Path) -> list[tuple[str, Path]]:
+def comparison_plots(runs: list[Run], out_dir: Path) -> list[tuple[str, Path]]:
     """All plots of a comparison into ``out_dir``: ``(title, path)`` for each written PNG."""
-    from .compare import common_tasks
-
     out_dir = Path(out_dir)
     written = []
     ppl = plot_perplexity_vs_sparsity(runs, out_dir / "perplexity_vs_sparsity.png")
@@ -153,15 +148,16 @@ def comparison_plots(runs: list["Run"], out_dir: Path) -> list[tuple[str, Path]]
     for r in runs:
         if r.is_dense:
             continue
-        png = plot_layers(r, out_dir / f"layers_{re.sub(r'[^A-Za-z0-9_.-]+', '_', r.label)}.png")
+        png = plot_layers(r, out_dir / f"layers_{re.sub(r'[^A-Za-z0-9_.-]+', '_', r.name)}.png")
         if png:
-            written.append((f"per-block sparsity and error: {r.label}", png))
+            written.append((f"per-block sparsity and error: {r.name}", png))
     return written
 
 
-def plot_run(run_dir: Path, out: Path | None = None) -> Path | None:
-    """The per-block plot of one run directory, written to ``out`` (default ``RUN_DIR/layers.png``)."""
-    from .compare import load_run
+def plot_run(run_dir: Path, out: Path | None = None, *, title: str | None = None) -> Path | None:
+    """The per-block plot of one run directory, written to ``out`` (default ``RUN_DIR/layers.png``).
 
+    ``title`` names the run in the plot's title instead of the directory's name (a run plotted while it is
+    still staged in ``.NAME.partial`` passes its final name)."""
     run_dir = Path(run_dir)
-    return plot_layers(load_run(run_dir), Path(out) if out else run_dir / "layers.png")
+    return plot_layers(load_run(run_dir), Path(out) if out else run_dir / "layers.png", title)

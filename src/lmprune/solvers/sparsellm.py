@@ -51,7 +51,7 @@ InnerSolve = Callable[[Tensor, Gram, float], SolveResult]
 
 class Options(SolverOptions):
     """Only the ratios α : β : γ matter (the objective scales). Defaults measured on SmolLM2-135M FFNs (blocks 2,
-    15, 27; 70% and 90%; bench/sparsellm_tune.py): γ = 10α = 10β with 4 rounds gave the lowest calibration and
+    15, 27; 70% and 90%; bench/layer/sparsellm_tune.py): γ = 10α = 10β with 4 rounds gave the lowest calibration and
     held-out FFN error; the reference's α = β = γ never improved on round 0, and more rounds (8) gave nothing."""
 
     alpha: float = 1.0

@@ -4,8 +4,8 @@ e = tr((Ŵ−W) H (Ŵ−W)ᵀ) / tr(W H Wᵀ) with the undamped Gram matrix H = 
 Every solve gets a fresh Gram object, so its time includes the factorisation it needs (Cholesky for
 SparseGPT, eigendecomposition for ALPS); in a model q/k/v and gate/up share one.
 
-    python bench/alps_layers.py                       # q_proj, down_proj of blocks 0 and 29; 0.4..0.9 and 2:4
-    python bench/alps_layers.py --settings 0.7 --methods sparsegpt,alps \\
+    python bench/layer/alps_layers.py                       # q_proj, down_proj of blocks 0 and 29; 0.4..0.9 and 2:4
+    python bench/layer/alps_layers.py --settings 0.7 --methods sparsegpt,alps \\
         --variant "alps-f32eig=alps:eigh_dtype=float32" --variant "pcg0=alps:pcg_iters=0"
 
 A variant is ``label=solver:key=value,key=value`` over a registered solver's preset.

@@ -6,7 +6,7 @@ weights (a cold start), and the support and last iterate of the ADMM phase of ``
 (what each hands to PCG).
 Reported: relative layer error e (undamped H), distance to the exact solution, time.
 
-    python bench/alps_backsolve.py [--layers 0.q_proj,29.down_proj] [--sparsity 0.7] [--iters 0,1,2,3,5,10,20,50]
+    python bench/layer/alps_backsolve.py [--layers 0.q_proj,29.down_proj] [--sparsity 0.7] [--iters 0,1,2,3,5,10,20,50]
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 Each configuration runs in a fresh subprocess; its peak RSS is ``VmHWM`` from ``/proc/self/status`` read by the process
 itself at exit. Results are appended to ``bench/out/memory.jsonl`` and printed as a Markdown table.
 
-    python bench/memory.py --model smollm2-135m --method sparsegpt --nsamples 32 64 128 --seqlen 2048
-    python bench/memory.py --model smollm2-135m --method wanda --nsamples 8 --seqlen 256   # quick check
+    python bench/layer/memory.py --model smollm2-135m --method sparsegpt --nsamples 32 64 128 --seqlen 2048
+    python bench/layer/memory.py --model smollm2-135m --method wanda --nsamples 8 --seqlen 256   # quick check
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--calib", default="c4")
     ap.add_argument("--extra", default="", help="more prune flags, e.g. '--dtype bfloat16 --blocks 0-3'")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "out" / "memory.jsonl"))
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "out" / "memory.jsonl"))
     a = ap.parse_args()
     rows = []
     for method in a.method:

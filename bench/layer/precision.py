@@ -3,9 +3,9 @@
 The same configuration is run with ``--dtype float32`` and with each requested dtype (solves are float32 in
 both; only loading, propagation through the blocks and saving differ). Prints a Markdown table.
 
-    python bench/precision.py --model smollm2-135m --dtypes bfloat16 float16 --nsamples 16 --seqlen 512 \\
+    python bench/layer/precision.py --model smollm2-135m --dtypes bfloat16 float16 --nsamples 16 --seqlen 512 \\
         --eval-windows 8                       # a few CPU minutes
-    python bench/precision.py --model smollm2-135m --dtypes bfloat16 --nsamples 4 --seqlen 128 --blocks 0-1 \\
+    python bench/layer/precision.py --model smollm2-135m --dtypes bfloat16 --nsamples 4 --seqlen 128 --blocks 0-1 \\
         --eval-windows 2                       # quick check
 """
 
@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-
-from lmprune import api
-from lmprune.config import build_config
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -28,6 +28,18 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     for f in sorted(run.glob("*.safetensors")):
         out.update(load_file(str(f)))
     return out
+
+
+def prune(a: argparse.Namespace, dtype: str, out: Path) -> dict:
+    """One run through the command line (one thread), its manifest back."""
+    cmd = [sys.executable, "-m", "lmprune.cli", "prune", "--quiet", "--skip-memory-check", "--model", a.model,
+           "--method", a.method, "--sparsity", str(a.sparsity), "--nsamples", str(a.nsamples), "--seqlen",
+           str(a.seqlen), "--calib", a.calib, "--dtype", dtype, "--out", str(out)]
+    cmd += ["--blocks", a.blocks] if a.blocks else []
+    cmd += ["--eval", a.eval, "--eval-windows", str(a.eval_windows)] if a.eval else []
+    cmd += ["--data-dir", a.data_dir] if a.data_dir else []
+    subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
+    return json.loads((out / "lmprune.json").read_text())
 
 
 def main() -> None:
@@ -42,20 +54,16 @@ def main() -> None:
     ap.add_argument("--calib", default="c4")
     ap.add_argument("--eval", default="wikitext2")
     ap.add_argument("--eval-windows", type=int, default=8)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "out" / "precision.jsonl"))
+    ap.add_argument("--data-dir", default=os.environ.get("LMPRUNE_DATA_DIR"))
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "out" / "precision.jsonl"))
     a = ap.parse_args()
-    torch.set_num_threads(1)
-    config = build_config(method=a.method, sparsity=a.sparsity, nsamples=a.nsamples, seqlen=a.seqlen,
-                          blocks=a.blocks, calib=a.calib)
     evals = [d for d in a.eval.split(",") if d]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         runs = {}
         for dtype in ["float32", *a.dtypes]:
             runs[dtype] = Path(tmp) / dtype
-            m = api.run(a.model, config, runs[dtype], evals, a.eval_windows, progress=False, dtype=dtype,
-                        memory_check=False)
-            runs[dtype + ":manifest"] = m
+            runs[dtype + ":manifest"] = prune(a, dtype, runs[dtype])
         ref_w, ref_m = _weights(runs["float32"]), runs["float32:manifest"]
         for dtype in a.dtypes:
             w, m = _weights(runs[dtype]), runs[dtype + ":manifest"]

@@ -5,7 +5,7 @@ reports the relative error of the feasible iterate D, tr((D−B0)ᵀH̃(D−B0))
 matrix, the number of entries whose zero/non-zero status changed in the last iteration, and ρ. The schedule
 stops itself (its row shows where); its final result after PCG is in the last column.
 
-    python bench/alps_convergence.py [--layers 14.q_proj,14.down_proj] [--sparsity 0.7] [--max-iter 100]
+    python bench/layer/alps_convergence.py [--layers 14.q_proj,14.down_proj] [--sparsity 0.7] [--max-iter 100]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Where two pruned runs of the same model part ways: per block, the fraction of mask entries they disagree on and
 the relative Frobenius difference of their weights, over the block's pruned matrices.
 
-    python bench/weight_divergence.py RUN_A RUN_B
+    python bench/layer/weight_divergence.py RUN_A RUN_B
 
 Used to tell a bug from rounding: two runs that differ only in thread count agree to rounding in the first blocks
 and then drift as near-tied mask choices flip (see bench/RESULTS.md, "Reproducibility at high sparsity").

