@@ -209,13 +209,13 @@ def _prune_fields(cell: dict[str, Any], data_dir: str | None) -> dict[str, Any]:
 
 
 def _evaluate(model: Any, tokenizer: Any, cell: dict[str, Any], data_dir: str | None) -> dict[str, Any]:
-    from lmprune.evaluation.perplexity import perplexity
+    from lmprune.evaluation.perplexity import EvalSpec, perplexity
 
     out: dict[str, Any] = {"eval_windows": cell.get("eval_windows"), "seqlen": cell.get("eval_seqlen") or cell.get("seqlen"),
                            "windows": {}}
     for dataset in [d for d in str(cell.get("eval") or "").split(",") if d]:
-        result = perplexity(model, tokenizer, dataset, out["seqlen"], cell.get("eval_windows"), data_dir,
-                            cell.get("device", "cpu"), False, cell.get("ppl_batch_size", 1))
+        spec = EvalSpec(dataset, out["seqlen"], cell.get("eval_windows"), cell.get("ppl_batch_size", 1))
+        result = perplexity(model, tokenizer, spec, data_dir, cell.get("device", "cpu"), False)
         out[dataset], out["windows"][dataset] = result.perplexity, result.windows
     return out
 

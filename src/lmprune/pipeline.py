@@ -260,7 +260,7 @@ def run(job: Job) -> dict[str, Any]:
         manifest["versions"] = versions()
         manifest["world_size"] = 1
         _save(loaded, job, staging, manifest)
-        rundir.write_report(staging, manifest)
+        rundir.write_report(staging, manifest, out.name)
         checkpoint.discard()
         rundir.publish(staging, out)
     return manifest

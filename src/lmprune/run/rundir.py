@@ -245,8 +245,9 @@ def save_model(model: nn.Module, tokenizer: Any, staging: Path, manifest: dict[s
     manifest["reload_check"] = reload_check(model, staging, manifest["layers"])
 
 
-def write_report(staging: Path, manifest: dict[str, Any], plots: bool = True) -> None:
-    """``lmprune.json``, ``report.md``, ``allocation.json`` and the plots, into ``staging``."""
+def write_report(staging: Path, manifest: dict[str, Any], name: str, plots: bool = True) -> None:
+    """``lmprune.json``, ``report.md``, ``allocation.json`` and the plots, into ``staging``; ``name`` is the run's
+    (what the plots' titles say, not the staging folder's)."""
     from ..allocation.base import Allocation
     from ..report.markdown import render_report
 
@@ -255,7 +256,7 @@ def write_report(staging: Path, manifest: dict[str, Any], plots: bool = True) ->
     if plots:
         from ..report.plots import plot_run
 
-        png = plot_run(staging)
+        png = plot_run(staging, title=name)
         if png is not None:
             plot_files["per-block sparsity and reconstruction error"] = Path(png).name
     if "allocation_detail" in manifest:
@@ -265,5 +266,6 @@ def write_report(staging: Path, manifest: dict[str, Any], plots: bool = True) ->
             from ..allocation.plot import plot_allocation
 
             plot_allocation(allocation, staging / "allocation.png")
-            plot_files["allocation: metric and target sparsity per block"] = "allocation.png"
+            what = "metric and target sparsity" if allocation.metric_name else "target sparsity"
+            plot_files[f"allocation: {what} per block"] = "allocation.png"
     (staging / REPORT).write_text(render_report(manifest, plot_files))
