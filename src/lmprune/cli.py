@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -314,15 +315,30 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("lmprune: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("lmprune: terminated (SIGTERM); the finished blocks are checkpointed: repeat the command to resume",
+              file=sys.stderr)
+        return 143
     except (ValueError, FileNotFoundError, OSError, RuntimeError, ImportError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"lmprune: error: {msg}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(BaseException):
+    """SIGTERM (what schedulers send) ends the run like Ctrl-C: cleanly, with its checkpoint kept."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated
 
 
 if __name__ == "__main__":

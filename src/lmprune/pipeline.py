@@ -270,6 +270,7 @@ def _save(loaded: LoadedModel, job: Job, staging: Path, manifest: dict[str, Any]
     """The pruned weights, config and tokenizer into ``staging``: written block by block already when streamed."""
     rundir.clear(staging, keep=(rundir.LOCK_FILE, rundir.MARKER, "checkpoint") +
                  (tuple(loaded.stream.weight_map.values()) if loaded.streamed else ()))
+    _own_code(loaded, job, staging)
     if loaded.streamed:
         loaded.stream.finish()
         manifest["reload_check"] = {"ok": True, "mode": "each written tensor read back and compared",
@@ -282,4 +283,19 @@ def _save(loaded: LoadedModel, job: Job, staging: Path, manifest: dict[str, Any]
         return
     dtype = rundir.saved_dtype(job.model, job.save_dtype, job.trust_remote_code)
     rundir.cast_for_saving(loaded.model, dtype, manifest)
-    rundir.save_model(loaded.model, loaded.tokenizer, staging, manifest)
+    rundir.save_model(loaded.model, loaded.tokenizer, staging, manifest, job.trust_remote_code)
+
+
+def _own_code(loaded: LoadedModel, job: Job, staging: Path) -> None:
+    """A model that names its own code keeps it (copied beside the saved config) when it ran with it, and loses
+    the reference (``auto_map`` dropped) when it ran with transformers' stock class."""
+    import shutil
+
+    from .models.loading import own_code_files
+
+    files = own_code_files(loaded.model.config, loaded.source) if loaded.source is not None else []
+    if job.trust_remote_code:
+        for f in files:
+            shutil.copy2(f, staging / f.name)
+    elif getattr(loaded.model.config, "auto_map", None):
+        del loaded.model.config.auto_map

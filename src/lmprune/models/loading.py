@@ -162,6 +162,8 @@ def load_model(
     note = ensure_pad_token(tokenizer, spec)
     if note:
         source.details["pad_token"] = note
+    if not trust_remote_code and (note := warn_stock_class(model, spec)):
+        source.details["auto_map"] = note
     check_finite(model)
     return model, tokenizer, source
 
@@ -274,6 +276,33 @@ def checkpoint_shape_mismatch(path: Path, trust_remote_code: bool = False) -> st
     more = f" (and {len(mismatches) - 1} more tensors)" if len(mismatches) > 1 else ""
     return (f"tensor {name} in {file} has shape {list(shape)}, but the model's config.json needs {list(want)}"
             f"{more}: the checkpoint is corrupt or belongs to another configuration")
+
+
+def own_code_files(config, source: ModelSource) -> list[Path]:
+    """The Python files a model's ``auto_map`` names (its own code), as found in its directory."""
+    auto_map = getattr(config, "auto_map", None) or {}
+    if source.kind != "dir" or not auto_map:
+        return []
+    names = {ref.split("--")[-1].split(".")[0] for ref in _flatten(auto_map.values())}
+    return sorted(p for name in names if (p := Path(source.path) / f"{name}.py").is_file())
+
+
+def _flatten(values) -> list[str]:
+    out: list[str] = []
+    for v in values:
+        out += _flatten(v) if isinstance(v, (list, tuple)) else [v] if isinstance(v, str) else []
+    return out
+
+
+def warn_stock_class(model, spec: str) -> str | None:
+    """A model whose config names its own code (``auto_map``), loaded without ``--trust-remote-code``, runs with
+    transformers' stock class for its ``model_type``: say so once on stderr; returns the note for the manifest."""
+    if not getattr(model.config, "auto_map", None):
+        return None
+    note = (f"config names its own model code (auto_map) but --trust-remote-code was not given: loaded with "
+            f"transformers' stock {model.config.model_type!r} class; the saved config drops auto_map")
+    print(f"lmprune: warning: {spec}: {note}", file=sys.stderr)
+    return note
 
 
 def ensure_pad_token(tokenizer, spec: str) -> str | None:

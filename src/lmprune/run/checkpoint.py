@@ -44,7 +44,7 @@ from ..config import ConfigError
 from ..engine import BlockDone, BlockEvents, LayerRecord
 from ..models.adapters import FamilyAdapter
 from ..report.manifest import write_json
-from .rundir import LOCK_FILE, MARKER, clear, staging_dir
+from .rundir import LOCK_FILE, MARKER, clear, disk_space, staging_dir, tensor_bytes
 
 CHECKPOINT = "checkpoint"
 STATE = "state.json"
@@ -261,10 +261,15 @@ class CheckpointEvents(BlockEvents):
         ck, state = self.checkpoint, self.checkpoint._state
         ck._start()
         i = done.index
-        if done.records and ck.store_blocks:
-            _save(self.adapter.blocks(self.model)[i].state_dict(), ck.dir / f"block_{i:04d}.safetensors")
-            state["saved_blocks"].append(i)
-        state["windows"] = _save_windows(done.store, ck.dir / _inputs_name(i))
+        block = self.adapter.blocks(self.model)[i]
+        window = next(iter(done.store), None)
+        needed = (window.numel() * window.element_size() * len(done.store) if window is not None else 0) + \
+            (tensor_bytes(block) if done.records and ck.store_blocks else 0)
+        with disk_space(ck.dir, needed, f"the checkpoint of block {i}"):
+            if done.records and ck.store_blocks:
+                _save(block.state_dict(), ck.dir / f"block_{i:04d}.safetensors")
+                state["saved_blocks"].append(i)
+            state["windows"] = _save_windows(done.store, ck.dir / _inputs_name(i))
         previous = state["done_block"]
         state["done_block"] = i
         state["records"].extend(asdict(r) for r in done.records)

@@ -213,11 +213,13 @@ def cast_for_saving(model: nn.Module, dtype: torch.dtype, manifest: dict[str, An
 
 
 @torch.no_grad()
-def reload_check(model: nn.Module, saved: Path, layers: list[dict]) -> dict[str, Any]:
-    """Reload the saved model with plain transformers; compare sparsity and logits with the one in memory."""
+def reload_check(model: nn.Module, saved: Path, layers: list[dict], trust_remote_code: bool = False) -> dict[str, Any]:
+    """Reload the saved model with plain transformers (and its own code, when the run trusted it); compare
+    sparsity and logits with the one in memory."""
     from transformers import AutoModelForCausalLM
 
-    reloaded = AutoModelForCausalLM.from_pretrained(saved, dtype=next(model.parameters()).dtype)
+    reloaded = AutoModelForCausalLM.from_pretrained(saved, dtype=next(model.parameters()).dtype,
+                                                    trust_remote_code=trust_remote_code)
     reloaded.eval()
     params = dict(reloaded.named_parameters())
     mismatched = []
@@ -237,12 +239,13 @@ def reload_check(model: nn.Module, saved: Path, layers: list[dict]) -> dict[str,
     return {"ok": ok, "max_abs_logit_diff": diff}
 
 
-def save_model(model: nn.Module, tokenizer: Any, staging: Path, manifest: dict[str, Any]) -> None:
+def save_model(model: nn.Module, tokenizer: Any, staging: Path, manifest: dict[str, Any],
+               trust_remote_code: bool = False) -> None:
     """Write the model and tokenizer into ``staging`` and record the reload check in ``manifest``."""
     with disk_space(staging, 2 * tensor_bytes(model), "the pruned model"):
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-    manifest["reload_check"] = reload_check(model, staging, manifest["layers"])
+    manifest["reload_check"] = reload_check(model, staging, manifest["layers"], trust_remote_code)
 
 
 def write_report(staging: Path, manifest: dict[str, Any], name: str, plots: bool = True) -> None:
