@@ -192,7 +192,8 @@ REAL_CASES = {
     "smollm2/sparsegpt": ["--method", "sparsegpt"],
     "smollm2/alps": ["--method", "alps"],
     "smollm2/sparsellm": ["--method", "sparsellm"],
-    "smollm2/wanda/alpha/dsnot": ["--method", "wanda", "--allocation", "alpha", "--refine", "dsnot"],
+    "smollm2/wanda/alpha/dsnot": ["--method", "wanda", "--allocation", "alpha", "--refine", "dsnot",
+                                  "--alloc-opt", "cache_dir=null"],
 }
 
 
@@ -200,8 +201,7 @@ def run_real(case: str, data_dir: Path, tmp: Path) -> str:
     """SHA-256 of the saved weights of a ``smollm2-135m`` run at 70%, 8 C4 windows of 256 tokens, one thread."""
     out = tmp / case.replace("/", "_")
     args = ["prune", "--quiet", "--model", "smollm2-135m", "--sparsity", "0.7", "--out", str(out),
-            "--calib", "c4", "--nsamples", "8", "--seqlen", "256", "--data-dir", str(data_dir),
-            "--alloc-opt", "cache_dir=null", *REAL_CASES[case]]
+            "--calib", "c4", "--nsamples", "8", "--seqlen", "256", "--data-dir", str(data_dir), *REAL_CASES[case]]
     cmd = [sys.executable, "-c", "import sys, torch; torch.set_num_threads(1); from lmprune.cli import main; "
                                  "sys.exit(main(sys.argv[1:]))", *args]
     done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
