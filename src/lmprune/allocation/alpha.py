@@ -180,31 +180,18 @@ def alpha_ratios(metric: Sequence[float], epsilon: float) -> list[float]:
     return ((q - q.min()) / span * (2 * epsilon) + (1 - epsilon)).tolist()
 
 
-def allocate(
-    matrices: Sequence[MatrixInfo],
-    sparsity: float,
-    epsilon: float = 0.3,
-    xmin_rule: str = "peak",
-    aggregate: str = "block",
-    min_sparsity: float = 0.0,
-    max_sparsity: float = 0.99,
-    cache_dir: str | Path | None = None,
-    model_hash: str | None = None,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> Allocation:
-    """AlphaPruning targets: per-matrix sparsities with parameter-weighted mean ``sparsity``."""
+def allocate(matrices: Sequence[MatrixInfo], sparsity: float, **options) -> Allocation:
+    """AlphaPruning targets: per-matrix sparsities with parameter-weighted mean ``sparsity``; ``options`` are
+    :class:`Options` (ε, the x_min rule, the aggregation, the clamp, the SVD cache and device)."""
     start = time.perf_counter()
     if not matrices:
         raise ValueError("no matrices to allocate")
-    opt = validate_options(Options, {"epsilon": epsilon, "xmin_rule": xmin_rule, "aggregate": aggregate,
-                                     "min_sparsity": min_sparsity, "max_sparsity": max_sparsity,
-                                     "cache_dir": cache_dir, "model_hash": model_hash, "device": device,
-                                     "dtype": dtype}, "alpha allocation")
+    opt = validate_options(Options, options, "alpha allocation")
     opt.check_target(sparsity)
-    dtype = opt.dtype
+    epsilon, aggregate, min_sparsity, max_sparsity = opt.epsilon, opt.aggregate, opt.min_sparsity, opt.max_sparsity
+    xmin_rule = opt.xmin_rule
 
-    fits, stats = compute_alphas(matrices, xmin_rule, cache_dir, model_hash, device, dtype)
+    fits, stats = compute_alphas(matrices, xmin_rule, opt.cache_dir, opt.model_hash, opt.device, opt.dtype)
     by_block: dict[int, list[float]] = defaultdict(list)
     for m in matrices:
         by_block[m.block].append(fits[m.name].alpha)

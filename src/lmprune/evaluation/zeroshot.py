@@ -136,6 +136,10 @@ def _summarise(raw: dict[str, Any], tasks: list[str]) -> dict[str, dict[str, flo
     return out
 
 
+#: Bootstrap resamples for the harness's standard errors (its own default).
+BOOTSTRAP_ITERS = 1000
+
+
 def evaluate_tasks(
     model,
     tokenizer,
@@ -145,7 +149,6 @@ def evaluate_tasks(
     batch_size: int = 8,
     device: str = "cpu",
     log_samples: bool = False,
-    bootstrap_iters: int = 1000,
 ) -> dict[str, Any]:
     """Zero-shot scores of an in-memory causal LM on ``tasks``.
 
@@ -185,7 +188,7 @@ def evaluate_tasks(
             limit=limit,
             task_manager=manager,
             log_samples=log_samples,
-            bootstrap_iters=bootstrap_iters,
+            bootstrap_iters=BOOTSTRAP_ITERS,
             # evaluation is deterministic: leave the caller's RNG state alone
             random_seed=None,
             numpy_random_seed=None,

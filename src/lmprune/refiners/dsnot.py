@@ -74,16 +74,13 @@ def refine(
     gram: Gram,
     pattern: Pattern,
     sparsity: float,
-    max_cycles: int = 50,
-    update_threshold: float = 5e-5,
-    pow_of_var: float = 1.0,
-    same_sign: bool = False,
-    guard: bool = True,
-    patience: int = 3,
+    **options,
 ) -> SolveResult:
-    validate_options(Options, {"max_cycles": max_cycles, "update_threshold": update_threshold,
-                               "pow_of_var": pow_of_var, "same_sign": same_sign, "guard": guard,
-                               "patience": patience}, "dsnot")
+    """Swap pruned and kept weights of ``result`` row by row while that lowers the row's expected reconstruction
+    error; ``options`` are :class:`Options`."""
+    opt = validate_options(Options, options, "dsnot")
+    max_cycles, update_threshold, pow_of_var = opt.max_cycles, opt.update_threshold, opt.pow_of_var
+    same_sign, guard, patience = opt.same_sign, opt.guard, opt.patience
     check_finite("dsnot", dense_weight, gram)
     check_finite("dsnot", result.weight)
     skip = None if isinstance(pattern, (Unstructured, NM)) else f"skipped: pattern {pattern.spec}"
