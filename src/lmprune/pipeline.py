@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from .allocation import load_allocation_file
 from .allocation.base import Allocation
 from .config import ConfigError, Job, PruneConfig
 from .data.calibration import sample_windows
-from .data.sources import load_source
+from .data.sources import TextSource, load_source
 from .engine import BlockEvents, EngineOptions, EventChain, capture_inputs, capture_kwargs, run_engine
 from .layer_pruner import LayerPruner
 from .models.adapters import FamilyAdapter, get_adapter
@@ -105,6 +106,69 @@ def _check_patterns(adapter: FamilyAdapter, model: torch.nn.Module, config: Prun
                 raise ConfigError(f"{name}: {e}") from None
 
 
+@dataclass
+class Calibration:
+    """The calibration windows of a run, sampled once, with what the manifest and a resume check need."""
+
+    source: TextSource
+    windows: torch.Tensor
+    seqlen: int
+
+    @classmethod
+    def sample(cls, config: PruneConfig, tokenizer: Any, seqlen: int) -> "Calibration":
+        source = load_source(config.calib, "calib", config.data_dir)
+        return cls(source, sample_windows(source, tokenizer, config.nsamples, seqlen, config.seed), seqlen)
+
+    @cached_property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.windows.numpy().tobytes()).hexdigest()
+
+    def manifest(self) -> dict[str, Any]:
+        return {"source": self.source.origin, "sha256": self.source.sha256, "nsamples": self.windows.shape[0],
+                "seqlen": self.seqlen, "windows_sha256": self.sha256}
+
+
+@dataclass
+class _Start:
+    """Where the engine starts: block 0 of a fresh run, or the block after a resumed run's last checkpoint."""
+
+    block: int
+    allocation: Allocation
+    clock: RunClock
+    records: list = field(default_factory=list)
+    block_times: list[float] = field(default_factory=list)
+
+
+def _start(loaded: LoadedModel, adapter: FamilyAdapter, config: PruneConfig, calib: Calibration,
+           store: ActivationStore, checkpoint: Checkpoint | None, started: float, progress: bool) -> _Start:
+    """Fill ``store`` with the first block's inputs and settle the allocation: from a matching checkpoint when there
+    is one, else by allocating and capturing the calibration windows' entry into block 0."""
+    model = loaded.model
+    if checkpoint is not None and checkpoint.done_block() >= 0:
+        checkpoint.verify({"windows_sha256": calib.sha256})
+        block = checkpoint.restore(model, adapter, store)
+        capture_kwargs(model, adapter, calib.windows[0], store)
+        return _Start(block, Allocation.from_dict(checkpoint.allocation()), RunClock(checkpoint.prior_timings(), started),
+                      checkpoint.records(), checkpoint.block_times())
+    blocks = config.block_indices(len(adapter.blocks(model)))
+    allocation = allocate(loaded, adapter, config, blocks, calib.windows, progress)
+    t0 = time.perf_counter()
+    capture_inputs(model, adapter, calib.windows, store, progress)
+    return _Start(0, allocation, RunClock({"elapsed_s": 0.0, "calibration_time_s": 0.0}, started,
+                                          time.perf_counter() - t0))
+
+
+def _strategy(settings: dict[str, Any]):
+    """The run's block method with its validated options bound: ``strategy(ctx)``."""
+    prune_block = BLOCK_METHODS.get(settings["block_method"]).function()
+    options = BLOCK_METHODS.options(settings["block_method"], settings["method_options"])
+
+    def strategy(ctx) -> None:
+        prune_block(ctx, options)
+
+    return strategy
+
+
 def prune(loaded: LoadedModel, config: PruneConfig, progress: bool = True,
           checkpoint: Checkpoint | None = None) -> dict[str, Any]:
     """Prune ``loaded`` in place according to ``config``; returns the manifest fields of the run.
@@ -112,53 +176,30 @@ def prune(loaded: LoadedModel, config: PruneConfig, progress: bool = True,
     With a ``checkpoint``, every finished block is checkpointed and a matching earlier checkpoint is resumed.
     """
     torch.manual_seed(config.seed)
-    model, tokenizer = loaded.model, loaded.tokenizer
+    model = loaded.model
     adapter = get_adapter(model)
     n_blocks = len(adapter.blocks(model))
     blocks = config.block_indices(n_blocks)
-    seqlen = config.seqlen or default_seqlen(model.config)
     _check_patterns(adapter, model, config, blocks)
     settings = resolved_settings(config)
-    start = time.perf_counter()
-
-    source = load_source(config.calib, "calib", config.data_dir)
-    windows = sample_windows(source, tokenizer, config.nsamples, seqlen, config.seed)
-    windows_sha = hashlib.sha256(windows.numpy().tobytes()).hexdigest()
-    resuming = checkpoint is not None and checkpoint.done_block() >= 0
+    started = time.perf_counter()
+    calib = Calibration.sample(config, loaded.tokenizer, config.seqlen or default_seqlen(model.config))
     with _store(config) as store:
-        if resuming:
-            checkpoint.verify({"windows_sha256": windows_sha})
-            start_block = checkpoint.restore(model, adapter, store)
-            capture_kwargs(model, adapter, windows[0], store)
-            alloc = Allocation.from_dict(checkpoint.allocation())
-            clock = RunClock(checkpoint.prior_timings(), start)
-            done_records, done_times = checkpoint.records(), checkpoint.block_times()
-        else:
-            alloc = allocate(loaded, adapter, config, blocks, windows, progress)
-            t0 = time.perf_counter()
-            capture_inputs(model, adapter, windows, store, progress)
-            clock = RunClock({"elapsed_s": 0.0, "calibration_time_s": 0.0}, start, time.perf_counter() - t0)
-            start_block, done_records, done_times = 0, [], []
+        begin = _start(loaded, adapter, config, calib, store, checkpoint, started, progress)
+        alloc, clock = begin.allocation, begin.clock
         saving = None
         if checkpoint is not None:
-            saving = checkpoint.events(model, adapter, alloc.to_dict(), {"windows_sha256": windows_sha}, clock)
+            saving = checkpoint.events(model, adapter, alloc.to_dict(), {"windows_sha256": calib.sha256}, clock)
         pruner = LayerPruner.build(config.solver_name, config.refine, config.pattern_obj, alloc.targets, settings)
-        prune_block = BLOCK_METHODS.get(settings["block_method"]).function()
-        method_options = BLOCK_METHODS.options(settings["block_method"], settings["method_options"])
-
-        def strategy(ctx) -> None:
-            prune_block(ctx, method_options)
-
-        options = _engine_options(config, progress, prune_blocks=frozenset(blocks), start_block=start_block)
-        result = run_engine(model, adapter, store, pruner, strategy, options,
+        options = _engine_options(config, progress, prune_blocks=frozenset(blocks), start_block=begin.block)
+        result = run_engine(model, adapter, store, pruner, _strategy(settings), options,
                             EventChain(loaded.prune_events(), clock, saving))
-    elapsed = time.perf_counter() - start
-    records = done_records + result.records
+    elapsed = time.perf_counter() - started
+    records = begin.records + result.records
     achieved = {r.name: r.sparsity for r in records}
     for m in alloc.matrices:
         m.achieved = achieved.get(m.name)
     layers = [asdict(r) for r in records]
-    totals = clock.totals()
     return {
         "method": config.method,
         "sparsity": config.sparsity,
@@ -172,19 +213,13 @@ def prune(loaded: LoadedModel, config: PruneConfig, progress: bool = True,
         "allocation_detail": alloc.to_dict(),
         "time_s": clock.prior["elapsed_s"] + elapsed,  # a resumed run adds the interrupted one's
         "time_this_process_s": elapsed,
-        "calibration_time_s": totals["calibration_time_s"],
+        "calibration_time_s": clock.totals()["calibration_time_s"],
         "solver_time_s": sum(r.time_s for r in records),
-        "block_times_s": done_times + result.block_times,
-        "resumed_from_block": start_block or None,
+        "block_times_s": begin.block_times + result.block_times,
+        "resumed_from_block": begin.block or None,
         "seed": config.seed,
         "resolved_options": settings,
-        "calibration": {
-            "source": source.origin,
-            "sha256": source.sha256,
-            "nsamples": config.nsamples,
-            "seqlen": seqlen,
-            "windows_sha256": windows_sha,
-        },
+        "calibration": calib.manifest(),
         "config": config.model_dump(),
     }
 
