@@ -82,6 +82,11 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, deep_model, calib_file, 
     assert (staging / MARKER).is_file() and not (staging / "lmprune.json").exists()
     assert sorted(p.name for p in (staging / "checkpoint").iterdir()) == [
         "block_0000.safetensors", "block_0001.safetensors", "inputs_0001", "state.json"]
+    # the next block's inputs, one file per calibration window (written and read back window by window)
+    windows = sorted(p.name for p in (staging / "checkpoint" / "inputs_0001").iterdir())
+    assert windows == [f"window_{k:05d}.safetensors" for k in range(3)]
+    assert all(load_file(str(staging / "checkpoint" / "inputs_0001" / w))["window"].shape == (1, 24, 64)
+               for w in windows)
 
     # a different configuration is refused, naming the difference, and the checkpoint survives
     assert main(_args(deep_model, out, calib_file, **{"--sparsity": "0.6"})) == 2
