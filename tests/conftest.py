@@ -98,6 +98,18 @@ def tiny_model_dirs(tmp_path_factory, tokenizer) -> dict[str, Path]:
     return out
 
 
+@pytest.fixture(scope="module")
+def deep_model(tmp_path_factory, tokenizer) -> Path:
+    """A tiny LLaMA with four blocks, saved with its tokenizer, so a run can stop in the middle."""
+    cfg = _config("llama")
+    cfg.num_hidden_layers = 4
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("deep") / "llama4"
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not (DATA_DIR / "text" / "wikitext2_test.raw").is_file():

@@ -11,24 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
-from conftest import _config
 from lmprune.run import checkpoint as ckpt_mod
 from lmprune.run.checkpoint import HOLD_ENV, MARKER, staging_dir
 from lmprune.cli import main
-
-
-@pytest.fixture(scope="module")
-def deep_model(tmp_path_factory, tokenizer) -> Path:
-    """A tiny LLaMA with four blocks, so a run can stop in the middle."""
-    cfg = _config("llama")
-    cfg.num_hidden_layers = 4
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("deep") / "llama4"
-    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def _args(model, out, calib, **over):

@@ -36,17 +36,17 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator
 
-from ..solvers.base import StageOptions, validate_options
-from .base import Allocation, MatrixAllocation, MatrixInfo, fit_weighted_mean
+from ..solvers.base import validate_options
+from .base import Allocation, ClampedOptions, MatrixAllocation, MatrixInfo, fit_weighted_mean
 from .hill import XMIN_RULES, PowerLawFit, matrix_alpha
 
 AGGREGATES = ("block", "matrix", "block_median")
 _SVD_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-class Options(StageOptions):
+class Options(ClampedOptions):
     """AlphaPruning's options (``--alloc-opt``), with their valid ranges."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -54,8 +54,6 @@ class Options(StageOptions):
     epsilon: float = Field(0.3, ge=0, lt=1)
     xmin_rule: str = "peak"
     aggregate: str = "block"
-    min_sparsity: float = Field(0.0, ge=0, lt=1)
-    max_sparsity: float = Field(0.99, ge=0, lt=1)
     cache_dir: str | Path | None = None
     model_hash: str | None = None
     device: str | torch.device | None = None
@@ -85,17 +83,6 @@ class Options(StageOptions):
             raise ValueError(f"dtype must be one of {', '.join(_SVD_DTYPES)}, not {v!r}")
         return v
 
-    @model_validator(mode="after")
-    def _ordered(self) -> "Options":
-        if self.min_sparsity > self.max_sparsity:
-            raise ValueError(f"min_sparsity {self.min_sparsity} is above max_sparsity {self.max_sparsity}")
-        return self
-
-    def check_target(self, sparsity: float) -> None:
-        """The target must lie in ``[min_sparsity, max_sparsity]``, or no allocation reaches it."""
-        if not self.min_sparsity <= sparsity <= self.max_sparsity:
-            raise ValueError(f"need 0 <= min_sparsity <= sparsity <= max_sparsity < 1, got "
-                             f"{self.min_sparsity}, {sparsity}, {self.max_sparsity}")
 
 
 def weights_hash(matrices: Sequence[MatrixInfo]) -> str:

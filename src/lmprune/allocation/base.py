@@ -12,7 +12,29 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor
+
+from ..solvers.base import StageOptions
+
+
+class ClampedOptions(StageOptions):
+    """Options of an allocator that clamps every target into ``[min_sparsity, max_sparsity]``."""
+
+    min_sparsity: float = Field(0.0, ge=0, lt=1)
+    max_sparsity: float = Field(0.99, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "ClampedOptions":
+        if self.min_sparsity > self.max_sparsity:
+            raise ValueError(f"min_sparsity {self.min_sparsity} is above max_sparsity {self.max_sparsity}")
+        return self
+
+    def check_target(self, sparsity: float) -> None:
+        """The target must lie in ``[min_sparsity, max_sparsity]``, or no allocation reaches it."""
+        if not self.min_sparsity <= sparsity <= self.max_sparsity:
+            raise ValueError(f"need 0 <= min_sparsity <= sparsity <= max_sparsity < 1, got "
+                             f"{self.min_sparsity}, {sparsity}, {self.max_sparsity}")
 
 
 @dataclass

@@ -18,34 +18,21 @@ import time
 from collections import defaultdict
 from typing import Mapping, Sequence
 
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor
 
-from ..solvers.base import StageOptions, validate_options
-from .base import Allocation, MatrixAllocation, MatrixInfo, fit_weighted_mean
+from ..solvers.base import validate_options
+from .base import Allocation, ClampedOptions, MatrixAllocation, MatrixInfo, fit_weighted_mean
 
 
-class Options(StageOptions):
+class Options(ClampedOptions):
     """OWL's options (``--alloc-opt``), with their valid ranges."""
 
     #: outlier threshold: a score counts as an outlier above ``M`` times its block's mean score
     M: float = Field(5.0, gt=0)
     #: half-width of the sparsity spread across blocks (targets span about ``S ± lam``)
     lam: float = Field(0.08, ge=0)
-    min_sparsity: float = Field(0.0, ge=0, lt=1)
-    max_sparsity: float = Field(0.99, ge=0, lt=1)
 
-    @model_validator(mode="after")
-    def _ordered(self) -> "Options":
-        if self.min_sparsity > self.max_sparsity:
-            raise ValueError(f"min_sparsity {self.min_sparsity} is above max_sparsity {self.max_sparsity}")
-        return self
-
-    def check_target(self, sparsity: float) -> None:
-        """The target must lie in ``[min_sparsity, max_sparsity]``, or no allocation reaches it."""
-        if not self.min_sparsity <= sparsity <= self.max_sparsity:
-            raise ValueError(f"need 0 <= min_sparsity <= sparsity <= max_sparsity < 1, got "
-                             f"{self.min_sparsity}, {sparsity}, {self.max_sparsity}")
 
 
 def _scores(m: MatrixInfo, norms: Tensor) -> Tensor:

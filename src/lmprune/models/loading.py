@@ -197,8 +197,8 @@ def _gguf_reader_class():
 
         def _build_tensors(self, start_offs: int, fields) -> None:
             self.tensor_ends: list[tuple[int, str]] = []
-            for field in fields:
-                _name_len, name, _n_dims, dims, raw_dtype, offset = field.parts
+            for info in fields:
+                _name_len, name, _n_dims, dims, raw_dtype, offset = info.parts
                 block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(int(raw_dtype[0]))]
                 n_bytes = int(np.prod(dims, dtype=np.int64)) * type_size // block
                 self.tensor_ends.append((int(start_offs) + int(offset[0]) + n_bytes, bytes(name).decode("utf-8")))

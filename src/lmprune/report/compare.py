@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .runs import MANIFEST, ZEROSHOT_SIDECAR, ZS_METRICS, Run, common_tasks, load_run, number, zeroshot_average
+from .runs import MANIFEST, ZEROSHOT_SIDECAR, ZS_METRICS, Run, common_tasks, load_run, zeroshot_average
 
 __all__ = ["MANIFEST", "ZEROSHOT_SIDECAR", "Run", "common_tasks", "compare_runs", "dense_from_manifests",
            "load_run", "markdown_table", "order_runs", "read_csv", "table_rows", "write_csv", "zeroshot_average"]
