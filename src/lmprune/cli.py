@@ -224,6 +224,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
         validate(job)  # bad input is one line here, before any process starts
         return _launch(nproc, args.argv)
+    owned = distributed.current() is distributed.SINGLE  # a caller that set up the group keeps it
     world = distributed.init(job.config.device)
     try:
         try:
@@ -233,7 +234,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
                 print(f"lmprune: {e}")
             return 0
     finally:
-        distributed.shutdown()
+        if owned:
+            distributed.shutdown()
     if manifest:  # rank 0's; the other ranks return nothing
         _print_summary(manifest, out)
     return 0
