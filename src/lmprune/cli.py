@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -132,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow pickled .bin weights (read with torch.load(weights_only=True))")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--nproc", type=POSITIVE, default=None,
+                   help="data-parallel processes on this machine (launches torchrun for you: the windows are split "
+                        "across them, each matrix is solved by one; gloo on CPU, NCCL on CUDA, one GPU per process)")
 
     e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model or run directory")
     e.add_argument("--model", required=True, help="run directory, HF directory, hub id, .gguf file or alias "
@@ -207,18 +211,53 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         trust_pickle=args.trust_pickle, memory_check=not args.skip_memory_check, progress=not args.quiet,
         invocation={"argv": ["lmprune", *args.argv]},
     )
+    from . import distributed
+
+    nproc = args.nproc or (int(os.environ["WORLD_SIZE"]) if distributed.launched() else 1)
     if args.dry_run:
         from .run.memory import plan_for_job
 
-        print(plan_for_job(job).table())
+        print(plan_for_job(job, world_size=nproc).table())
         return 0
+    if nproc > 1 and not distributed.launched():
+        from .pipeline import validate
+
+        validate(job)  # bad input is one line here, before any process starts
+        return _launch(nproc, args.argv)
+    owned = distributed.current() is distributed.SINGLE  # a caller that set up the group keeps it
+    world = distributed.init(job.config.device)
     try:
-        manifest = api.run(job)
-    except api.RunExists as e:
-        print(f"lmprune: {e}")
-        return 0
-    _print_summary(manifest, out)
+        try:
+            manifest = api.run(job)
+        except api.RunExists as e:
+            if world.is_main:
+                print(f"lmprune: {e}")
+            return 0
+    finally:
+        if owned:
+            distributed.shutdown()
+    if manifest:  # rank 0's; the other ranks return nothing
+        _print_summary(manifest, out)
     return 0
+
+
+def _launch(nproc: int, argv: list[str]) -> int:
+    """``lmprune prune ... --nproc N`` as ``torchrun --standalone --nproc-per-node N -m lmprune prune ...``."""
+    import subprocess
+
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "lmprune", *rest]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    return subprocess.call(cmd, env=env)
 
 
 def _print_summary(m: dict[str, Any], out: str) -> None:

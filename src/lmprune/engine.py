@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .activations import ActivationStore, trim_host_memory
+from .distributed import SINGLE, World
 from .layer_pruner import LayerPruner
 from .models.adapters import FamilyAdapter
 from .solvers.base import Gram, SolveResult, reconstruction_error
@@ -105,8 +106,10 @@ class BlockContext:
     """What a block strategy may use: the block, its calibration inputs, Gram collection and the layer pruner."""
 
     def __init__(self, index: int, block: nn.Module, adapter: FamilyAdapter, store: ActivationStore,
-                 pruner: LayerPruner, batch_windows: int = 1):
+                 pruner: LayerPruner, batch_windows: int = 1, world: World = SINGLE):
         self.index = index
+        #: The ranks: ``store`` holds this rank's share of the windows; sums are all-reduced over the ranks.
+        self.world = world
         self.block = block
         self.adapter = adapter
         self.store = store
@@ -185,6 +188,11 @@ class BlockContext:
 
         with self._hooks(leaders, add):
             self._run_inputs()
+        if self.world.size > 1:
+            for lead in leaders:
+                count = torch.tensor([acc[lead][2]], dtype=torch.float64, device=acc[lead][0].device)
+                self.world.all_reduce_([acc[lead][0], acc[lead][1], count])
+                acc[lead][2] = int(count.item())
         grams = {lead: Gram(h, n, s) for lead, (h, s, n) in acc.items()}
         return {r: grams[group_of[r]] for r in rels}
 
@@ -202,12 +210,13 @@ class BlockContext:
 
         with self._hooks(list(dict.fromkeys(group_of.values())), add):
             self._run_inputs()
+        self.world.all_reduce_([acc[lead] for lead in dict.fromkeys(group_of.values())])
         return {r: acc[group_of[r]].sqrt() for r in rels}
 
     @torch.no_grad()
     def capture(self, rels: Iterable[str], what: str = "input") -> dict[str, Tensor]:
         """One pass through the block; each linear's inputs (or outputs) stacked as ``tokens x features`` fp32,
-        on the compute device (the callers solve on it)."""
+        on the compute device (the callers solve on it); every rank's tokens, in window order."""
         if what not in ("input", "output"):
             raise ValueError("what must be 'input' or 'output'")
         got: dict[str, list[Tensor]] = {r: [] for r in rels}
@@ -218,7 +227,7 @@ class BlockContext:
 
         with self._hooks(got, keep):
             self._run_inputs()
-        return {r: torch.cat(v) for r, v in got.items()}
+        return {r: self.world.gather_rows(torch.cat(v)) for r, v in got.items()}
 
     def inner_solve(self, rel: str, weight: Tensor, gram: Gram, target: float | None = None) -> SolveResult:
         """The run's layer pruner on one matrix; pure, nothing written."""
@@ -264,6 +273,8 @@ class EngineOptions:
     batch_windows: int = 1
     progress: bool = True
     desc: str = "blocks"
+    #: The ranks the windows are split across (their store holds this rank's share).
+    world: World = SINGLE
 
 
 @dataclass
@@ -333,7 +344,7 @@ def run_engine(
         block = blocks[i]
         home = next(block.parameters()).device
         block.to(store.device)
-        ctx = BlockContext(i, block, adapter, store, pruner, options.batch_windows)
+        ctx = BlockContext(i, block, adapter, store, pruner, options.batch_windows, options.world)
         if options.prune_blocks is None or i in options.prune_blocks:
             strategy(ctx)
         ctx.propagate()

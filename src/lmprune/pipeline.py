@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from . import __version__, distributed
 from .activations import ActivationStore
 from .allocation import load_allocation_file
 from .allocation.base import Allocation
@@ -58,7 +58,18 @@ def _store(config: PruneConfig) -> ActivationStore:
 
 
 def _engine_options(config: PruneConfig, progress: bool, **over: Any) -> EngineOptions:
-    return EngineOptions(batch_windows=config.calib_batch_size, progress=progress, **over)
+    world = distributed.current()
+    return EngineOptions(batch_windows=config.calib_batch_size, progress=progress and world.is_main, world=world,
+                         **over)
+
+
+def _share(windows: torch.Tensor) -> torch.Tensor:
+    """This rank's contiguous share of the calibration windows (all of them in a single process)."""
+    world = distributed.current()
+    if world.size > len(windows):
+        raise ConfigError(f"{world.size} ranks need at least {world.size} calibration windows, not {len(windows)}; "
+                          "raise --nsamples or use fewer processes")
+    return windows[world.shard(len(windows))]
 
 
 def input_norms(loaded: LoadedModel, adapter: FamilyAdapter, windows: torch.Tensor, config: PruneConfig,
@@ -66,7 +77,7 @@ def input_norms(loaded: LoadedModel, adapter: FamilyAdapter, windows: torch.Tens
     """``‖X_j‖₂`` of every prunable matrix's input on the dense model, by one statistics pass of the engine."""
     collector = InputNorms()
     with _store(config) as store:
-        capture_inputs(loaded.model, adapter, windows, store, progress)
+        capture_inputs(loaded.model, adapter, _share(windows), store, progress and distributed.current().is_main)
         run_engine(loaded.model, adapter, store, None, collector, _engine_options(config, progress, desc="input norms"),
                    loaded.read_events() or BlockEvents())
     return collector.norms
@@ -91,9 +102,35 @@ def allocate(loaded: LoadedModel, adapter: FamilyAdapter, config: PruneConfig, b
             options.setdefault("cache_dir", str(ALPHA_CACHE))
             options.setdefault("device", config.device)  # the SVDs run where the solvers do
         target = config.pattern_obj.effective_sparsity(config.sparsity)
+        if plugin.name == "alpha" and distributed.current().size > 1:
+            options["fits"] = _spread_alphas(infos, options)
         alloc = plugin.function()(infos, sparsity=target, **needs, **options)
     alloc.time_s = time.perf_counter() - start  # includes OWL's calibration pass
     return alloc
+
+
+def _spread_alphas(infos, options: dict[str, Any]) -> dict[str, Any]:
+    """AlphaPruning's per-matrix spectra, each computed by one owner rank (by ``out · in · min(out, in)``, the
+    SVD's cost) and gathered on every rank."""
+    from .allocation.alpha import compute_alphas
+
+    world = distributed.current()
+    costs = [float(m.weight.shape[0] * m.weight.shape[1] * min(m.weight.shape)) for m in infos]
+    owners = distributed.assign_owners(costs, world.size)
+    from .allocation.alpha import Options, weights_hash
+    from .solvers.base import validate_options
+
+    opt = validate_options(Options, options, "alpha allocation")
+    # the cache is keyed by the whole model's hash, not by one rank's share
+    model_hash = opt.model_hash or (weights_hash(infos) if opt.cache_dir is not None else None)
+    kwargs = dict(xmin_rule=opt.xmin_rule, cache_dir=opt.cache_dir, model_hash=model_hash, device=opt.device,
+                  dtype=opt.dtype)
+    mine = [m for m, o in zip(infos, owners) if o == world.rank]
+    fits, _ = compute_alphas(mine, **kwargs) if mine else ({}, {})
+    merged: dict[str, Any] = {}
+    for part in world.all_gather_object(fits):
+        merged.update(part)
+    return merged
 
 
 def _check_patterns(adapter: FamilyAdapter, model: torch.nn.Module, config: PruneConfig, blocks: list[int]) -> None:
@@ -153,7 +190,7 @@ def _start(loaded: LoadedModel, adapter: FamilyAdapter, config: PruneConfig, cal
     blocks = config.block_indices(len(adapter.blocks(model)))
     allocation = allocate(loaded, adapter, config, blocks, calib.windows, progress)
     t0 = time.perf_counter()
-    capture_inputs(model, adapter, calib.windows, store, progress)
+    capture_inputs(model, adapter, _share(calib.windows), store, progress and distributed.current().is_main)
     return _Start(0, allocation, RunClock({"elapsed_s": 0.0, "calibration_time_s": 0.0}, started,
                                           time.perf_counter() - t0))
 
@@ -184,6 +221,7 @@ def prune(loaded: LoadedModel, config: PruneConfig, progress: bool = True,
     settings = resolved_settings(config)
     started = time.perf_counter()
     calib = Calibration.sample(config, loaded.tokenizer, config.seqlen or default_seqlen(model.config))
+    world = distributed.current()
     with _store(config) as store:
         begin = _start(loaded, adapter, config, calib, store, checkpoint, started, progress)
         alloc, clock = begin.allocation, begin.clock
@@ -193,7 +231,8 @@ def prune(loaded: LoadedModel, config: PruneConfig, progress: bool = True,
         pruner = LayerPruner.build(config.solver_name, config.refine, config.pattern_obj, alloc.targets, settings)
         options = _engine_options(config, progress, prune_blocks=frozenset(blocks), start_block=begin.block)
         result = run_engine(model, adapter, store, pruner, _strategy(settings), options,
-                            EventChain(loaded.prune_events(), clock, saving))
+                            EventChain(loaded.prune_events() if world.is_main else loaded.read_events(), clock,
+                                       saving))
     elapsed = time.perf_counter() - started
     records = begin.records + result.records
     achieved = {r.name: r.sparsity for r in records}
@@ -261,12 +300,20 @@ def load(job: Job, staging: Path) -> LoadedModel:
 
 def run(job: Job) -> dict[str, Any]:
     """Load → (dense eval) → prune → eval → save → publish. Returns the manifest written to ``out/lmprune.json``;
-    raises :class:`~lmprune.run.rundir.RunExists` when ``out`` already holds this very run."""
+    raises :class:`~lmprune.run.rundir.RunExists` when ``out`` already holds this very run.
+
+    Distributed (:mod:`lmprune.distributed`), rank 0 does all of this and the other ranks only load and prune
+    their share (:func:`_follow`): they write nothing but their checkpointed windows."""
     validate(job)
+    world = distributed.current()
+    if not world.is_main:
+        return _follow(job, world)
     out = Path(job.out)
-    with rundir.locked(out) as staging:
+    with _Release(world) as release, rundir.locked(out) as staging:
         rundir.check_out_dir(out, job.model, job.config, job.overwrite)
-        checkpoint = open_checkpoint(out, job.fingerprint(), job.overwrite, job.resume, store_blocks=not job.stream)
+        checkpoint = open_checkpoint(out, _fingerprint(job, world), job.overwrite, job.resume,
+                                     store_blocks=not job.stream, world=world)
+        release.go()  # the other ranks may read the checkpoint now
         manifest: dict[str, Any] = {"lmprune_version": __version__, "created": now_iso()}
         if job.invocation:
             manifest["invocation"] = job.invocation
@@ -276,7 +323,7 @@ def run(job: Job) -> dict[str, Any]:
         if job.memory_check:
             from .run.memory import check_fits, plan_for_job
 
-            plan = plan_for_job(job)
+            plan = plan_for_job(job, world.size)
             check_fits(plan)
             manifest["memory_plan"] = plan.to_dict()
         loaded = load(job, staging)
@@ -288,17 +335,66 @@ def run(job: Job) -> dict[str, Any]:
             manifest["dense_perplexity"] = {k: v for k, v in dense["perplexity"].items() if k in request.datasets}
         checkpoint.fingerprint["model_sha256"] = loaded.source.sha256
         manifest.update(prune(loaded, job.config, job.progress, checkpoint))
+        rss = world.all_gather_object(peak_rss_mb())
         manifest["model"] = loaded.describe(job.model)
         manifest.update(evaluate_loaded(loaded, request, job.config, job.progress, after_pruning=True))
         manifest["peak_rss_mb"] = peak_rss_mb()
         manifest["peak_cuda_mb"] = peak_cuda_mb()
         manifest["versions"] = versions()
-        manifest["world_size"] = 1
+        manifest["world_size"] = world.size
+        if world.size > 1:
+            manifest["distributed"] = {"backend": world.backend, "peak_rss_mb_per_rank": rss,
+                                       "windows_per_rank": [distributed.shard_bounds(job.config.nsamples,
+                                                                                     world.size, r)
+                                                            for r in range(world.size)]}
         _save(loaded, job, staging, manifest)
         rundir.write_report(staging, manifest, out.name)
         checkpoint.discard()
         rundir.publish(staging, out)
     return manifest
+
+
+_GO = "go"
+
+
+def _fingerprint(job: Job, world: distributed.World) -> dict[str, Any]:
+    fingerprint = job.fingerprint()
+    if world.size > 1:  # each rank checkpoints its own share of the windows
+        fingerprint["world_size"] = world.size
+    return fingerprint
+
+
+class _Release:
+    """Rank 0 tells the other ranks to go once the run directory is locked and its checkpoint opened; an error (or
+    a finished run) before that tells them to stop instead -- rank 0 reports it -- so no rank waits in vain."""
+
+    def __init__(self, world: distributed.World):
+        self.world, self.sent = world, False
+
+    def go(self) -> None:
+        self.world.broadcast_object(_GO)
+        self.sent = True
+
+    def __enter__(self) -> "_Release":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.sent:
+            self.world.broadcast_object("stop")
+
+
+def _follow(job: Job, world: distributed.World) -> dict[str, Any]:
+    """A rank other than 0: prune its share of the windows alongside rank 0, writing no run directory."""
+    if world.broadcast_object(None) != _GO:
+        return {}
+    out = Path(job.out)
+    checkpoint = open_checkpoint(out, _fingerprint(job, world), job.overwrite, job.resume,
+                                 store_blocks=not job.stream, world=world)
+    loaded = load(job, rundir.staging_dir(out))
+    checkpoint.fingerprint["model_sha256"] = loaded.source.sha256
+    prune(loaded, job.config, False, checkpoint)
+    world.all_gather_object(peak_rss_mb())
+    return {}
 
 
 def _save(loaded: LoadedModel, job: Job, staging: Path, manifest: dict[str, Any]) -> None:

@@ -167,9 +167,11 @@ def alpha_ratios(metric: Sequence[float], epsilon: float) -> list[float]:
     return ((q - q.min()) / span * (2 * epsilon) + (1 - epsilon)).tolist()
 
 
-def allocate(matrices: Sequence[MatrixInfo], sparsity: float, **options) -> Allocation:
+def allocate(matrices: Sequence[MatrixInfo], sparsity: float, fits: dict[str, PowerLawFit] | None = None,
+             **options) -> Allocation:
     """AlphaPruning targets: per-matrix sparsities with parameter-weighted mean ``sparsity``; ``options`` are
-    :class:`Options` (ε, the x_min rule, the aggregation, the clamp, the SVD cache and device)."""
+    :class:`Options` (ε, the x_min rule, the aggregation, the clamp, the SVD cache and device). ``fits``: the
+    power-law fits computed already (spread over ranks by the pipeline), else they are computed here."""
     start = time.perf_counter()
     if not matrices:
         raise ValueError("no matrices to allocate")
@@ -178,7 +180,10 @@ def allocate(matrices: Sequence[MatrixInfo], sparsity: float, **options) -> Allo
     epsilon, aggregate, min_sparsity, max_sparsity = opt.epsilon, opt.aggregate, opt.min_sparsity, opt.max_sparsity
     xmin_rule = opt.xmin_rule
 
-    fits, stats = compute_alphas(matrices, xmin_rule, opt.cache_dir, opt.model_hash, opt.device, opt.dtype)
+    if fits is None:
+        fits, stats = compute_alphas(matrices, xmin_rule, opt.cache_dir, opt.model_hash, opt.device, opt.dtype)
+    else:
+        stats = {"svd_time_s": 0.0, "cached": 0, "computed": len(fits), "spread_over_ranks": True}
     by_block: dict[int, list[float]] = defaultdict(list)
     for m in matrices:
         by_block[m.block].append(fits[m.name].alpha)

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from ..activations import ActivationStore
 from ..config import ConfigError
+from ..distributed import SINGLE, World
 from ..engine import BlockDone, BlockEvents, LayerRecord
 from ..models.adapters import FamilyAdapter
 from ..report.manifest import write_json
@@ -64,11 +65,14 @@ def _save(tensors: dict[str, Tensor], path: Path) -> None:
 
 def open_checkpoint(
     out: str | Path, fingerprint: dict[str, Any], overwrite: bool, resume: bool | None, store_blocks: bool = True,
+    world: World = SINGLE,
 ) -> "Checkpoint":
     """The checkpoint of a run into ``out``, after applying the resume choice: ``overwrite`` or ``resume=False``
     discards an interrupted run, ``resume=True`` requires one, ``None`` resumes one when there is one. An
     interrupted run of a different configuration is refused, naming the difference."""
-    checkpoint = Checkpoint(staging_dir(out), fingerprint, store_blocks)
+    checkpoint = Checkpoint(staging_dir(out), fingerprint, store_blocks, world)
+    if not world.is_main:  # rank 0 has applied the resume choice; the others read its checkpoint
+        return checkpoint
     if overwrite or resume is False:
         clear(checkpoint.staging, keep=(LOCK_FILE,))
     elif resume and checkpoint.done_block() < 0:
@@ -84,8 +88,11 @@ class Checkpoint:
     it as an output shard): the checkpoint then holds only the next block's inputs and the records.
     """
 
-    def __init__(self, staging: str | Path, fingerprint: dict[str, Any], store_blocks: bool = True):
+    def __init__(self, staging: str | Path, fingerprint: dict[str, Any], store_blocks: bool = True,
+                 world: World = SINGLE):
         self.staging = Path(staging)
+        #: Every rank checkpoints its own share of the windows; rank 0 alone the blocks and ``state.json``.
+        self.world = world
         self.store_blocks = store_blocks
         self.dir = self.staging / CHECKPOINT
         self.fingerprint = json.loads(json.dumps(fingerprint, default=str))
@@ -144,8 +151,9 @@ class Checkpoint:
                 raise ConfigError(f"checkpoint block {i} does not fit the model; re-run with --no-resume")
             block.load_state_dict({k: v.to(ref[k].dtype) for k, v in tensors.items()})
         done = int(state["done_block"])
-        folder = self.dir / _inputs_name(done)
-        for k in range(int(state["windows"])):
+        folder = self.dir / self._inputs(done)
+        windows = state["windows"]
+        for k in range(int(windows[self.world.rank] if isinstance(windows, list) else windows)):
             store.append(load_file(str(folder / _window_name(k)))["window"])
         return done + 1
 
@@ -191,9 +199,13 @@ class Checkpoint:
             }
         return CheckpointEvents(self, model, adapter, clock)
 
+    def _inputs(self, block: int) -> str:
+        name = _inputs_name(block)
+        return name if self.world.size == 1 else f"{name}_rank{self.world.rank}"
+
     def _start(self) -> None:
-        if not self.dir.is_dir():
-            self.dir.mkdir(parents=True)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not (self.staging / MARKER).is_file():
             (self.staging / MARKER).write_text(
                 "This directory is an interrupted lmprune run, not a finished one. Run the same command again to "
                 "resume from the last finished block (see checkpoint/state.json), or pass --no-resume to "
@@ -258,18 +270,24 @@ class CheckpointEvents(BlockEvents):
         self._last = time.perf_counter()
 
     def block_done(self, done: BlockDone) -> None:
-        ck, state = self.checkpoint, self.checkpoint._state
-        ck._start()
+        ck, state, world = self.checkpoint, self.checkpoint._state, self.checkpoint.world
         i = done.index
         block = self.adapter.blocks(self.model)[i]
         window = next(iter(done.store), None)
+        store_block = done.records and ck.store_blocks and world.is_main
         needed = (window.numel() * window.element_size() * len(done.store) if window is not None else 0) + \
-            (tensor_bytes(block) if done.records and ck.store_blocks else 0)
+            (tensor_bytes(block) if store_block else 0)
+        if world.is_main:
+            ck._start()
+        else:
+            ck.dir.mkdir(parents=True, exist_ok=True)
         with disk_space(ck.dir, needed, f"the checkpoint of block {i}"):
-            if done.records and ck.store_blocks:
+            if store_block:
                 _save(block.state_dict(), ck.dir / f"block_{i:04d}.safetensors")
                 state["saved_blocks"].append(i)
-            state["windows"] = _save_windows(done.store, ck.dir / _inputs_name(i))
+            windows = _save_windows(done.store, ck.dir / ck._inputs(i))
+        # every rank's windows are complete before state.json names the block (the gather waits for them)
+        state["windows"] = windows if world.size == 1 else world.all_gather_object(windows)
         previous = state["done_block"]
         state["done_block"] = i
         state["records"].extend(asdict(r) for r in done.records)
@@ -277,9 +295,11 @@ class CheckpointEvents(BlockEvents):
         state["block_times"].append(now - self._last)
         self._last = now
         state["timings"] = self.clock.totals()
-        write_json(ck.dir / STATE, state)
+        if world.is_main:
+            write_json(ck.dir / STATE, state)
+        world.barrier()  # no rank drops its previous inputs before state.json names the new ones
         if previous >= 0:
-            shutil.rmtree(ck.dir / _inputs_name(previous), ignore_errors=True)
+            shutil.rmtree(ck.dir / ck._inputs(previous), ignore_errors=True)
         if os.environ.get(HOLD_ENV) == str(i):
             print(f"lmprune: test hold after block {i}", file=sys.stderr, flush=True)
             time.sleep(3600)

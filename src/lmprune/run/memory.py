@@ -97,7 +97,8 @@ class MemoryPlan:
         lines = [
             f"memory plan for {self.model}: {s['model_type']}, {s['blocks']} blocks, {s['parameters'] / 1e6:.1f}M "
             f"parameters in {s['dtype']}; {s['method']} on {self.device}, {s['nsamples']} x {s['seqlen']} tokens"
-            + (", activations offloaded to the host" if s.get("offload_activations") and self.device != "cpu" else ""),
+            + (", activations offloaded to the host" if s.get("offload_activations") and self.device != "cpu" else "")
+            + (f"; per rank of {s['world_size']}" if s.get("world_size", 1) > 1 else ""),
             f"{'component':48s} {'where':6s} {'phases':32s} {'MiB':>10s}",
         ]
         for c in self.components:
@@ -174,13 +175,15 @@ def _solver_workspace(config: PruneConfig, out: int, inp: int, tokens: int, d_ff
 
 def plan_memory(
     job: Job, model_config: Any, source_kind: str = "dir", runtime: float | None = None,
-    text_tokens: dict[str, int] | None = None,
+    text_tokens: dict[str, int] | None = None, world_size: int = 1,
 ) -> MemoryPlan:
     """Estimate the peak memory of ``job`` on a model with ``model_config``.
 
     ``text_tokens`` maps a stream text (the calibration source under "calib", evaluation datasets by name) to
     its token count, for the tokenisation transients; absent texts are left out of the plan. A streamed job
-    plans the non-block weights plus one block, each block written as its own shard.
+    plans the non-block weights plus one block, each block written as its own shard. With ``world_size`` ranks
+    the plan is one rank's: its share of the calibration windows (the largest), the whole block, its Gram
+    matrices and one solve (SparseLLM's FFN problem gathers every rank's tokens on each).
     """
     from ..models.adapters import get_adapter
     from ..models.loading import declared_dtype, default_seqlen
@@ -211,7 +214,8 @@ def plan_memory(
     work = max(_solver_workspace(config, lin.out_features, lin.in_features, tokens, d_ff) for lin in linears.values())
     if block_method_of(config.method) != "layerwise":
         grams += 4.0 * sum(i * i for i in gram_sizes)  # the FFN's own Gram matrices beside the attention's
-    activations = 2.0 * tokens * d * width
+    n_rank = -(-n // max(1, world_size))  # the largest share of the windows
+    activations = 2.0 * n_rank * seqlen * d * width
     forward = 4.0 * (heads * seqlen * seqlen + 4 * seqlen * d + 3 * seqlen * d_ff)
 
     on_device = config.device != "cpu"
@@ -220,6 +224,7 @@ def plan_memory(
         "model_type": model_config.model_type, "blocks": len(blocks), "parameters": n_params,
         "dtype": str(tdtype).removeprefix("torch."), "method": config.method, "nsamples": n, "seqlen": seqlen,
         "offload_activations": config.offload_activations, "offload_dir": config.offload_dir,
+        "world_size": world_size,
     }, config.device)
     plan.add("runtime (Python, torch, transformers)", runtime_bytes() if runtime is None else runtime)
     block_bytes = block_params * width
@@ -236,7 +241,7 @@ def plan_memory(
         plan.add(f"calibration tokenisation ({text_tokens['calib']} tokens)", TOKENISE_BYTES * text_tokens["calib"],
                  "calibrate")
     prune = ("allocate", "prune") if config.allocation == "owl" else ("prune",)
-    act_name = f"{ACTIVATIONS} (2 x {n} x {seqlen} x {d})"
+    act_name = f"{ACTIVATIONS} (2 x {n_rank} x {seqlen} x {d})"
     if config.offload_dir is not None:
         plan.add(f"{act_name}, on disk", activations, prune, "disk")
         plan.add(f"one window's input and output (from {config.offload_dir})", 2.0 * seqlen * d * width, prune,
@@ -272,14 +277,15 @@ class InsufficientMemory(ConfigError):
     """The run's estimated peak does not fit in the memory available now."""
 
 
-def plan_for_job(job: Job) -> MemoryPlan:
-    """:func:`plan_memory` for a job, reading only its model's configuration and tokenizer."""
+def plan_for_job(job: Job, world_size: int = 1) -> MemoryPlan:
+    """:func:`plan_memory` for a job (one rank's of ``world_size``), reading only its model's configuration and
+    tokenizer."""
     from ..models.loading import load_config, resolve
 
     source = resolve(job.model)
     cfg = load_config(job.model, job.trust_remote_code)
     texts = {"calib": job.config.calib, **{ds: ds for ds in job.evaluation.datasets}}
-    return plan_memory(job, cfg, source.kind, text_tokens=_stream_tokens(job, texts))
+    return plan_memory(job, cfg, source.kind, text_tokens=_stream_tokens(job, texts), world_size=world_size)
 
 
 def _stream_tokens(job: Job, texts: dict[str, str]) -> dict:

@@ -19,17 +19,27 @@ class Options(BaseModel):
     sequential: bool = False
 
 
+def solve_cost(linear) -> float:
+    """Estimated cost of solving one matrix: ``out · in²`` (the OBS/ALPS solvers' order), for owner assignment."""
+    out, inp = linear.weight.shape[0], linear.weight.shape[-1]
+    return float(out) * inp * inp
+
+
 def prune_groups(ctx, stages: list[list[str]], stats: dict | None = None) -> None:
     """Solve the matrices of each stage (a list of relative names) on Gram matrices collected for that stage;
     ``stats`` are added to each result's statistics."""
     for stage in stages:
         grams = ctx.collect_grams(stage)
-        for rel in stage:
+
+        def solve(rel: str):
             start = time.perf_counter()
-            dense = ctx.linear(rel).weight.detach().clone()
-            result = ctx.inner_solve(rel, dense.float(), grams[rel])
+            result = ctx.inner_solve(rel, ctx.linear(rel).weight.detach().clone().float(), grams[rel])
             result.stats.update(stats or {})
-            ctx.commit(rel, result, grams[rel], dense, time.perf_counter() - start)
+            return result, time.perf_counter() - start
+
+        # each matrix by one owner rank (all of them by this process in a single one), shared with every rank
+        for rel, (result, seconds) in ctx.world.spread(stage, [solve_cost(ctx.linear(r)) for r in stage], solve):
+            ctx.commit(rel, result, grams[rel], None, seconds)  # dense: the weight before commit
         for g in {id(g): g for g in grams.values()}.values():
             g.release()
 

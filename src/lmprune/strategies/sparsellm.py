@@ -51,33 +51,48 @@ def prune_block(ctx, opts: StrategyOptions) -> None:
     dense = {role: lin[role].weight.detach().clone() for role in roles}
     w = {role: t.float() for role, t in dense.items()}
     solver_opts = opts.model_dump(exclude={"sequential_attention"})
+    solve_opts = dict(solver_opts=solver_opts, x=x, w=w, lin=lin, roles=roles)
+    # the FFN problem is solved by one owner rank (this process alone in a single one) and shared
+    spread = ctx.world.spread(["ffn"], [_ffn_cost(w)], lambda _k: _solve_ffn(ctx, ffn, **solve_opts))
+    (_, (results, ffn_stats, y_norm)), = list(spread)
+    out = FFNPruneResult(results, ffn_stats)
+    b1 = None if lin["up"].bias is None else lin["up"].bias.detach().float()
+    if ffn.kind == "relu":
+        act = torch.relu(x @ results["up"].weight.float().T + (0 if b1 is None else b1))
+    else:
+        act = F.silu(x @ results["gate"].weight.float().T) * (x @ results["up"].weight.float().T)
+    seconds = (time.perf_counter() - start) / len(roles)
+    summary = _summary(out, y_norm)
+    grams = {"up": Gram.from_inputs(x), "down": Gram.from_inputs(act)}
+    grams["gate"] = grams["up"]
+    del act, x
+    for role, rel in roles.items():
+        results[role].stats.update(summary)
+        ctx.commit(rel, results[role], grams[role], dense[role], seconds)
+
+
+def _ffn_cost(w: dict) -> float:
+    return float(sum(t.shape[0] * t.shape[1] * t.shape[1] for t in w.values()))
+
+
+def _solve_ffn(ctx, ffn, solver_opts: dict, x, w: dict, lin: dict, roles: dict):
+    """The joint FFN problem: ``(results by role, solver statistics, ‖Y‖²)``."""
+    inner = lambda weight, gram, target: ctx.inner_solve(ffn.up, weight, gram, target)  # noqa: E731
     if ffn.kind == "relu":
         b1 = None if lin["up"].bias is None else lin["up"].bias.detach().float()
         b2 = None if lin["down"].bias is None else lin["down"].bias.detach().float()
         y = torch.relu(x @ w["up"].T + (0 if b1 is None else b1)) @ w["down"].T + (0 if b2 is None else b2)
         out = prune_ffn_relu(
-            x, y, w["up"], b1, w["down"], b2, ctx.pattern, ctx.target(ffn.up), ctx.target(ffn.down),
-            lambda weight, gram, target: ctx.inner_solve(ffn.up, weight, gram, target), **solver_opts,
+            x, y, w["up"], b1, w["down"], b2, ctx.pattern, ctx.target(ffn.up), ctx.target(ffn.down), inner,
+            **solver_opts,
         )
         results = {"up": out.results["fc1"], "down": out.results["fc2"]}
-        act = torch.relu(x @ results["up"].weight.float().T + (0 if b1 is None else b1))
     else:
         y = (F.silu(x @ w["gate"].T) * (x @ w["up"].T)) @ w["down"].T
         targets = {role: ctx.target(rel) for role, rel in roles.items()}
-        out = prune_ffn_swiglu(
-            x, y, w["up"], w["gate"], w["down"], ctx.pattern, targets,
-            lambda weight, gram, target: ctx.inner_solve(ffn.up, weight, gram, target), **solver_opts,
-        )
+        out = prune_ffn_swiglu(x, y, w["up"], w["gate"], w["down"], ctx.pattern, targets, inner, **solver_opts)
         results = out.results
-        act = F.silu(x @ results["gate"].weight.float().T) * (x @ results["up"].weight.float().T)
-    seconds = (time.perf_counter() - start) / len(roles)
-    summary = _summary(out, float(y.double().pow(2).sum()))
-    grams = {"up": Gram.from_inputs(x), "down": Gram.from_inputs(act)}
-    grams["gate"] = grams["up"]
-    del act, x, y
-    for role, rel in roles.items():
-        results[role].stats.update(summary)
-        ctx.commit(rel, results[role], grams[role], dense[role], seconds)
+    return results, out.stats, float(y.double().pow(2).sum())
 
 
 def _summary(out: FFNPruneResult, y_norm: float) -> dict:

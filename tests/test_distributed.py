@@ -1,0 +1,209 @@
+"""Data-parallel pruning over torch.distributed: 2 gloo ranks on the CPU against one process.
+
+The 2-rank runs of the equivalence tests share one torchrun launch (``tests/dist_worker.py`` runs every command
+in one process group); the killed-rank test goes through ``lmprune prune --nproc 2`` like a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from conftest import _config
+from lmprune.cli import main
+from lmprune.distributed import SINGLE, assign_owners, shard_bounds
+from lmprune.run.checkpoint import HOLD_ENV, staging_dir
+
+HERE = Path(__file__).resolve().parent
+NSAMPLES = 5  # odd: 2 ranks hold 3 and 2 windows
+#: 320 tokens: more than the widest input (128), so every Gram matrix has full rank. With 120 tokens down_proj's
+#: is singular and ALPS's support search turns chaotic: Gram sums that differ in the last bit (2 ranks add them in
+#: another order) then end in another, equally good, support (masks 98.6% equal, rel_error within 1%).
+SEQLEN = 64
+
+#: name -> extra options; each is pruned by 1 and by 2 processes
+CASES = {
+    "magnitude": ["--method", "magnitude"],
+    "wanda": ["--method", "wanda"],
+    "sparsegpt": ["--method", "sparsegpt"],
+    "alps": ["--method", "alps"],
+    "sparsellm": ["--method", "sparsellm"],
+    "sparsegpt-owl": ["--method", "sparsegpt", "--allocation", "owl", "--sparsity", "0.6"],
+    "wanda-alpha": ["--method", "wanda", "--allocation", "alpha", "--sparsity", "0.6"],
+    "sparsegpt-2of4": ["--method", "sparsegpt", "--pattern", "2:4"],
+}
+
+
+def _model(root: Path, tokenizer, layers: int, seed: int) -> Path:
+    cfg = _config("llama")
+    cfg.num_hidden_layers = layers
+    torch.manual_seed(seed)
+    path = root / f"llama{layers}"
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _argv(model: Path, out: Path, calib: Path, extra: list[str]) -> list[str]:
+    argv = ["prune", "--quiet", "--model", str(model), "--out", str(out), "--nsamples", str(NSAMPLES),
+            "--seqlen", str(SEQLEN), "--calib", str(calib), *extra]
+    if "--sparsity" not in extra:
+        argv += ["--sparsity", "0.5"]
+    if "alpha" in extra:
+        argv += ["--alloc-opt", f"cache_dir={out.parent / 'alpha-cache'}"]
+    return argv
+
+
+def _torchrun(nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tokenizer, calib_file):
+    """Every case pruned by one process (in this one) and by two (one torchrun launch for all)."""
+    root = tmp_path_factory.mktemp("dist")
+    models = {2: _model(root, tokenizer, 2, 0), 4: _model(root, tokenizer, 4, 1)}
+    jobs, pairs = [], {}
+    for name, extra in CASES.items():
+        model = models[2]
+        one, two = root / f"{name}-1", root / f"{name}-2"
+        assert main(_argv(model, one, calib_file, extra)) == 0
+        jobs.append(_argv(model, two, calib_file, extra))
+        pairs[name] = (one, two)
+    resume_ref = root / "resume-ref"
+    jobs.append(_argv(models[4], resume_ref, calib_file, ["--method", "sparsegpt"]))
+    spec = root / "jobs.json"
+    spec.write_text(json.dumps(jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([*_torchrun(2), str(HERE / "dist_worker.py"), str(spec)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"pairs": pairs, "models": models, "resume_ref": resume_ref, "root": root}
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(run.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _manifest(run: Path) -> dict:
+    return json.loads((run / "lmprune.json").read_text())
+
+
+def _nll(run: Path, tokens: torch.Tensor) -> float:
+    model = AutoModelForCausalLM.from_pretrained(run)
+    with torch.no_grad():
+        return float(model(tokens, labels=tokens).loss)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_two_ranks_match_one(runs, name):
+    one, two = runs["pairs"][name]
+    # ALPS's support search (ADMM with support-change restarts) is not continuous in the Gram matrix: sums that
+    # differ in the last bit can end in another support of equal quality (here: masks 98.6-99.x% equal, weights
+    # ~10% apart, per-matrix rel_error within 2%, perplexity within 1%). The other methods meet the tight bound.
+    chaotic = name.startswith("alps")
+    m1, m2 = _manifest(one), _manifest(two)
+    assert m1["world_size"] == 1 and m2["world_size"] == 2
+    assert m2["distributed"]["windows_per_rank"] == [[0, 3], [3, 5]]  # every window once, contiguous
+    w1, w2 = _weights(one), _weights(two)
+    pruned = {layer["name"] + ".weight" for layer in m1["layers"]}
+    assert pruned == {layer["name"] + ".weight" for layer in m2["layers"]}
+    same = total = 0
+    for k in w1:
+        if k not in pruned:
+            assert torch.equal(w1[k], w2[k]), k  # nothing else changes
+            continue
+        same += int(((w1[k] != 0) == (w2[k] != 0)).sum())
+        total += w1[k].numel()
+        rel = float((w1[k] - w2[k]).norm() / w1[k].norm().clamp_min(1e-12))
+        assert chaotic or rel < 1e-3, (k, rel)
+    assert same / total >= (0.98 if chaotic else 0.999), same / total
+    for a, b in zip(m1["layers"], m2["layers"]):  # the records of every rank's matrices reach rank 0
+        assert a["name"] == b["name"] and a["pattern_ok"] and b["pattern_ok"]
+        tol = 0.02 if chaotic else 1e-3
+        assert abs(a["rel_error"] - b["rel_error"]) <= tol * max(a["rel_error"], 1e-6) + 1e-6
+    assert abs(m1["achieved_sparsity"] - m2["achieved_sparsity"]) < 1e-3
+    if "owl" in name or "alpha" in name:
+        t1 = {m["name"]: m["target"] for m in m1["allocation_detail"]["matrices"]}
+        t2 = {m["name"]: m["target"] for m in m2["allocation_detail"]["matrices"]}
+        assert t1.keys() == t2.keys() and all(abs(t1[k] - t2[k]) < 1e-4 for k in t1)
+    tokens = torch.arange(2, 66).remainder(300).unsqueeze(0)
+    n1, n2 = _nll(one, tokens), _nll(two, tokens)
+    assert abs(torch.tensor(n2 - n1).exp().item() - 1) < 0.01  # perplexity within 1%
+
+
+def test_shards_cover_every_window_once():
+    for n in range(1, 12):
+        for size in range(1, n + 1):
+            bounds = [shard_bounds(n, size, r) for r in range(size)]
+            assert [i for lo, hi in bounds for i in range(lo, hi)] == list(range(n))
+            sizes = [hi - lo for lo, hi in bounds]
+            assert max(sizes) - min(sizes) <= 1
+    assert SINGLE.shard(7) == slice(0, 7)
+
+
+def test_owners_balance_cost():
+    costs = [8.0, 1.0, 1.0, 4.0, 4.0, 2.0]
+    owners = assign_owners(costs, 2)
+    load = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(2)]
+    assert sorted(load) == [10.0, 10.0]
+    assert assign_owners(costs, 1) == [0] * len(costs)
+
+
+def _state(out: Path) -> dict:
+    try:
+        return json.loads((staging_dir(out) / "checkpoint" / "state.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def test_killed_rank_resumes_to_the_same_weights(runs, calib_file):
+    """``--nproc 2`` killed (one rank, SIGKILL) after block 1: the run ends everywhere, and the same command
+    resumes it to the weights of an uninterrupted 2-rank run."""
+    out = runs["root"] / "resumed"
+    argv = [sys.executable, "-m", "lmprune", *_argv(runs["models"][4], out, calib_file, ["--method", "sparsegpt"]),
+            "--nproc", "2"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(argv, env={**env, HOLD_ENV: "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while time.time() < deadline and _state(out).get("done_block", -1) < 1:
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        time.sleep(0.2)
+    assert _state(out).get("done_block") == 1
+    assert len(list((staging_dir(out) / "checkpoint").glob("inputs_0001_rank*"))) == 2
+    victim = None
+    while victim is None and time.time() < deadline:  # rank 1 may still be writing; it holds after its barrier
+        for p in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                if p.environ().get("RANK") == "1" and "lmprune" in " ".join(p.cmdline()):
+                    victim = p
+            except psutil.Error:
+                pass
+        time.sleep(0.2)
+    victim.send_signal(signal.SIGKILL)
+    assert proc.wait(120) != 0  # the other rank is ended too, and the launcher reports the failure
+    proc.stderr.close()
+    assert not out.exists() and _state(out)["done_block"] == 1
+
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    m = _manifest(out)
+    assert m["resumed_from_block"] == 2 and m["world_size"] == 2
+    ref, got = _weights(runs["resume_ref"]), _weights(out)
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
