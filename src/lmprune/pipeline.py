@@ -119,6 +119,10 @@ def prune(loaded: LoadedModel, config: PruneConfig, progress: bool = True,
     seqlen = config.seqlen or default_seqlen(model.config)
     _check_patterns(adapter, model, config, blocks)
     settings = resolved_settings(config)
+    if settings["block_method"] == "sparsellm":
+        from .strategies.sparsellm import check_structure
+
+        check_structure(adapter)  # before any calibration pass
     start = time.perf_counter()
 
     source = load_source(config.calib, "calib", config.data_dir)

@@ -30,6 +30,7 @@ from torch import nn
 from ..config import ConfigError
 from ..engine import BlockDone, BlockEvents
 from ..models.adapters import FamilyAdapter, get_adapter
+from ..models.discovery import find_blocks_path
 from ..models.loading import ModelLoadError, _dir_fingerprint, _dtype_arg, declared_dtype, ensure_pad_token, resolve
 from ..report.manifest import write_json
 from .rundir import disk_space
@@ -81,18 +82,18 @@ def open_streamed(spec: str, staging: Path, dtype: str = "float32", trust_remote
         want = declared_dtype(config)
     with torch.device("meta"):
         full = AutoModelForCausalLM.from_config(config, dtype=want, trust_remote_code=trust_remote_code)
-    adapter = get_adapter(full)
+    blocks_path = find_blocks_path(full)
     shallow = copy.deepcopy(config)
     shallow.num_hidden_layers = 0
     if hasattr(shallow, "layer_types") and shallow.layer_types is not None:
         shallow.layer_types = []
     model = AutoModelForCausalLM.from_config(shallow, dtype=want, trust_remote_code=trust_remote_code)
-    parent, _, leaf = adapter.blocks_path.rpartition(".")
-    setattr(model.get_submodule(parent), leaf, adapter.blocks(full))
+    parent, _, leaf = blocks_path.rpartition(".")
+    setattr(model.get_submodule(parent), leaf, full.get_submodule(blocks_path))
     for module in model.modules():
         if getattr(module, "config", None) is shallow:
             module.config = config
-    prefix = adapter.blocks_path + "."
+    prefix = blocks_path + "."
     state = {n: reader.get(n) for n in reader.names() if not n.startswith(prefix)}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not m.startswith(prefix) and not _tied(model, m)]
@@ -116,10 +117,15 @@ class BlockStream:
 
     def __init__(self, model: nn.Module, reader: ShardReader, staging: Path):
         self.model = model
-        self.adapter = get_adapter(model)
         self.reader = reader
         self.staging = staging
-        self.blocks = self.adapter.blocks(model)
+        self.blocks_path = find_blocks_path(model)
+        self.blocks = model.get_submodule(self.blocks_path)
+        self.load(0)  # the structure is discovered on block 0's real weights (the FFN is checked numerically)
+        try:
+            self.adapter = get_adapter(model)
+        finally:
+            self.drop(0)
         self.n = len(self.blocks)
         self.weight_map: dict[str, str] = {}
         self.total = 0
@@ -129,7 +135,7 @@ class BlockStream:
         return f"model-{index + 1:05d}-of-{self.n + 1:05d}.safetensors"
 
     def _prefix(self, i: int) -> str:
-        return f"{self.adapter.blocks_path}.{i}."
+        return f"{self.blocks_path}.{i}."
 
     @torch.no_grad()
     def load(self, i: int, reader: "ShardReader | None" = None) -> None:
@@ -222,14 +228,16 @@ class _PruneEvents(BlockEvents):
 class StreamedMatrix:
     """A prunable matrix as an allocator sees it, whose weight is read from the shards when it is asked for."""
 
-    def __init__(self, name: str, block: int, reader: ShardReader, like: torch.Tensor):
+    def __init__(self, name: str, block: int, reader: ShardReader, like: torch.Tensor, transposed: bool = False):
         self.name, self.block, self.reader = name, block, reader
         self.shape, self.dtype = tuple(like.shape), like.dtype
+        self.transposed = transposed  # stored in x out (Conv1D)
 
     @property
     def weight(self) -> torch.Tensor:
-        """In the dtype the run computes in, as an in-memory model would hold it."""
-        return self.reader.get(self.name + ".weight").to(self.dtype)
+        """``out x in``, in the dtype the run computes in, as an in-memory model would hold it."""
+        w = self.reader.get(self.name + ".weight").to(self.dtype)
+        return w.T if self.transposed else w
 
     @property
     def params(self) -> int:
@@ -259,7 +267,7 @@ class StreamedModel(LoadedModel):
 
     def matrix_infos(self, adapter: FamilyAdapter, blocks: list[int]) -> list[StreamedMatrix]:
         chosen = set(blocks)
-        return [StreamedMatrix(n, b, self.stream.reader, lin.weight)
+        return [StreamedMatrix(n, b, self.stream.reader, lin.weight, getattr(lin, "transposed", False))
                 for n, b, lin in adapter.matrices(self.model) if b in chosen]
 
     def weights_on(self, device):
