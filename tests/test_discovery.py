@@ -253,3 +253,76 @@ def test_conv1d_matrices_are_pruned_through_a_transposed_view(calib_file, tok):
     assert conv.weight.shape == (64, 192)  # stored in x out, untouched layout
     groups = conv.weight.T.reshape(192, 16, 4)  # 2:4 along the input dimension of the out x in matrix
     assert ((groups != 0).sum(-1) <= 2).all()
+
+
+_PHI3_ADAPTER = """\
+blocks: model.layers
+groups:
+  - [self_attn.qkv_proj]
+  - [self_attn.o_proj]
+  - [mlp.gate_up_proj]
+  - [mlp.down_proj]
+"""
+
+
+def test_adapter_file_declares_the_structure(tmp_path, calib_file, tok):
+    from lmprune.models.declared import use_adapter_file
+
+    path = tmp_path / "phi3.yaml"
+    path.write_text(_PHI3_ADAPTER)
+    model = build("phi3")
+    use_adapter_file(model, path)
+    s = structure_of(model)
+    assert s.origin == "declared" and s.ffn.kind == "unknown" and "declares no 'ffn'" in s.ffn.reason
+    report = _prune(model, "wanda", "2:4", calib_file, tok)
+    assert report["achieved_sparsity"] == pytest.approx(0.5, abs=1e-9) and len(report["layers"]) == 8
+
+
+@pytest.mark.parametrize("text, message", [
+    ("blocks: model.nowhere\nmatrices: [mlp.down_proj]\n", "has no module 'model.nowhere'"),
+    ("blocks: model.layers\nmatrices: [mlp.nothing]\n", "block 0 has no matrix 'mlp.nothing'"),
+    ("blocks: model.layers\nmatrices: [input_layernorm]\n", "neither a Linear nor a Conv1D"),
+    ("blocks: model.layers\ngroups: [[self_attn.o_proj, mlp.down_proj]]\n", "mixes input widths"),
+    ("blocks: model.layers\nmatrices: [mlp.down_proj, mlp.down_proj]\n", "named twice"),
+    ("blocks: model.layers\nmatrices: [mlp.down_proj]\ncolour: red\n", "unknown key 'colour'"),
+    ("blocks: model.layers\nmatrices: [mlp.down_proj]\nffn: {kind: swiglu, up: mlp.down_proj, down: mlp.down_proj}\n",
+     "ffn.gate must name one of the declared matrices"),
+    ("blocks: [\n", "cannot parse adapter file"),
+    (_PHI3_ADAPTER + "ffn: {kind: relu, up: mlp.gate_up_proj, down: mlp.down_proj}\n", "input width 128"),
+])
+def test_adapter_file_is_checked_against_the_model(tmp_path, text, message):
+    from lmprune.models.declared import load_adapter_file
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(UnsupportedModelError, match=message) as e:
+        load_adapter_file(path, build("phi3"))
+    assert "\n" not in str(e.value)
+
+
+def test_cli_adapter_file_and_stream(tmp_path, calib_file, tok):
+    """--adapter through the command line, in memory and streamed, on a model saved to disk (gpt2: Conv1D)."""
+    import json
+
+    from lmprune.cli import main
+
+    model_dir = tmp_path / "gpt2"
+    build("gpt2").save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    adapter = tmp_path / "gpt2.yaml"
+    adapter.write_text("blocks: transformer.h\ngroups: [[attn.c_attn], [attn.c_proj], [mlp.c_fc], [mlp.c_proj]]\n")
+    runs = {}
+    for name, extra in (("plain", []), ("declared", ["--adapter", str(adapter)]),
+                        ("stream", ["--stream"])):
+        out = tmp_path / name
+        argv = ["prune", "--quiet", "--model", str(model_dir), "--method", "sparsegpt", "--sparsity", "0.5",
+                "--out", str(out), "--calib", str(calib_file), "--nsamples", "2", "--seqlen", "16", *extra]
+        assert main(argv) == 0, name
+        runs[name] = json.loads((out / "lmprune.json").read_text())
+        back = AutoModelForCausalLM.from_pretrained(out)
+        runs[name]["weights"] = {n: p for n, p in back.state_dict().items()}
+    assert runs["plain"]["achieved_sparsity"] == pytest.approx(0.5, abs=1e-9)
+    for other in ("declared", "stream"):  # the same structure whichever way it was found: the same weights
+        assert [r["name"] for r in runs[other]["layers"]] == [r["name"] for r in runs["plain"]["layers"]]
+        for n, p in runs["plain"]["weights"].items():
+            torch.testing.assert_close(runs[other]["weights"][n], p, rtol=1e-5, atol=1e-6)

@@ -221,10 +221,12 @@ def load(job: Job, staging: Path) -> LoadedModel:
     if job.stream:
         from .run.streaming import open_streamed
 
-        return open_streamed(job.model, staging, job.dtype, job.trust_remote_code)
+        return open_streamed(job.model, staging, job.dtype, job.trust_remote_code, job.adapter)
+    from .models.declared import use_adapter_file
     from .models.loading import load_model
 
     model, tokenizer, source = load_model(job.model, job.dtype, job.trust_remote_code, job.trust_pickle)
+    use_adapter_file(model, job.adapter)
     return LoadedModel(model, tokenizer, source)
 
 

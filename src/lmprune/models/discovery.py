@@ -455,6 +455,11 @@ def declare(model: nn.Module, structure: Structure) -> None:
     _CACHE[model] = structure
 
 
+def remembered(model: nn.Module) -> Structure | None:
+    """The structure already known for ``model`` (declared, or discovered earlier), else None."""
+    return _CACHE.get(model)
+
+
 def structure_of(model: nn.Module) -> Structure:
     """The structure of ``model``: declared, or discovered once and remembered for this model object."""
     found = _CACHE.get(model)

@@ -183,11 +183,13 @@ def plan_memory(
     plans the non-block weights plus one block, each block written as its own shard.
     """
     from ..models.adapters import get_adapter
+    from ..models.declared import use_adapter_file
     from ..models.loading import declared_dtype, default_seqlen
 
     config, model_spec, stream = job.config, job.model, job.stream
     eval_datasets, eval_seqlen = job.evaluation.datasets, job.evaluation.seqlen
     model = _meta_model(model_config, job.trust_remote_code)
+    use_adapter_file(model, job.adapter)
     adapter = get_adapter(model)
     blocks = adapter.blocks(model)
     if job.dtype == "auto":

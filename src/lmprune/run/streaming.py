@@ -30,7 +30,8 @@ from torch import nn
 from ..config import ConfigError
 from ..engine import BlockDone, BlockEvents
 from ..models.adapters import FamilyAdapter, get_adapter
-from ..models.discovery import find_blocks_path
+from ..models.declared import use_adapter_file
+from ..models.discovery import declare, find_blocks_path, remembered, structure_of
 from ..models.loading import ModelLoadError, _dir_fingerprint, _dtype_arg, declared_dtype, ensure_pad_token, resolve
 from ..report.manifest import write_json
 from .rundir import disk_space
@@ -64,8 +65,8 @@ class ShardReader:
         return [n for n in self.weight_map if n.startswith(prefix)]
 
 
-def open_streamed(spec: str, staging: Path, dtype: str = "float32", trust_remote_code: bool = False
-                  ) -> "StreamedModel":
+def open_streamed(spec: str, staging: Path, dtype: str = "float32", trust_remote_code: bool = False,
+                  adapter: Path | None = None) -> "StreamedModel":
     """The model of ``spec`` with real non-block weights and every block on ``meta``; finished blocks are written
     as shards into ``staging``."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -82,7 +83,8 @@ def open_streamed(spec: str, staging: Path, dtype: str = "float32", trust_remote
         want = declared_dtype(config)
     with torch.device("meta"):
         full = AutoModelForCausalLM.from_config(config, dtype=want, trust_remote_code=trust_remote_code)
-    blocks_path = find_blocks_path(full)
+    use_adapter_file(full, adapter)
+    blocks_path = structure_of(full).blocks_path if adapter else find_blocks_path(full)
     shallow = copy.deepcopy(config)
     shallow.num_hidden_layers = 0
     if hasattr(shallow, "layer_types") and shallow.layer_types is not None:
@@ -105,6 +107,8 @@ def open_streamed(spec: str, staging: Path, dtype: str = "float32", trust_remote
     note = ensure_pad_token(tokenizer, spec)
     if note:
         source.details["pad_token"] = note
+    if adapter:
+        declare(model, structure_of(full))
     return StreamedModel(model, tokenizer, source, stream=BlockStream(model, reader, staging))
 
 
@@ -119,7 +123,8 @@ class BlockStream:
         self.model = model
         self.reader = reader
         self.staging = staging
-        self.blocks_path = find_blocks_path(model)
+        known = remembered(model)  # declared by an adapter file
+        self.blocks_path = known.blocks_path if known else find_blocks_path(model)
         self.blocks = model.get_submodule(self.blocks_path)
         self.load(0)  # the structure is discovered on block 0's real weights (the FFN is checked numerically)
         try:
