@@ -322,6 +322,8 @@ def test_cli_adapter_file_and_stream(tmp_path, calib_file, tok):
         back = AutoModelForCausalLM.from_pretrained(out)
         runs[name]["weights"] = {n: p for n, p in back.state_dict().items()}
     assert runs["plain"]["achieved_sparsity"] == pytest.approx(0.5, abs=1e-9)
+    assert runs["plain"]["structure"]["conv1d"] and runs["plain"]["structure"]["origin"] == "discovered"
+    assert runs["declared"]["structure"]["origin"] == "declared"
     for other in ("declared", "stream"):  # the same structure whichever way it was found: the same weights
         assert [r["name"] for r in runs[other]["layers"]] == [r["name"] for r in runs["plain"]["layers"]]
         for n, p in runs["plain"]["weights"].items():

@@ -172,6 +172,7 @@ def prune(loaded: LoadedModel, config: PruneConfig, progress: bool = True,
         "pattern_ok": all(r.pattern_ok for r in result.records),
         "pruned_blocks": blocks,
         "n_blocks": n_blocks,
+        "structure": adapter.summary() if hasattr(adapter, "summary") else None,
         "layers": layers,
         "allocation_detail": alloc.to_dict(),
         "time_s": clock.prior["elapsed_s"] + elapsed,  # a resumed run adds the interrupted one's

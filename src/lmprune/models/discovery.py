@@ -472,7 +472,7 @@ def structure_of(model: nn.Module) -> Structure:
 def prunable_structure(model: nn.Module) -> Structure:
     """:func:`structure_of`, refusing in one line what lmprune cannot prune."""
     found = structure_of(model)
-    if found.moe:
+    if getattr(found, "moe", ()):  # a declared FamilyAdapter has no experts
         raise UnsupportedModelError(
             f"{found.family}: mixture-of-experts blocks ({', '.join(found.moe)}) are not supported yet: per-expert "
             "Gram matrices from routed tokens are not implemented"
