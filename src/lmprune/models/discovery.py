@@ -179,6 +179,7 @@ def call_blocks(model: nn.Module, blocks: nn.ModuleList, input_ids: Tensor, *, a
 
         return stub
 
+    own = [block.__dict__.get("forward") for block in blocks]  # a forward set on the instance (wrappers) stays
     for i, block in enumerate(blocks):
         block.forward = stub_for(i)
     try:
@@ -187,8 +188,11 @@ def call_blocks(model: nn.Module, blocks: nn.ModuleList, input_ids: Tensor, *, a
     except StopForward:
         pass
     finally:
-        for block in blocks:
-            del block.forward
+        for block, forward in zip(blocks, own):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
     if len(calls) != last + 1:
         raise UnsupportedModelError(f"the model called {len(calls)} of its {len(blocks)} blocks in a forward pass")
     return calls
