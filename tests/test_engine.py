@@ -71,11 +71,15 @@ def test_adapters_find_groups_and_skip_embeddings(tiny_model):
     assert all(len(g) >= 1 for g in adapter.groups)
 
 
-def test_unknown_family_is_rejected():
+def test_structure_is_discovered_whatever_the_family_is_called():
     model = make_model("llama")
     model.config.model_type = "mystery"
-    with pytest.raises(UnsupportedModelError, match="unsupported model family 'mystery'"):
-        get_adapter(model)
+    assert get_adapter(model).groups[0] == ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+
+
+def test_a_model_without_decoder_blocks_is_rejected():
+    with pytest.raises(UnsupportedModelError, match="no decoder block list"):
+        get_adapter(torch.nn.Sequential(torch.nn.Linear(4, 4)))
 
 
 def _prune_and_check(model, tokenizer, calib_file, pattern, method="sparsegpt"):

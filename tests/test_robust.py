@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, GPT2Config
+from transformers import AutoModelForCausalLM, MixtralConfig
 
 from conftest import _config, make_model, make_tokenizer
 from lmprune import api
@@ -271,13 +271,15 @@ def test_tokenizer_without_pad_or_eos_token(tmp_path, calib_file, capsys):
     assert not (tmp_path / "run").exists() and not (tmp_path / "stream").exists()
 
 
-def test_unknown_family(tmp_path, calib_file, capsys):
-    model_dir = tmp_path / "gpt2"
-    cfg = GPT2Config(vocab_size=384, n_embd=32, n_layer=1, n_head=2, n_positions=64)
+def test_mixture_of_experts_refused_in_one_line(tmp_path, calib_file, capsys):
+    model_dir = tmp_path / "mixtral"
+    cfg = MixtralConfig(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(model_dir)
     make_tokenizer().save_pretrained(model_dir)
     assert main(_prune(model_dir, tmp_path / "run", calib_file)) == 2
-    assert "unsupported model family 'gpt2'" in _err(capsys)
+    err = _err(capsys)
+    assert "mixture-of-experts" in err and len(err.strip().splitlines()) == 1
 
 
 def test_pickle_weights_refused_unless_trusted(tmp_path, tiny_model_dirs, calib_file, capsys):

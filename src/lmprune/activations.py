@@ -100,13 +100,18 @@ class WindowFile(Sequence[Tensor]):
 PLACES = ("device", "host", "files")
 
 
-def _to(obj: Any, device: torch.device) -> Any:
+def _to(obj: Any, device: torch.device, memo: dict[int, Any] | None = None) -> Any:
+    """``obj`` (tensors, nested in tuples, lists and dicts) on ``device``; a tensor met twice (the same mask
+    handed to several blocks) is moved once and stays one tensor."""
+    memo = {} if memo is None else memo
     if isinstance(obj, Tensor):
-        return obj.to(device)
+        if id(obj) not in memo:
+            memo[id(obj)] = (obj, obj.to(device))  # the original is kept so that its id is not reused
+        return memo[id(obj)][1]
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
+        return type(obj)(_to(o, device, memo) for o in obj)
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: _to(v, device, memo) for k, v in obj.items()}
     return obj
 
 
@@ -133,6 +138,9 @@ class ActivationStore:
             self._tmp = tempfile.TemporaryDirectory(prefix="lmprune-activations-", dir=directory)
         self._windows = self._new()
         self.kwargs: dict[str, Any] = {}
+        #: Each block's own keyword arguments where the model gives blocks different ones (sliding-window and
+        #: global attention masks, ...); empty: every block takes :attr:`kwargs`.
+        self.block_kwargs: list[dict[str, Any]] = []
 
     def _new(self):
         return [] if self._tmp is None else WindowFile(self._tmp.name)
@@ -142,8 +150,15 @@ class ActivationStore:
         """Add one window (``1 x seqlen x d``)."""
         self._windows.append(window.detach().to(self.storage) if self._tmp is None else window)
 
-    def set_kwargs(self, kwargs: dict[str, Any]) -> None:
-        self.kwargs = _to(kwargs, self.device)
+    def set_kwargs(self, kwargs: dict[str, Any], per_block: list[dict[str, Any]] | None = None) -> None:
+        """Block 0's keyword arguments and, optionally, every block's (in block order)."""
+        memo: dict[int, Any] = {}
+        self.kwargs = _to(kwargs, self.device, memo)
+        self.block_kwargs = [_to(kw, self.device, memo) for kw in per_block or []]
+
+    def kwargs_for(self, block: int) -> dict[str, Any]:
+        """The keyword arguments block ``block`` is called with."""
+        return self.block_kwargs[block] if block < len(self.block_kwargs) else self.kwargs
 
     # reading ----------------------------------------------------------------------------------------------
     def __len__(self) -> int:

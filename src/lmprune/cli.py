@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="larger-than-memory models: read one block at a time from the safetensors shards and write "
                         "it out when done (every allocation; --eval perplexity block by block, no --tasks; "
                         "resumable; saved in --dtype)")
+    p.add_argument("--adapter", metavar="FILE.yaml",
+                   help="declared model structure (block list, matrices, groups, FFN) where discovery gets it wrong; "
+                        "checked against the model")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow pickled .bin weights (read with torch.load(weights_only=True))")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -208,7 +211,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         evaluation=build_eval(datasets=eval_list, windows=args.eval_windows, seqlen=args.eval_seqlen,
                               dense=args.eval_dense, tasks=_csv(args.tasks), limit=args.limit),
         stream=args.stream, overwrite=args.overwrite, resume=args.resume, trust_remote_code=args.trust_remote_code,
-        trust_pickle=args.trust_pickle, memory_check=not args.skip_memory_check, progress=not args.quiet,
+        trust_pickle=args.trust_pickle, adapter=args.adapter or recipe.pop("adapter", None), memory_check=not args.skip_memory_check, progress=not args.quiet,
         invocation={"argv": ["lmprune", *args.argv]},
     )
     from . import distributed

@@ -190,6 +190,8 @@ class Job(BaseModel):
     resume: bool | None = None
     trust_remote_code: bool = False
     trust_pickle: bool = False
+    #: A declared structure (blocks, matrices, groups, FFN) replacing discovery's.
+    adapter: Path | None = None
     memory_check: bool = True
     progress: bool = True
     invocation: dict[str, Any] | None = None
@@ -199,7 +201,8 @@ class Job(BaseModel):
         cfg = self.config.model_dump()
         for key in RUN_PLACE_FIELDS:
             cfg.pop(key, None)
-        return {"model": self.model, **cfg, "dtype": self.dtype, **({"stream": True} if self.stream else {})}
+        return {"model": self.model, **cfg, "dtype": self.dtype, **({"stream": True} if self.stream else {}),
+                **({"adapter": str(self.adapter)} if self.adapter else {})}
 
 
 def build_eval(**fields: Any) -> EvalRequest:

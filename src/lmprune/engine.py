@@ -32,54 +32,41 @@ from .activations import ActivationStore, trim_host_memory
 from .distributed import SINGLE, World
 from .layer_pruner import LayerPruner
 from .models.adapters import FamilyAdapter
+from .models.discovery import call_blocks
 from .solvers.base import Gram, SolveResult, reconstruction_error
-
-
-class _StopForward(Exception):
-    pass
-
-
-_DROPPED_KWARGS = ("past_key_value", "past_key_values", "cache", "use_cache", "output_attentions")
 
 
 @torch.no_grad()
 def capture_inputs(
     model: nn.Module, adapter: FamilyAdapter, windows: Tensor, store: ActivationStore, progress: bool = True
 ) -> None:
-    """Append the hidden states entering block 0 for each window (``1 x seqlen x d``) to ``store`` and set its
-    block keyword arguments (from the first window; they are the same for every window of one length).
+    """Append the hidden states entering block 0 for each window (``1 x seqlen x d``) to ``store`` and set the
+    keyword arguments the model calls each block with (from the first window; they are the same for every
+    window of one length, and may differ between blocks: sliding-window and global attention masks).
 
-    Runs on the model's current device (the CPU for large models): only the embedding and whatever precedes
-    the first block are computed.
+    Runs on the model's current device (the CPU for large models); no block is run: the model's forward meets
+    stubs in their place (:func:`~lmprune.models.discovery.call_blocks`), only the embedding and whatever
+    precedes the blocks are computed.
     """
-    first = adapter.blocks(model)[0]
-    kwargs: dict[str, Any] = {}
-
-    def grab(module, args, kw):
-        hidden = args[0] if args else kw["hidden_states"]
-        store.append(hidden.detach())
-        if not kwargs:
-            kwargs.update({k: v for k, v in kw.items() if k != "hidden_states" and k not in _DROPPED_KWARGS})
-        raise _StopForward
-
-    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    blocks = adapter.blocks(model)
     device = next(model.parameters()).device
-    try:
-        for row in tqdm(windows, desc="calibration", disable=not progress, leave=False):
-            try:
-                model(row.unsqueeze(0).to(device), use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-    store.set_kwargs(kwargs)
+    per_block: list[dict[str, Any]] = []
+    for k, row in enumerate(tqdm(windows, desc="calibration", disable=not progress, leave=False)):
+        calls = call_blocks(model, blocks, row.unsqueeze(0).to(device), all_blocks=k == 0)
+        store.append(calls[0].hidden.detach())
+        if k == 0:
+            per_block = [c.replay_kwargs() for c in calls]
+    if per_block:
+        same = all(kw.keys() == per_block[0].keys() and all(kw[n] is per_block[0][n] for n in kw)
+                   for kw in per_block)
+        store.set_kwargs(per_block[0], None if same else per_block)
 
 
 def capture_kwargs(model: nn.Module, adapter: FamilyAdapter, window: Tensor, store: ActivationStore) -> None:
     """Only the block keyword arguments, from one window (a resumed run restores the hidden states itself)."""
     with ActivationStore("cpu") as scratch:
         capture_inputs(model, adapter, window.reshape(1, -1), scratch, progress=False)
-        store.set_kwargs(scratch.kwargs)
+        store.set_kwargs(scratch.kwargs, scratch.block_kwargs)
 
 
 def _block_output(out: Any) -> Tensor:
@@ -144,14 +131,15 @@ class BlockContext:
         """One pass of every window through the block (outputs dropped; hooks collect what they need)."""
         start = time.perf_counter()
         for x in self.store.batches(self.batch_windows):
-            self.block(x, **self.store.kwargs)
+            self.block(x, **self.store.kwargs_for(self.index))
         self._timed_sync(start)
 
     @torch.no_grad()
     def propagate(self) -> None:
         """Replace the store's windows by the block's outputs with its current weights."""
         start = time.perf_counter()
-        self.store.propagate(lambda x: _block_output(self.block(x, **self.store.kwargs)), self.batch_windows)
+        kwargs = self.store.kwargs_for(self.index)
+        self.store.propagate(lambda x: _block_output(self.block(x, **kwargs)), self.batch_windows)
         self._timed_sync(start)
 
     @contextmanager

@@ -219,6 +219,9 @@ def prune(loaded: LoadedModel, config: PruneConfig, progress: bool = True,
     blocks = config.block_indices(n_blocks)
     _check_patterns(adapter, model, config, blocks)
     settings = resolved_settings(config)
+    method = BLOCK_METHODS.get(settings["block_method"]).load()
+    if hasattr(method, "check_structure"):
+        method.check_structure(adapter)  # a block method that needs more than the matrices refuses before calibrating
     started = time.perf_counter()
     calib = Calibration.sample(config, loaded.tokenizer, config.seqlen or default_seqlen(model.config))
     world = distributed.current()
@@ -248,6 +251,7 @@ def prune(loaded: LoadedModel, config: PruneConfig, progress: bool = True,
         "pattern_ok": all(r.pattern_ok for r in result.records),
         "pruned_blocks": blocks,
         "n_blocks": n_blocks,
+        "structure": adapter.summary() if hasattr(adapter, "summary") else None,
         "layers": layers,
         "allocation_detail": alloc.to_dict(),
         "time_s": clock.prior["elapsed_s"] + elapsed,  # a resumed run adds the interrupted one's
@@ -291,10 +295,12 @@ def load(job: Job, staging: Path) -> LoadedModel:
     if job.stream:
         from .run.streaming import open_streamed
 
-        return open_streamed(job.model, staging, job.dtype, job.trust_remote_code)
+        return open_streamed(job.model, staging, job.dtype, job.trust_remote_code, job.adapter)
+    from .models.declared import use_adapter_file
     from .models.loading import load_model
 
     model, tokenizer, source = load_model(job.model, job.dtype, job.trust_remote_code, job.trust_pickle)
+    use_adapter_file(model, job.adapter)
     return LoadedModel(model, tokenizer, source)
 
 

@@ -1,6 +1,6 @@
-"""Model-family adapters: where the decoder blocks are and which linears are pruned, keyed by ``config.model_type``.
+"""The structure the engine works on: where the decoder blocks are and which matrices of a block are pruned.
 
-An adapter knows, for one architecture family:
+A :class:`FamilyAdapter` says, for one model:
 
 * the dotted path of the decoder block list inside the ``*ForCausalLM`` model;
 * the prunable linears of a block, grouped by shared input and listed in forward order
@@ -8,6 +8,9 @@ An adapter knows, for one architecture family:
 * the shape of the feed-forward part (for block-level methods such as SparseLLM).
 
 Embeddings and ``lm_head`` are never in a block, so they are never pruned.
+
+Structures are discovered from the loaded model (:mod:`lmprune.models.discovery`), or declared in an adapter
+file where discovery needs help (:mod:`lmprune.models.declared`); :func:`get_adapter` returns the model's.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class FFNSpec:
 
     ``relu``: ``down(act(up(x)))`` with biases (OPT's fc1 → ReLU → fc2); ``gate`` is None.
     ``swiglu``: ``down(act(gate(x)) * up(x))`` without biases (LLaMA, Qwen2, Mistral).
+    ``unknown``: no such shape could be verified; ``reason`` says why (block methods refuse the model).
     """
 
     kind: str
@@ -34,6 +38,9 @@ class FFNSpec:
     down: str
     gate: str | None = None
     act: str = "silu"
+    #: Checked numerically on the model's own tensors (discovery) or declared (an adapter file).
+    verified: bool = True
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -82,52 +89,9 @@ class FamilyAdapter:
         return out
 
 
-_LLAMA_LIKE = FamilyAdapter(
-    family="llama",
-    blocks_path="model.layers",
-    groups=(
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        ("self_attn.o_proj",),
-        ("mlp.gate_proj", "mlp.up_proj"),
-        ("mlp.down_proj",),
-    ),
-    ffn=FFNSpec(kind="swiglu", up="mlp.up_proj", gate="mlp.gate_proj", down="mlp.down_proj", act="silu"),
-)
-
-_OPT = FamilyAdapter(
-    family="opt",
-    blocks_path="model.decoder.layers",
-    groups=(
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        ("self_attn.out_proj",),
-        ("fc1",),
-        ("fc2",),
-    ),
-    ffn=FFNSpec(kind="relu", up="fc1", down="fc2", act="relu"),
-)
-
-#: config.model_type -> adapter. Families sharing LLaMA's module layout reuse its adapter.
-ADAPTERS: dict[str, FamilyAdapter] = {
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
-    "opt": _OPT,
-}
-
-
 def get_adapter(model: nn.Module) -> FamilyAdapter:
-    """The adapter for ``model.config.model_type``; the model's structure is checked, not its name."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in ADAPTERS:
-        raise UnsupportedModelError(
-            f"unsupported model family {model_type!r}; supported: {', '.join(sorted(ADAPTERS))}"
-        )
-    adapter = ADAPTERS[model_type]
-    if model_type == "opt" and getattr(model.config, "activation_function", "relu") != "relu":
-        adapter = FamilyAdapter(
-            adapter.family, adapter.blocks_path, adapter.groups,
-            FFNSpec("relu", "fc1", "fc2", act=model.config.activation_function),
-        )
-    adapter.linears(adapter.blocks(model)[0])
-    return adapter
+    """The structure of ``model``: declared for it, or discovered from it (and remembered); refuses in one line a
+    model lmprune cannot prune (no block list, mixture-of-experts blocks)."""
+    from .discovery import prunable_structure
+
+    return prunable_structure(model)

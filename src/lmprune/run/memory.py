@@ -186,11 +186,13 @@ def plan_memory(
     matrices and one solve (SparseLLM's FFN problem gathers every rank's tokens on each).
     """
     from ..models.adapters import get_adapter
+    from ..models.declared import use_adapter_file
     from ..models.loading import declared_dtype, default_seqlen
 
     config, model_spec, stream = job.config, job.model, job.stream
     eval_datasets, eval_seqlen = job.evaluation.datasets, job.evaluation.seqlen
     model = _meta_model(model_config, job.trust_remote_code)
+    use_adapter_file(model, job.adapter)
     adapter = get_adapter(model)
     blocks = adapter.blocks(model)
     if job.dtype == "auto":

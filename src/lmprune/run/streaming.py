@@ -29,6 +29,8 @@ from torch import nn
 from ..config import ConfigError
 from ..engine import BlockDone, BlockEvents
 from ..models.adapters import FamilyAdapter, get_adapter
+from ..models.declared import use_adapter_file
+from ..models.discovery import declare, find_blocks_path, remembered, structure_of
 from ..models.loading import ModelLoadError, _dir_fingerprint, _dtype_arg, declared_dtype, ensure_pad_token, resolve
 from ..report.manifest import write_json
 from .rundir import disk_space
@@ -62,8 +64,8 @@ class ShardReader:
         return [n for n in self.weight_map if n.startswith(prefix)]
 
 
-def open_streamed(spec: str, staging: Path, dtype: str = "float32", trust_remote_code: bool = False
-                  ) -> "StreamedModel":
+def open_streamed(spec: str, staging: Path, dtype: str = "float32", trust_remote_code: bool = False,
+                  adapter: Path | None = None) -> "StreamedModel":
     """The model of ``spec`` with real non-block weights and every block on ``meta``; finished blocks are written
     as shards into ``staging``."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -80,18 +82,19 @@ def open_streamed(spec: str, staging: Path, dtype: str = "float32", trust_remote
         want = declared_dtype(config)
     with torch.device("meta"):
         full = AutoModelForCausalLM.from_config(config, dtype=want, trust_remote_code=trust_remote_code)
-    adapter = get_adapter(full)
+    use_adapter_file(full, adapter)
+    blocks_path = structure_of(full).blocks_path if adapter else find_blocks_path(full)
     shallow = copy.deepcopy(config)
     shallow.num_hidden_layers = 0
     if hasattr(shallow, "layer_types") and shallow.layer_types is not None:
         shallow.layer_types = []
     model = AutoModelForCausalLM.from_config(shallow, dtype=want, trust_remote_code=trust_remote_code)
-    parent, _, leaf = adapter.blocks_path.rpartition(".")
-    setattr(model.get_submodule(parent), leaf, adapter.blocks(full))
+    parent, _, leaf = blocks_path.rpartition(".")
+    setattr(model.get_submodule(parent), leaf, full.get_submodule(blocks_path))
     for module in model.modules():
         if getattr(module, "config", None) is shallow:
             module.config = config
-    prefix = adapter.blocks_path + "."
+    prefix = blocks_path + "."
     state = {n: reader.get(n) for n in reader.names() if not n.startswith(prefix)}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not m.startswith(prefix) and not _tied(model, m)]
@@ -103,6 +106,8 @@ def open_streamed(spec: str, staging: Path, dtype: str = "float32", trust_remote
     note = ensure_pad_token(tokenizer, spec)
     if note:
         source.details["pad_token"] = note
+    if adapter:
+        declare(model, structure_of(full))
     return StreamedModel(model, tokenizer, source, stream=BlockStream(model, reader, staging))
 
 
@@ -115,10 +120,16 @@ class BlockStream:
 
     def __init__(self, model: nn.Module, reader: ShardReader, staging: Path):
         self.model = model
-        self.adapter = get_adapter(model)
         self.reader = reader
         self.staging = staging
-        self.blocks = self.adapter.blocks(model)
+        known = remembered(model)  # declared by an adapter file
+        self.blocks_path = known.blocks_path if known else find_blocks_path(model)
+        self.blocks = model.get_submodule(self.blocks_path)
+        self.load(0)  # the structure is discovered on block 0's real weights (the FFN is checked numerically)
+        try:
+            self.adapter = get_adapter(model)
+        finally:
+            self.drop(0)
         self.n = len(self.blocks)
         self.weight_map: dict[str, str] = {}
         self.total = 0
@@ -128,7 +139,7 @@ class BlockStream:
         return f"model-{index + 1:05d}-of-{self.n + 1:05d}.safetensors"
 
     def _prefix(self, i: int) -> str:
-        return f"{self.adapter.blocks_path}.{i}."
+        return f"{self.blocks_path}.{i}."
 
     @torch.no_grad()
     def load(self, i: int, reader: "ShardReader | None" = None) -> None:
@@ -221,14 +232,16 @@ class _PruneEvents(BlockEvents):
 class StreamedMatrix:
     """A prunable matrix as an allocator sees it, whose weight is read from the shards when it is asked for."""
 
-    def __init__(self, name: str, block: int, reader: ShardReader, like: torch.Tensor):
+    def __init__(self, name: str, block: int, reader: ShardReader, like: torch.Tensor, transposed: bool = False):
         self.name, self.block, self.reader = name, block, reader
         self.shape, self.dtype = tuple(like.shape), like.dtype
+        self.transposed = transposed  # stored in x out (Conv1D)
 
     @property
     def weight(self) -> torch.Tensor:
-        """In the dtype the run computes in, as an in-memory model would hold it."""
-        return self.reader.get(self.name + ".weight").to(self.dtype)
+        """``out x in``, in the dtype the run computes in, as an in-memory model would hold it."""
+        w = self.reader.get(self.name + ".weight").to(self.dtype)
+        return w.T if self.transposed else w
 
     @property
     def params(self) -> int:
@@ -258,7 +271,7 @@ class StreamedModel(LoadedModel):
 
     def matrix_infos(self, adapter: FamilyAdapter, blocks: list[int]) -> list[StreamedMatrix]:
         chosen = set(blocks)
-        return [StreamedMatrix(n, b, self.stream.reader, lin.weight)
+        return [StreamedMatrix(n, b, self.stream.reader, lin.weight, getattr(lin, "transposed", False))
                 for n, b, lin in adapter.matrices(self.model) if b in chosen]
 
     def weights_on(self, device):

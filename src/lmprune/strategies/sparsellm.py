@@ -9,7 +9,11 @@ Order inside a block:
    saw the attention pruning);
 3. the FFN is pruned jointly, every matrix at its own target sparsity, and written back.
 
-FFNs other than fc1 → ReLU → fc2 and SwiGLU fall back to layer-wise pruning (recorded in the layer stats).
+The FFN's shape comes from the model's discovered structure, where it was verified numerically on the model's
+own tensors; a model whose FFN could not be verified (a fused gate/up matrix, experts) is refused before
+anything runs (:func:`check_structure`). Verified FFNs with another activation than ReLU (ungated) or SiLU
+(gated), or a gated FFN with biases, fall back to layer-wise pruning (recorded in the layer stats). Matrices
+sharing the FFN's input (parallel attention and MLP, as in Phi or Falcon) are pruned with the attention.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ..models.adapters import UnsupportedModelError
 from ..solvers.base import Gram
 from ..solvers.sparsellm import FFNPruneResult, Options, prune_ffn_relu, prune_ffn_swiglu
 from .layerwise import prune_groups
@@ -29,19 +34,33 @@ class StrategyOptions(Options):
     sequential_attention: bool = True
 
 
-def _supported(ffn) -> bool:
-    return (ffn.kind == "relu" and ffn.act == "relu") or (ffn.kind == "swiglu" and ffn.act == "silu" and ffn.gate)
+def check_structure(adapter) -> None:
+    """Refuse, in one line, a model whose feed-forward shape is not verified."""
+    ffn = adapter.ffn
+    if ffn.kind not in ("relu", "swiglu") or not ffn.verified:
+        raise UnsupportedModelError(
+            f"sparsellm needs a verified feed-forward shape, down(act(up(x))) or down(act(gate(x)) * up(x)), and "
+            f"{adapter.family} has none: {ffn.reason or ffn.kind}; the per-matrix methods work on this model")
+
+
+def _supported(ffn, linears) -> bool:
+    if ffn.kind == "relu":
+        return ffn.act == "relu"
+    return ffn.kind == "swiglu" and ffn.act == "silu" and bool(ffn.gate) and all(
+        linears[r].bias is None for r in (ffn.up, ffn.gate, ffn.down))
 
 
 @torch.no_grad()
 def prune_block(ctx, opts: StrategyOptions) -> None:
+    check_structure(ctx.adapter)
     ffn = ctx.adapter.ffn
     roles = {"up": ffn.up, "down": ffn.down} | ({"gate": ffn.gate} if ffn.gate else {})
     ffn_rels = set(roles.values())
-    attention = [list(g) for g in ctx.adapter.groups if not set(g) & ffn_rels]
-    ffn_groups = [list(g) for g in ctx.adapter.groups if set(g) & ffn_rels]
+    attention = [[r for r in g if r not in ffn_rels] for g in ctx.adapter.groups]
+    attention = [g for g in attention if g]
+    ffn_groups = [[r for r in g if r in ffn_rels] for g in ctx.adapter.groups if set(g) & ffn_rels]
     prune_groups(ctx, attention if opts.sequential_attention else [[r for g in attention for r in g]])
-    if not _supported(ffn):
+    if not _supported(ffn, {rel: ctx.linear(rel) for rel in roles.values()}):
         prune_groups(ctx, ffn_groups, {"sparsellm": f"layer-wise fallback: unsupported FFN {ffn.kind}/{ffn.act}"})
         return
 

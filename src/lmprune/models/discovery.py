@@ -1,0 +1,484 @@
+"""The structure of a decoder-only causal LM, discovered from the loaded model rather than looked up by family.
+
+:func:`discover` finds, for any model transformers can load:
+
+* **the decoder block list**: the ``nn.ModuleList`` whose children are blocks of one class holding prunable
+  matrices (lists nested in another candidate, such as expert lists, are not blocks), confirmed by a probe
+  forward in which each block is called exactly once, in index order, on a hidden-state tensor;
+* **the prunable matrices of a block**: every ``nn.Linear`` (subclasses included) and transformers' ``Conv1D``
+  (weight stored ``in x out``; :class:`Conv1DMatrix` shows it ``out x in`` to the solvers) that the probe forward
+  of one block actually calls. Embeddings, ``lm_head`` and norms are never in a block's matrix list; a block
+  holding 3-D expert weights or a list of experts is a mixture-of-experts block (:attr:`Structure.moe`);
+* **their forward order and input groups**: from one probe forward of block 0 on the inputs the model itself
+  gives it (hidden states and every keyword argument), with a forward-pre-hook on every matrix. Matrices
+  receiving the *same tensor* (the same object, or the same storage, offset, shape and strides) read the same
+  input and share one Gram matrix. Values are not compared: two different norms of one hidden state are equal
+  at initialisation (unit weights) and still are different inputs;
+* **the feed-forward shape** (for block methods such as SparseLLM): the matrix ``down`` and the earlier
+  matrices whose outputs make its input, verified numerically on the probe's tensors: ``down_in = act(up(x))``
+  (``relu`` kind) or ``act(gate(x)) * up(x)`` (``swiglu`` kind) for one activation of :data:`ACTIVATIONS`.
+  Where no such relation holds (a fused ``gate_up`` matrix, experts, a block on ``meta``), :attr:`FFNSpec.reason`
+  says why and block methods refuse.
+
+The probe runs on the model's own device. A model whose weights are on ``meta`` (a memory plan, a streamed
+model) is probed with its non-block weights given temporary uninitialised storage (virtual memory, never
+written) and block 0 run on ``meta``: order and groups come from tensor identity, which ``meta`` keeps.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .adapters import FamilyAdapter, FFNSpec, UnsupportedModelError
+
+#: Keyword arguments of a block call that are not inputs to replay (caches, output switches).
+DROPPED_KWARGS = ("past_key_value", "past_key_values", "cache", "layer_past", "use_cache", "output_attentions")
+
+#: Activations an FFN may apply between its up (and gate) and down matrices, tried in this order.
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "silu": F.silu,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+}
+
+
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return ()
+    return (Conv1D,)
+
+
+def is_matrix(module: nn.Module) -> bool:
+    """A module whose weight is one prunable 2-D matrix (``nn.Linear`` or transformers' ``Conv1D``)."""
+    return isinstance(module, (nn.Linear,) + _conv1d_type())
+
+
+class Conv1DMatrix:
+    """A transformers ``Conv1D`` seen as a linear: ``weight`` is the ``out x in`` view of its ``in x out``
+    parameter, so reading it and writing into it (``copy_``) go through to the module's own storage."""
+
+    transposed = True
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    @property
+    def weight(self) -> Tensor:
+        return self.module.weight.T
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.module.bias
+
+    @property
+    def in_features(self) -> int:
+        return int(self.module.weight.shape[0])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.module.weight.shape[1])
+
+    def register_forward_hook(self, hook, **kw):
+        return self.module.register_forward_hook(hook, **kw)
+
+    def register_forward_pre_hook(self, hook, **kw):
+        return self.module.register_forward_pre_hook(hook, **kw)
+
+
+def as_matrix(module: nn.Module):
+    """``module`` as the engine handles a matrix: a ``nn.Linear`` as is, a ``Conv1D`` through its view."""
+    if isinstance(module, nn.Linear):
+        return module
+    if isinstance(module, _conv1d_type()):
+        return Conv1DMatrix(module)
+    raise UnsupportedModelError(f"{type(module).__name__} is neither a Linear nor a Conv1D")
+
+
+# ----------------------------------------------------------------------------------------------- block list
+
+
+def _has_matrix(module: nn.Module) -> bool:
+    return any(is_matrix(m) for m in module.modules())
+
+
+def block_list_candidates(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """Module lists of one block class holding prunable matrices, outermost only, largest first."""
+    found = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(c) for c in module}) != 1 or not _has_matrix(module[0]):
+            continue
+        if any(name.startswith(outer + ".") for outer, _ in found):
+            continue
+        found.append((name, module))
+    return sorted(found, key=lambda c: -sum(p.numel() for p in c[1].parameters()))
+
+
+def find_blocks_path(model: nn.Module) -> str:
+    """The dotted path of the decoder block list, structurally (no forward): the largest candidate list."""
+    candidates = block_list_candidates(model)
+    if not candidates:
+        raise UnsupportedModelError(
+            f"no decoder block list found in {type(model).__name__}: no nn.ModuleList of blocks holding Linear or "
+            "Conv1D layers (declare one with --adapter FILE.yaml)"
+        )
+    return candidates[0][0]
+
+
+# ----------------------------------------------------------------------------------------------- block calls
+
+
+class StopForward(Exception):
+    """Raised inside a hook to end a probe forward early."""
+
+
+@dataclass
+class BlockCall:
+    """What the model passed to one block: positional arguments (the hidden states first) and keywords."""
+
+    args: tuple
+    kwargs: dict[str, Any]
+
+    @property
+    def hidden(self) -> Tensor:
+        return self.args[0] if self.args else self.kwargs["hidden_states"]
+
+    def replay_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments to call the block with again (hidden states and caches left out)."""
+        return {k: v for k, v in self.kwargs.items() if k != "hidden_states" and k not in DROPPED_KWARGS}
+
+
+def call_blocks(model: nn.Module, blocks: nn.ModuleList, input_ids: Tensor, *, all_blocks: bool) -> list[BlockCall]:
+    """Run ``model`` on ``input_ids`` without running any block: each block's forward is replaced, for this call
+    only, by a stub recording its arguments and returning its hidden states unchanged. With ``all_blocks`` the
+    model goes on to the last block (the keyword arguments of every block, such as per-layer masks); otherwise
+    it stops at block 0. The blocks' own weights are never used (they may be on ``meta``)."""
+    calls: list[BlockCall] = []
+    last = len(blocks) - 1 if all_blocks else 0
+
+    def stub_for(i: int):
+        def stub(*args, **kwargs):
+            if len(calls) != i:
+                raise UnsupportedModelError(f"block {i} was called out of order (after {len(calls)} block calls)")
+            calls.append(BlockCall(args, kwargs))
+            if i == last:
+                raise StopForward
+            return calls[-1].hidden
+
+        return stub
+
+    own = [block.__dict__.get("forward") for block in blocks]  # a forward set on the instance (wrappers) stays
+    for i, block in enumerate(blocks):
+        block.forward = stub_for(i)
+    try:
+        with torch.no_grad():
+            model(input_ids, use_cache=False)
+    except StopForward:
+        pass
+    finally:
+        for block, forward in zip(blocks, own):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
+    if len(calls) != last + 1:
+        raise UnsupportedModelError(f"the model called {len(calls)} of its {len(blocks)} blocks in a forward pass")
+    return calls
+
+
+def probe_ids(model: nn.Module, length: int = 16) -> Tensor:
+    """A short token window valid for ``model``'s vocabulary (for structure only; values do not matter)."""
+    vocab = int(getattr(model.config, "vocab_size", 0) or 0) or 2
+    return ((torch.arange(length) * 7 + 3) % vocab).unsqueeze(0)
+
+
+# ----------------------------------------------------------------------------------------------- block probe
+
+
+@dataclass
+class _Call:
+    rel: str
+    x: Tensor
+    out: Tensor
+
+
+def _same_input(a: Tensor, b: Tensor) -> bool:
+    if a is b:
+        return True
+    if a.device.type == "meta" or b.device.type == "meta" or a.device != b.device:
+        return False
+    return (a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.storage_offset() ==
+            b.storage_offset() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype)
+
+
+def _moe_parts(block: nn.Module) -> list[str]:
+    """Parts of ``block`` that hold experts: 3-D weights, or lists of identical modules holding matrices."""
+    parts = [n for n, p in block.named_parameters() if p.ndim == 3]
+    for name, module in block.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 1 and _has_matrix(module[0]):
+            parts.append(name)
+    return parts
+
+
+def _probe_block(block: nn.Module, call: BlockCall) -> tuple[list[_Call], list[str]]:
+    """One forward of ``block`` on ``call``; each matrix's first call (name, input, output) in forward order, and
+    the matrices the forward never called."""
+    named = {n: m for n, m in block.named_modules() if n and is_matrix(m)}
+    seen: dict[str, _Call] = {}
+    order: list[str] = []
+
+    def hook(rel):
+        def fn(module, args, out):
+            if rel not in seen:
+                x = args[0]
+                seen[rel] = _Call(rel, x, out)
+                order.append(rel)
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in named.items()]
+    try:
+        with torch.no_grad():
+            block(*call.args, **call.kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return [seen[r] for r in order], [n for n in named if n not in seen]
+
+
+def _groups(calls: list[_Call]) -> tuple[tuple[str, ...], ...]:
+    groups: list[list[_Call]] = []
+    for c in calls:
+        for g in groups:
+            if _same_input(g[0].x, c.x):
+                g.append(c)
+                break
+        else:
+            groups.append([c])
+    return tuple(tuple(c.rel for c in g) for g in groups)
+
+
+def _rel_err(pred: Tensor, actual: Tensor) -> float:
+    pred, actual = pred.double().reshape(-1), actual.double().reshape(-1)
+    return float((pred - actual).norm() / actual.norm().clamp_min(1e-30))
+
+
+def _tolerance(t: Tensor) -> float:
+    return 1e-4 if t.dtype in (torch.float32, torch.float64) else 2e-2
+
+
+def _best_act(fn: Callable[[Callable], Tensor], target: Tensor) -> tuple[str | None, float]:
+    errs = {name: _rel_err(fn(act), target) for name, act in ACTIVATIONS.items()}
+    name = min(errs, key=errs.get)
+    return (name, errs[name]) if errs[name] <= _tolerance(target) else (None, errs[name])
+
+
+def _infer_ffn(calls: list[_Call], groups: tuple[tuple[str, ...], ...], moe: list[str]) -> FFNSpec:
+    """The FFN from the probe's tensors: the last matrix whose input is an activation of earlier outputs."""
+    if moe:
+        return FFNSpec("unknown", "", "", verified=False, reason=f"mixture-of-experts feed-forward ({', '.join(moe)})")
+    if not calls or calls[0].x.device.type == "meta":
+        return FFNSpec("unknown", "", "", verified=False, reason="the feed-forward could not be verified (weights not in memory)")
+    index = {c.rel: i for i, c in enumerate(calls)}
+    group_of = {r: g for g in groups for r in g}
+    fused = None
+    for d in reversed(calls):
+        width = d.x.shape[-1]
+        earlier = [c for c in calls[: index[d.rel]] if c.out.shape[:-1] == d.x.shape[:-1]]
+        for u in reversed(earlier):
+            if u.out.shape[-1] != width:
+                if u.out.shape[-1] == 2 * width:
+                    a, b = u.out.chunk(2, dim=-1)
+                    act, _ = _best_act(lambda f: f(a) * b, d.x)
+                    if act is not None:
+                        fused = f"fused gate/up matrix {u.rel} (act {act}) feeding {d.rel}"
+                continue
+            act, _ = _best_act(lambda f: f(u.out), d.x)
+            if act is not None:
+                return FFNSpec("relu", u.rel, d.rel, act=act, verified=True)
+            for g in earlier:
+                if g is u or g.out.shape[-1] != width or group_of[g.rel] is not group_of[u.rel]:
+                    continue
+                act, _ = _best_act(lambda f: f(g.out) * u.out, d.x)
+                if act is not None:
+                    return FFNSpec("swiglu", u.rel, d.rel, gate=g.rel, act=act, verified=True)
+    reason = fused or "no matrix's input is act(up(x)) or act(gate(x)) * up(x) of earlier matrices on the probe"
+    return FFNSpec("unknown", "", "", verified=False, reason=reason)
+
+
+# ----------------------------------------------------------------------------------------------- the result
+
+
+@dataclass(frozen=True)
+class Structure(FamilyAdapter):
+    """A discovered (or declared) structure; used wherever the engine takes a :class:`FamilyAdapter`."""
+
+    #: Relative names of the matrices stored ``in x out`` (``Conv1D``).
+    transposed: frozenset[str] = frozenset()
+    #: Parts of a block holding experts (non-empty: a mixture-of-experts model, not pruned).
+    moe: tuple[str, ...] = ()
+    #: How the structure was found: "discovered" or "declared" (an adapter file).
+    origin: str = "discovered"
+    #: Details for reports: probe timings, matrices never called, the FFN check.
+    details: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def linears(self, block: nn.Module) -> dict[str, Any]:
+        found = {}
+        for name in self.linear_names():
+            try:
+                module = block.get_submodule(name)
+            except AttributeError:
+                raise UnsupportedModelError(f"{self.family}: block has no matrix '{name}'") from None
+            if not is_matrix(module):
+                raise UnsupportedModelError(
+                    f"{self.family}: '{name}' is {type(module).__name__}, neither a Linear nor a Conv1D")
+            found[name] = as_matrix(module)
+        return found
+
+    def summary(self, model: nn.Module | None = None) -> dict[str, Any]:
+        """A JSON-ready description (for the manifest and the benchmark table)."""
+        out = {"origin": self.origin, "blocks_path": self.blocks_path, "groups": [list(g) for g in self.groups],
+               "conv1d": sorted(self.transposed), "ffn": {"kind": self.ffn.kind, "up": self.ffn.up,
+               "gate": self.ffn.gate, "down": self.ffn.down, "act": self.ffn.act, "verified": self.ffn.verified,
+               "reason": self.ffn.reason}, "moe": list(self.moe), **self.details}
+        if model is not None:
+            out["blocks"] = len(self.blocks(model))
+        return out
+
+
+def _meta_storage(model: nn.Module, skip_prefix: str):
+    """Give every ``meta`` parameter and buffer outside ``skip_prefix`` uninitialised CPU storage; returns the
+    undo function. Memory is reserved, not written (a probe reads a few embedding rows)."""
+    saved: list[tuple[dict, str, Any]] = []
+    made: dict[int, Any] = {}
+    for name, module in model.named_modules():
+        if name == skip_prefix or name.startswith(skip_prefix + "."):
+            continue
+        for store in (module._parameters, module._buffers):
+            for key, t in list(store.items()):
+                if t is None or t.device.type != "meta":
+                    continue
+                if id(t) not in made:
+                    empty = torch.zeros(t.shape, dtype=t.dtype) if t.is_floating_point() and t.numel() < 2**16 \
+                        else torch.empty(t.shape, dtype=t.dtype)
+                    made[id(t)] = nn.Parameter(empty, t.requires_grad) if isinstance(t, nn.Parameter) else empty
+                saved.append((store, key, t))
+                store[key] = made[id(t)]
+
+    def undo():
+        for store, key, t in saved:
+            store[key] = t
+
+    return undo
+
+
+def _to_meta(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.to("meta")
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_meta(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to_meta(v) for k, v in obj.items()}
+    return obj
+
+
+def discover(model: nn.Module, input_ids: Tensor | None = None) -> Structure:
+    """The structure of ``model`` (see the module docstring); ``input_ids`` (``1 x L``) is the probe window
+    (default: :func:`probe_ids`)."""
+    start = time.perf_counter()
+    path = find_blocks_path(model)
+    blocks = model.get_submodule(path)
+    ids = probe_ids(model) if input_ids is None else input_ids.reshape(1, -1)
+    first_param = next(blocks[0].parameters())
+    on_meta = first_param.device.type == "meta"
+    undo = _meta_storage(model, path) if any(p.device.type == "meta" for p in model.parameters()) else None
+    try:
+        device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+        calls = call_blocks(model, blocks, ids.to(device), all_blocks=True)
+    finally:
+        if undo is not None:
+            undo()
+    hidden = calls[0].hidden
+    if not isinstance(hidden, Tensor) or not hidden.is_floating_point() or hidden.ndim != 3:
+        raise UnsupportedModelError(f"'{path}' blocks are not called on a hidden-state tensor")
+    t_model = time.perf_counter() - start
+    call = calls[0]
+    if on_meta:
+        call = BlockCall(_to_meta(call.args), _to_meta(call.kwargs))
+    call = BlockCall(call.args, call.replay_kwargs() | ({"hidden_states": call.kwargs["hidden_states"]}
+                                                        if not call.args else {}))
+    probe_start = time.perf_counter()
+    moe = _moe_parts(blocks[0])
+    try:
+        calls0, never = _probe_block(blocks[0], call)
+    except (RuntimeError, NotImplementedError) as e:
+        if not on_meta:
+            raise
+        what = f"mixture-of-experts blocks ({', '.join(moe)})" if moe else "its blocks"
+        raise UnsupportedModelError(f"{type(model).__name__}: {what} cannot be probed without weights "
+                                    f"({str(e).splitlines()[0]})") from None
+    t_block = time.perf_counter() - probe_start
+    if not calls0:
+        raise UnsupportedModelError(f"the blocks at '{path}' call no Linear or Conv1D layer")
+    groups = _groups(calls0)
+    names = [c.rel for c in calls0]
+    for i, block in enumerate(blocks):
+        other = {n for n, m in block.named_modules() if n and is_matrix(m)}
+        missing = [n for n in names if n not in other]
+        if missing or _moe_parts(block) != moe:
+            raise UnsupportedModelError(
+                f"decoder blocks differ in structure: block {i} " +
+                (f"lacks {missing[0]}" if missing else "differs in its experts from block 0") +
+                " (declare the matrices with --adapter FILE.yaml)")
+    conv = frozenset(n for n in names if not isinstance(blocks[0].get_submodule(n), nn.Linear))
+    ffn = _infer_ffn(calls0, groups, moe)
+    family = str(getattr(getattr(model, "config", None), "model_type", type(model).__name__))
+    details = {"probe_tokens": int(ids.shape[-1]), "model_probe_s": t_model, "block_probe_s": t_block,
+               "time_s": time.perf_counter() - start, "not_called": never, "on_meta": on_meta}
+    return Structure(family, path, groups, ffn, conv, tuple(moe), "discovered", details)
+
+
+# ----------------------------------------------------------------------------------------------- entry point
+
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, Structure]" = weakref.WeakKeyDictionary()
+
+
+def declare(model: nn.Module, structure: Structure) -> None:
+    """Use ``structure`` for ``model`` from now on (an adapter file)."""
+    _CACHE[model] = structure
+
+
+def remembered(model: nn.Module) -> Structure | None:
+    """The structure already known for ``model`` (declared, or discovered earlier), else None."""
+    return _CACHE.get(model)
+
+
+def structure_of(model: nn.Module) -> Structure:
+    """The structure of ``model``: declared, or discovered once and remembered for this model object."""
+    found = _CACHE.get(model)
+    if found is None:
+        found = discover(model)
+        _CACHE[model] = found
+    return found
+
+
+def prunable_structure(model: nn.Module) -> Structure:
+    """:func:`structure_of`, refusing in one line what lmprune cannot prune."""
+    found = structure_of(model)
+    if getattr(found, "moe", ()):  # a declared FamilyAdapter has no experts
+        raise UnsupportedModelError(
+            f"{found.family}: mixture-of-experts blocks ({', '.join(found.moe)}) are not supported yet: per-expert "
+            "Gram matrices from routed tokens are not implemented"
+        )
+    return found
