@@ -10,6 +10,14 @@ Order inside a block:
 3. the FFN is pruned jointly, every matrix at its own target sparsity, and written back.
 
 FFNs other than fc1 → ReLU → fc2 and SwiGLU fall back to layer-wise pruning (recorded in the layer stats).
+
+``preset="paper"`` (``--method-opt preset=paper``) is the authors' configuration (solvers/sparsellm.py lists
+the solver part). Here it adds: all attention linears pruned from one pass of the block with its dense weights
+(``sequential_attention=False``), and the reference's per-layer round counts
+(``single_round_blocks="reference"``): its LLaMA driver runs one round, i.e. plain layer-wise pruning of the
+FFN, in decoder layers 1, 30 and 31 (absolute indices, whatever the depth; on SmolLM2's 30 blocks that is block
+1 only), its OPT driver none. The FFN target is still the dense FFN applied to the input *after* the pruned
+attention (the reference used the dense attention's): lmprune's choice, kept in the reference configuration.
 """
 
 from __future__ import annotations
@@ -19,13 +27,38 @@ import time
 import torch
 import torch.nn.functional as F
 
+from typing import Any, Literal, Union
+
+from pydantic import model_validator
+
 from ..solvers.base import Gram
-from ..solvers.sparsellm import FFNPruneResult, Options, prune_ffn_relu, prune_ffn_swiglu
+from ..solvers.sparsellm import PRESETS, FFNPruneResult, Options, _apply_preset, prune_ffn_relu, prune_ffn_swiglu
+
+#: The reference's per-layer round counts: decoder layers run with one round, by FFN kind (absolute indices).
+REFERENCE_SINGLE_ROUND = {"swiglu": (1, 30, 31), "relu": ()}
+
+STRATEGY_PRESETS: dict[str, dict[str, Any]] = {
+    name: {**values, "sequential_attention": False, "single_round_blocks": "reference"}
+    for name, values in PRESETS.items()
+}
 
 
 class StrategyOptions(Options):
     #: Solve o_proj on the outputs of the already pruned q/k/v (true sequential) rather than the dense ones.
     sequential_attention: bool = True
+    #: Blocks whose FFN gets one round only (layer-wise pruning); ``"reference"``: the authors' per family.
+    single_round_blocks: Union[list[int], Literal["reference"]] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        return _apply_preset(data, STRATEGY_PRESETS)
+
+
+def single_round_blocks(opts: StrategyOptions, ffn_kind: str) -> tuple[int, ...]:
+    if opts.single_round_blocks == "reference":
+        return REFERENCE_SINGLE_ROUND.get(ffn_kind, ())
+    return tuple(opts.single_round_blocks)
 
 
 def _prune_layerwise(ctx, rels: list[list[str]], note: str | None = None) -> None:
@@ -64,7 +97,9 @@ def prune_block(ctx, options: dict | None = None) -> None:
     lin = {role: ctx.linear(rel) for role, rel in roles.items()}
     dense = {role: lin[role].weight.detach().clone() for role in roles}
     w = {role: t.float() for role, t in dense.items()}
-    solver_opts = opts.model_dump(exclude={"sequential_attention"})
+    solver_opts = opts.model_dump(exclude={"sequential_attention", "single_round_blocks", "preset"})
+    if ctx.index in single_round_blocks(opts, ffn.kind):
+        solver_opts["rounds"] = 1
     if ffn.kind == "relu":
         b1 = None if lin["up"].bias is None else lin["up"].bias.detach().float()
         b2 = None if lin["down"].bias is None else lin["down"].bias.detach().float()
