@@ -29,6 +29,7 @@ from .engine import EngineResult, collect_input_norms, prune_block_layerwise, ru
 from .evaluation.perplexity import PerplexityResult, perplexity
 from .models.adapters import FamilyAdapter, get_adapter
 from .patterns import Pattern
+from .report.labels import configuration_label
 from .report.manifest import MANIFEST, REPORT, now_iso, peak_cuda_mb, peak_rss_mb, read_manifest, versions, write_json
 from .report.markdown import render_report
 from .solvers import get_solver
@@ -205,7 +206,7 @@ def prune(
     for m in alloc.matrices:
         m.achieved = achieved.get(m.name)
     layers = [asdict(r) for r in all_records]
-    return {
+    out = {
         "method": config.method,
         "sparsity": config.sparsity,
         "pattern": config.pattern,
@@ -233,6 +234,8 @@ def prune(
         },
         "config": config.model_dump(),
     }
+    out["configuration"] = configuration_label(out)
+    return out
 
 
 def evaluate_perplexity(

@@ -40,6 +40,12 @@ SOLVERS: dict[str, SolverSpec] = {
             preset={"rho0": 0.3, "schedule": False, "max_iter": 3, "pcg_iters": 2},
             summary="ALPS early-stopped: 3 ADMM steps at fixed ρ=0.3, then 2 PCG steps (about SparseGPT's time)",
         ),
+        SolverSpec(
+            "alps-paper",
+            "alps",
+            preset={"pcg_iters": 10},
+            summary="ALPS as the authors run it: 10 PCG steps (lmprune's alps: 3); float32 ridge inverses kept",
+        ),
     ]
 }
 

@@ -16,19 +16,20 @@ Block-coordinate descent from the dense weights and activations; one round =
 1. weights: least-squares refit of each matrix against its current target (float64 Cholesky of the damped
    Gram matrix of its input; round 0 starts from the dense weights instead), then the inner per-matrix
    solver prunes it with that Gram matrix. The new sparse matrix replaces the previous round's only if it
-   is better on its own subproblem, so this step never raises the objective;
+   is better on its own subproblem (``keep_better``, the default), so this step never raises the objective;
 2. ``p = (β(Y − b)W + γ·act)(βWᵀW + γI)⁻¹`` (exact; the SPD inverse in float64);
 3. ``z``: ReLU, the better of the branch minimisers ``max((γp + αm)/(γ + α), 0)`` and ``min(m, 0)``
    (``m = X W1ᵀ + b1``); SwiGLU, ``(αm + γσp)/(α + γσ²)`` with ``σ = SiLU(s)`` (exact for every α, γ);
 4. SwiGLU only: ``s_steps`` safeguarded Gauss-Newton steps on the separable ``α(s − n)² + γ(p − SiLU(s)z)²``
    (``n = X W_gateᵀ``), an element moving only if its own term falls.
 
-The objective recorded after each round's weight step therefore never increases. Each round also offers a
-second candidate: fc2/down refit by least squares and pruned on the activations that the round's pruned
-fc1/up/gate *really* produce (the auxiliary ``p`` is only a relaxation of them). The result is the candidate
-with the smallest true FFN error ``‖Y − FFN(X)‖²``; round 0 without the refit is exactly the plain layer-wise
-inner solver (fc2/down pruned from its dense weights on the dense activations), so the result is never worse
-than that. Non-finite values never reach the weights: a non-finite solver result is discarded, and a round
+With ``keep_better`` the objective recorded after each round's weight step therefore never increases. Each
+round also offers a second candidate (``refit_down``, the default; not in the reference): fc2/down refit by
+least squares and pruned on the activations that the round's pruned fc1/up/gate *really* produce (the
+auxiliary ``p`` is only a relaxation of them). With ``select="best"`` (the default; the reference keeps the last
+round) the result is the candidate with the smallest true FFN error ``‖Y − FFN(X)‖²``; round 0 without the
+refit is exactly the plain layer-wise inner solver (fc2/down pruned from its dense weights on the dense
+activations), so the result is never worse than that. Non-finite values never reach the weights: a non-finite solver result is discarded, and a round
 producing non-finite auxiliaries ends the loop with the best round standing. All work on T x d_ff arrays
 runs in one fused pass per round over token chunks of ``chunk_tokens``.
 
