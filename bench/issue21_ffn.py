@@ -32,8 +32,8 @@ PAPER = {k: v for k, v in Options(preset="paper").model_dump().items() if k != "
 DEFAULT = {k: v for k, v in Options().model_dump().items() if k != "preset"}
 LADDER = [
     ("layer-wise (1 round)", {**PAPER, "rounds": 1}),
-    ("reference configuration (preset=paper)", PAPER),
-    ("  + Gauss-Newton s-steps", {**PAPER, "s_update": "gauss-newton", "s_steps": 3}),
+    ("preset=paper with the reference's gradient s-steps", {**PAPER, "s_update": "gradient", "s_steps": 2}),
+    ("reference configuration (preset=paper: Gauss-Newton s-steps)", PAPER),
     ("  + keep_better", {**PAPER, "keep_better": True}),
     ("  + select=best", {**PAPER, "select": "best"}),
     ("  + α:β:γ = 1:1:10", {**PAPER, "alpha": 1.0, "beta": 1.0, "gamma": 10.0}),

@@ -113,6 +113,8 @@ def _ffn_err(x, y, w, swiglu):
 # percdamp ~ 0: the reference's W-update is undamped least squares; with T >> d the damped float64 Cholesky
 # solve and pinv agree, so any difference left comes from the updates.
 EXACT_LS = {"percdamp": 1e-12}
+# the reference's s-update; the preset keeps lmprune's Gauss-Newton steps (the gradient steps diverge on large z)
+GRADIENT_S = {"s_update": "gradient", "s_steps": 2, "s_lr": 0.01}
 
 
 @pytest.mark.parametrize("rounds", [1, 4])
@@ -139,7 +141,7 @@ def test_paper_preset_swiglu_reproduces_the_reference(rounds):
     x, y, w = _data(1, swiglu=True)
     inner = _inner(pattern)
     ref = reference_swiglu(x, y, w, 0.7, rounds, inner)
-    opts = {**PAPER_SOLVER, **EXACT_LS, "rounds": rounds}
+    opts = {**PAPER_SOLVER, **EXACT_LS, "rounds": rounds, **GRADIENT_S}
     out = prune_ffn_swiglu(x.float(), y.float(), w["up"].float(), w["gate"].float(), w["down"].float(), pattern, 0.7,
                            inner, **opts)
     got = {k: out.results[k].weight.double() for k in ("up", "gate", "down")}
@@ -367,3 +369,21 @@ def test_label_of_an_older_manifest_without_the_new_options():
 def test_alps_paper_preset_runs_ten_pcg_steps():
     assert get_solver("alps-paper").options().pcg_iters == 10
     assert get_solver("alps").options().pcg_iters == 3
+
+
+def test_gradient_s_step_diverges_where_gauss_newton_does_not():
+    """Why the preset keeps Gauss-Newton: with z large, lr·γ·(SiLU'(s)z)² > 1 and the fixed-step update
+    overshoots further each step; the safeguarded Gauss-Newton step only ever lowers each element's term."""
+    from lmprune.solvers.sparsellm import _s_gradient, _s_steps
+
+    g = torch.Generator().manual_seed(0)
+    n = torch.randn(1000, generator=g)
+    z = 30 * torch.randn(1000, generator=g)
+    p = F.silu(n + 0.5) * z
+    s0 = n.clone()
+
+    def f(s):
+        return float((5 * (s - n) ** 2 + 5 * (p - F.silu(s) * z) ** 2).sum())
+
+    assert f(_s_gradient(s0, n, z, p, 5.0, 5.0, 2, 0.01)) > 10 * f(s0)
+    assert f(_s_steps(s0, n, z, p, 5.0, 5.0, 2)) < f(s0)

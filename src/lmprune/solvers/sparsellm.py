@@ -37,13 +37,16 @@ runs in one fused pass per round over token chunks of ``chunk_tokens``.
 the authors' code (BaiTheBest/SparseLLM) instead of lmprune's additions: no ``refit_down`` candidate, the last
 round's weights whatever their error (``select="last"``), every round's pruned matrix taken even when it is
 worse on its own subproblem (``keep_better=False``), α = β = γ = 5 (the LLaMA driver's values; the OPT
-driver's 0.1 is the same ratio, and only the ratio matters except in the gradient s-step), 4 rounds, the
-s-update as two plain gradient steps of step size 0.01 per element (``s_update="gradient"``: the reference's two
-epochs over token chunks, one step per chunk, on a loss that is a sum of per-element terms). What stays
-lmprune's: the least-squares refits are 1%-damped float64 Cholesky solves (the reference: float16 ``pinv``),
-``(βWᵀW + γI)⁻¹`` is factorised in float64, the z-update is the exact one (identical to the reference's when
-α = γ, as here), and the non-finite guards. The block strategy adds the reference's attention order and its
-per-layer round counts (strategies/sparsellm.py).
+driver's 0.1 is the same ratio, and only the ratio matters except in the gradient s-step), 4 rounds. What stays
+lmprune's, as numerical safety: the least-squares refits are 1%-damped float64 Cholesky solves (the reference:
+float16 ``pinv``), ``(βWᵀW + γI)⁻¹`` is factorised in float64, the z-update is the exact one (identical to the
+reference's when α = γ, as here), the non-finite guards, and the gate's s-update is lmprune's safeguarded
+Gauss-Newton. The reference's s-update, two plain gradient steps of size 0.01 per element (its two epochs over
+token chunks, one step per chunk, on a loss that is a sum of per-element terms), is ``s_update="gradient",
+s_steps=2``: it diverges wherever ``γ·(SiLU'(s)·z)²`` exceeds about 1/lr, which on SmolLM2-135M happens in block
+11's FFN at 80% (its FFN error grows to 2.4e5 × ‖Y‖² and the model's perplexity to ~1e7), so it is kept out of
+the preset. The block strategy adds the reference's attention order and its per-layer round counts
+(strategies/sparsellm.py).
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ InnerSolve = Callable[[Tensor, Gram, float], SolveResult]
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {
         "alpha": 5.0, "beta": 5.0, "gamma": 5.0, "rounds": 4, "refit_down": False, "select": "last",
-        "keep_better": False, "s_update": "gradient", "s_steps": 2, "s_lr": 0.01,
+        "keep_better": False,
     },
 }
 
