@@ -7,6 +7,7 @@ lmprune's changes one at a time and all together. Prints ‖Y − FFN(X)‖² / 
 tokens.
 
     python bench/issue21_ffn.py [--blocks 2,15] [--sparsity 0.8] [--cache /tmp/ffn.pt]
+    python bench/issue21_ffn.py --blocks 11 --only preset=paper --by-round   # the gradient s-step's divergence
 
 Single-threaded; about 1–2 minutes per block, sparsity and configuration on a shared 2-core CPU.
 """
@@ -51,6 +52,8 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--cache", type=Path, default=Path("/tmp/issue21_ffn.pt"))
+    ap.add_argument("--only", default="", help="run only the configurations whose name contains this text")
+    ap.add_argument("--by-round", action="store_true", help="also print the calibration error after every round")
     args = ap.parse_args()
     torch.set_num_threads(1)
     blocks = [int(b) for b in args.blocks.split(",")]
@@ -73,11 +76,17 @@ def main() -> None:
         (x, y), (xh, yh), w = data[b]["calib"], data[b]["held"], data[b]["w"]
         for s in [float(v) for v in args.sparsity.split(",")]:
             for name, opts in LADDER:
+                if args.only not in name:
+                    continue
                 t0 = time.perf_counter()
                 out = prune_ffn_swiglu(x, y, w["up"], w["gate"], w["down"], pattern, s, inner, **opts)
                 ws = {k: r.weight for k, r in out.results.items()}
                 print(f"| {b} | {s} | {name} | {tune.rel(y, x, ws):.4f} | {tune.rel(yh, xh, ws):.4f} | "
                       f"{out.stats['best_round']} | {time.perf_counter() - t0:.0f} |", flush=True)
+                if args.by_round:
+                    yy = float(y.double().pow(2).sum())
+                    print(f"|   | | error after each round | " + ", ".join(f"{e / yy:.4g}" for e in out.stats["ffn_error"])
+                          + " | | | |", flush=True)
 
 
 if __name__ == "__main__":
