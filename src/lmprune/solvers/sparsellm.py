@@ -58,7 +58,7 @@ from typing import Any, Callable, Iterator, Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor
 
 from ..patterns import Pattern
@@ -77,12 +77,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def _apply_preset(data: Any, presets: dict[str, dict[str, Any]]) -> Any:
-    if not isinstance(data, dict) or data.get("preset") is None:
+    """The preset's values under the explicit ones; an unknown name is left to the ``preset`` field's check."""
+    if not isinstance(data, dict) or data.get("preset") not in presets:
         return data
-    name = data["preset"]
-    if name not in presets:
-        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(sorted(presets))}")
-    return {**presets[name], **data}
+    return {**presets[data["preset"]], **data}
+
+
+def _known_preset(name: Optional[str]) -> Optional[str]:
+    if name is not None and name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(sorted(PRESETS))}")
+    return name
 
 
 class Options(SolverOptions):
@@ -115,6 +119,11 @@ class Options(SolverOptions):
     @classmethod
     def _preset(cls, data: Any) -> Any:
         return _apply_preset(data, PRESETS)
+
+    @field_validator("preset")
+    @classmethod
+    def _preset_name(cls, v: Optional[str]) -> Optional[str]:
+        return _known_preset(v)
 
 
 def check_penalties(alpha: float, beta: float, gamma: float) -> None:
