@@ -109,6 +109,8 @@ def cell_name(cell: dict[str, Any]) -> str:
     if cell.get("kind") == "dense":
         return "dense"
     method = str(cell["method"])
+    for key, value in sorted((cell.get("method_opt") or {}).items()):  # sparsellm-paper, sparsellm-rounds1
+        method += f"-{value}" if key == "preset" else f"-{key}{value}"
     if cell.get("inner"):
         method += f"@{cell['inner']}"
     if cell.get("refine", "none") != "none":

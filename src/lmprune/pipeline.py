@@ -28,6 +28,7 @@ from .layer_pruner import LayerPruner
 from .models.adapters import FamilyAdapter, get_adapter
 from .models.loading import default_seqlen
 from .registry import ALLOCATORS, BLOCK_METHODS, REFINERS, SOLVERS
+from .report.labels import configuration_label
 from .report.manifest import now_iso, peak_cuda_mb, peak_rss_mb, versions
 from .run import rundir
 from .run.checkpoint import Checkpoint, RunClock, open_checkpoint
@@ -242,7 +243,7 @@ def prune(loaded: LoadedModel, config: PruneConfig, progress: bool = True,
     for m in alloc.matrices:
         m.achieved = achieved.get(m.name)
     layers = [asdict(r) for r in records]
-    return {
+    out = {
         "method": config.method,
         "sparsity": config.sparsity,
         "pattern": config.pattern,
@@ -265,6 +266,8 @@ def prune(loaded: LoadedModel, config: PruneConfig, progress: bool = True,
         "calibration": calib.manifest(),
         "config": config.model_dump(),
     }
+    out["configuration"] = configuration_label(out)
+    return out
 
 
 def validate(job: Job) -> None:

@@ -128,6 +128,9 @@ SOLVERS: Registry[Plugin] = Registry("solver", "solver_options", [
     Plugin("alps-fast", "lmprune.solvers.alps", "solve",
            "ALPS early-stopped: 3 ADMM steps at fixed ρ=0.3, then 2 PCG steps (about SparseGPT's time)",
            preset={"rho0": 0.3, "schedule": False, "max_iter": 3, "pcg_iters": 2}, workspace=(3, 5, 0)),
+    Plugin("alps-paper", "lmprune.solvers.alps", "solve",
+           "ALPS as the authors run it: 10 PCG steps (lmprune's alps: 3); float32 ridge inverses kept",
+           preset={"pcg_iters": 10}, workspace=(3, 5, 0)),
 ])
 
 #: Block methods prune a whole decoder block; ``layerwise`` runs the per-matrix solver on every matrix and is

@@ -12,6 +12,10 @@ exceed 1 at high ``S`` and large ε (and then crashes the pruner). Here every ra
 ``[min_sparsity, max_sparsity]`` and η is re-solved with the clamped matrices fixed (water-filling), so the
 parameter-weighted mean still equals the target exactly. Without clamping both give the same numbers.
 
+The reference configuration is ``xmin_rule="peak_reference"`` (the authors' x_min candidates, see :mod:`.hill`)
+with the defaults ``aggregate="block"``; the clamping stays, since a sparsity above 1 cannot be pruned. lmprune's
+default ``xmin_rule="peak"`` differs from it; run labels say which (``alpha(peak)`` / ``alpha(peak_reference)``).
+
 ``aggregate``: ``"block"`` (the reference default: mean α of the block's matrices, broadcast to each),
 ``"matrix"`` (each matrix its own α) or ``"block_median"`` (an addition: the median is not dragged by one
 matrix whose KS-chosen tail has only a handful of eigenvalues and an extreme α — on SmolLM2-135M single

@@ -16,31 +16,49 @@ Block-coordinate descent from the dense weights and activations; one round =
 1. weights: least-squares refit of each matrix against its current target (float64 Cholesky of the damped
    Gram matrix of its input; round 0 starts from the dense weights instead), then the inner per-matrix
    solver prunes it with that Gram matrix. The new sparse matrix replaces the previous round's only if it
-   is better on its own subproblem, so this step never raises the objective;
+   is better on its own subproblem (``keep_better``, the default), so this step never raises the objective;
 2. ``p = (β(Y − b)W + γ·act)(βWᵀW + γI)⁻¹`` (exact; the SPD inverse in float64);
 3. ``z``: ReLU, the better of the branch minimisers ``max((γp + αm)/(γ + α), 0)`` and ``min(m, 0)``
    (``m = X W1ᵀ + b1``); SwiGLU, ``(αm + γσp)/(α + γσ²)`` with ``σ = SiLU(s)`` (exact for every α, γ);
 4. SwiGLU only: ``s_steps`` safeguarded Gauss-Newton steps on the separable ``α(s − n)² + γ(p − SiLU(s)z)²``
    (``n = X W_gateᵀ``), an element moving only if its own term falls.
 
-The objective recorded after each round's weight step therefore never increases. Each round also offers a
-second candidate: fc2/down refit by least squares and pruned on the activations that the round's pruned
-fc1/up/gate *really* produce (the auxiliary ``p`` is only a relaxation of them). The result is the candidate
-with the smallest true FFN error ``‖Y − FFN(X)‖²``; round 0 without the refit is exactly the plain layer-wise
-inner solver (fc2/down pruned from its dense weights on the dense activations), so the result is never worse
-than that. Non-finite values never reach the weights: a non-finite solver result is discarded, and a round
+With ``keep_better`` the objective recorded after each round's weight step therefore never increases. Each
+round also offers a second candidate (``refit_down``, the default; not in the reference): fc2/down refit by
+least squares and pruned on the activations that the round's pruned fc1/up/gate *really* produce (the
+auxiliary ``p`` is only a relaxation of them). With ``select="best"`` (the default; the reference keeps the last
+round) the result is the candidate with the smallest true FFN error ``‖Y − FFN(X)‖²``; round 0 without the
+refit is exactly the plain layer-wise inner solver (fc2/down pruned from its dense weights on the dense
+activations), so the result is never worse than that. Non-finite values never reach the weights: a non-finite solver result is discarded, and a round
 producing non-finite auxiliaries ends the loop with the best round standing. All work on T x d_ff arrays
 runs in one fused pass per round over token chunks of ``chunk_tokens``.
+
+**The reference configuration** (``preset="paper"``, i.e. ``--method-opt preset=paper``) runs the algorithm of
+the authors' code (BaiTheBest/SparseLLM) instead of lmprune's additions: no ``refit_down`` candidate, the last
+round's weights whatever their error (``select="last"``), every round's pruned matrix taken even when it is
+worse on its own subproblem (``keep_better=False``), α = β = γ = 5 (the LLaMA driver's values; the OPT
+driver's 0.1 is the same ratio, and only the ratio matters except in the gradient s-step), 4 rounds. What stays
+lmprune's, as numerical safety: the least-squares refits are 1%-damped float64 Cholesky solves (the reference:
+float16 ``pinv``), ``(βWᵀW + γI)⁻¹`` is factorised in float64, the z-update is the exact one (identical to the
+reference's when α = γ, as here), the non-finite guards, and the gate's s-update is lmprune's safeguarded
+Gauss-Newton. The reference's s-update, two plain gradient steps of size 0.01 per element (its two epochs over
+token chunks, one step per chunk, on a loss that is a sum of per-element terms), is ``s_update="gradient",
+s_steps=2``: it diverges wherever ``γ·(SiLU'(s)·z)²`` exceeds about 1/lr, which on SmolLM2-135M happens in block
+11's FFN at 80% (its FFN error grows to 2.4e5 × ‖Y‖² and the model's perplexity to ~1e7), so it is kept out of
+the preset. The block strategy adds the reference's attention order and its per-layer round counts
+(strategies/sparsellm.py).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Literal, Optional
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor
 
 from ..patterns import Pattern
@@ -49,19 +67,71 @@ from .base import Gram, SolveResult, SolverOptions
 InnerSolve = Callable[[Tensor, Gram, float], SolveResult]
 
 
-class Options(SolverOptions):
-    """Only the ratios α : β : γ matter (the objective scales). Defaults measured on SmolLM2-135M FFNs (blocks 2,
-    15, 27; 70% and 90%; bench/layer/sparsellm_tune.py): γ = 10α = 10β with 4 rounds gave the lowest calibration and
-    held-out FFN error; the reference's α = β = γ never improved on round 0, and more rounds (8) gave nothing."""
+#: Named configurations, applied under the options given explicitly (those win).
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {
+        "alpha": 5.0, "beta": 5.0, "gamma": 5.0, "rounds": 4, "refit_down": False, "select": "last",
+        "keep_better": False,
+    },
+}
 
-    alpha: float = 1.0
-    beta: float = 1.0
-    gamma: float = 10.0
-    rounds: int = 4
-    s_steps: int = 3
-    percdamp: float = 0.01
-    chunk_tokens: int = 4096
+
+def _apply_preset(data: Any, presets: dict[str, dict[str, Any]]) -> Any:
+    """The preset's values under the explicit ones; an unknown name is left to the ``preset`` field's check."""
+    if not isinstance(data, dict) or data.get("preset") not in presets:
+        return data
+    return {**presets[data["preset"]], **data}
+
+
+def _known_preset(name: Optional[str]) -> Optional[str]:
+    if name is not None and name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(sorted(PRESETS))}")
+    return name
+
+
+class Options(SolverOptions):
+    """Only the ratios α : β : γ matter (the objective scales), except for the gradient s-step's fixed step size.
+    Defaults measured on SmolLM2-135M FFNs (blocks 2, 15, 27; 70% and 90%; bench/layer/sparsellm_tune.py): γ = 10α = 10β
+    with 4 rounds gave the lowest calibration and held-out FFN error; more rounds (8) gave nothing. Equal α, β, γ
+    do improve on round 0 without the ``refit_down`` candidate (bench/layer/sparsellm_tune.md measured them with it, and
+    there the candidate from round 0 was never beaten); what makes lmprune's defaults better than the reference's
+    is mostly ``refit_down`` and ``select="best"`` (bench/RESULTS.md, "Whose gain is it").
+
+    ``preset="paper"`` selects the reference configuration (:data:`PRESETS`); explicit options override it."""
+
+    preset: Optional[str] = None
+    alpha: float = Field(1.0, gt=0, allow_inf_nan=False)
+    beta: float = Field(1.0, gt=0, allow_inf_nan=False)
+    gamma: float = Field(10.0, gt=0, allow_inf_nan=False)
+    rounds: int = Field(4, ge=1)
+    s_steps: int = Field(3, ge=0)
+    s_update: Literal["gauss-newton", "gradient"] = "gauss-newton"
+    s_lr: float = Field(0.01, gt=0, allow_inf_nan=False)
+    percdamp: float = Field(0.01, ge=0, allow_inf_nan=False)
+    chunk_tokens: int = Field(4096, ge=1)
     refit_down: bool = True
+    #: ``best``: the round (or refit_down candidate) with the smallest true FFN error; ``last``: the last round's.
+    select: Literal["best", "last"] = "best"
+    #: Keep the previous round's pruned matrix when the new one is worse on its own subproblem.
+    keep_better: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        return _apply_preset(data, PRESETS)
+
+    @field_validator("preset")
+    @classmethod
+    def _preset_name(cls, v: Optional[str]) -> Optional[str]:
+        return _known_preset(v)
+
+
+def check_penalties(alpha: float, beta: float, gamma: float) -> None:
+    """α, β, γ must be finite and > 0: γ = 0 leaves ``βWᵀW + γI`` singular, α = 0 divides by zero in the
+    z- and s-updates, β = 0 drops the output target."""
+    for name, v in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"SparseLLM {name} must be finite and > 0, got {v}")
 
 
 @dataclass
@@ -131,7 +201,7 @@ class _Subproblem:
                 lower = torch.linalg.cholesky(self.gram.damped(damp, torch.float64))
                 return torch.cholesky_solve(self.cross, lower).T.float()
             except torch.linalg.LinAlgError:
-                damp *= 10
+                damp = damp * 10 if damp > 0 else 1e-6
         raise torch.linalg.LinAlgError("least-squares refit: Gram matrix not positive definite")
 
 
@@ -219,6 +289,17 @@ def _silu_grad(s: Tensor) -> Tensor:
     return sig * (1 + s * (1 - sig))
 
 
+def _s_gradient(s: Tensor, n: Tensor, z: Tensor, p: Tensor, alpha: float, gamma: float, steps: int,
+                lr: float) -> Tensor:
+    """The reference's s-update: plain gradient steps of size ``lr`` on ``α(s−n)² + γ(p − SiLU(s)z)²``. The
+    reference takes one step per token chunk per epoch on the chunk's summed loss; the loss is a sum of
+    per-element terms, so that is ``steps`` (= epochs) element-wise steps."""
+    for _ in range(steps):
+        grad = 2 * alpha * (s - n) - 2 * gamma * (p - F.silu(s) * z) * _silu_grad(s) * z
+        s = s - lr * grad
+    return s
+
+
 def _s_steps(s: Tensor, n: Tensor, z: Tensor, p: Tensor, alpha: float, gamma: float, steps: int) -> Tensor:
     """Safeguarded Gauss-Newton on the separable ``α(s−n)² + γ(p − SiLU(s)z)²``; returns the new ``s``."""
 
@@ -245,8 +326,10 @@ class _SwiGLUFFN:
     roles = ("up", "gate", "down")
     down = "down"
 
-    def __init__(self, x, y, w_up, w_gate, w_down, alpha, beta, gamma, chunk, s_steps=3):
+    def __init__(self, x, y, w_up, w_gate, w_down, alpha, beta, gamma, chunk, s_steps=3, s_update="gauss-newton",
+                 s_lr=0.01):
         self.x, self.y, self.ch, self.s_steps = x, y, chunk, s_steps
+        self.s_update, self.s_lr = s_update, s_lr
         self.alpha, self.beta, self.gamma = alpha, beta, gamma
         dev = x.device
         self.dense = {"up": w_up.detach().float(), "gate": w_gate.detach().float(), "down": w_down.detach().float()}
@@ -305,7 +388,10 @@ class _SwiGLUFFN:
             if update:
                 pc = (be * (yc @ wd) + ga * sig * zc) @ a_inv
                 zc = (al * m + ga * sig * pc) / (al + ga * sig.pow(2))
-                sc = _s_steps(sc, n, zc, pc, al, ga, self.s_steps)
+                if self.s_update == "gradient":
+                    sc = _s_gradient(sc, n, zc, pc, al, ga, self.s_steps, self.s_lr)
+                else:
+                    sc = _s_steps(sc, n, zc, pc, al, ga, self.s_steps)
                 p[sl], z[sl], s[sl] = pc, zc, sc
                 self.next["up"].add(xc, zc)
                 self.next["gate"].add(xc, sc)
@@ -314,21 +400,24 @@ class _SwiGLUFFN:
 
 
 def _prune(
-    sub: _Subproblem, start: Tensor, target: float, inner: InnerSolve, previous: SolveResult | None
+    sub: _Subproblem, start: Tensor, target: float, inner: InnerSolve, previous: SolveResult | None,
+    keep_better: bool = True,
 ) -> tuple[SolveResult, bool]:
-    """Prune ``start`` with the inner solver; keep ``previous`` if it is better on this subproblem."""
+    """Prune ``start`` with the inner solver; keep ``previous`` if the new result is non-finite or (with
+    ``keep_better``) worse on this subproblem."""
     res = inner(start, sub.gram, target)
     if not _finite(res.weight):
         if previous is None:
             raise FloatingPointError("inner solver returned non-finite weights for the dense start")
         return previous, True
-    if previous is not None and sub.value(previous.weight) < sub.value(res.weight):
+    if keep_better and previous is not None and sub.value(previous.weight) < sub.value(res.weight):
         return previous, True
     return res, False
 
 
 def _run(
-    ffn, targets: dict[str, float], inner: InnerSolve, rounds: int, percdamp: float, refit_down: bool
+    ffn, targets: dict[str, float], inner: InnerSolve, rounds: int, percdamp: float, refit_down: bool,
+    select: str = "best", keep_better: bool = True,
 ) -> FFNPruneResult:
     stats: dict[str, Any] = {k: [] for k in ("objective", "ffn_error", "refit_down_error", "kept_previous", "round_s")}
     res: dict[str, SolveResult | None] = {k: None for k in ffn.roles}
@@ -346,7 +435,7 @@ def _run(
             break
         kept = []
         for k in ffn.roles:
-            res[k], was_kept = _prune(subs[k], starts[k], targets[k], inner, res[k])
+            res[k], was_kept = _prune(subs[k], starts[k], targets[k], inner, res[k], keep_better)
             kept.append(was_kept)
         stats["kept_previous"].append(kept)
         weights = {k: v.weight for k, v in res.items()}
@@ -354,7 +443,7 @@ def _run(
         sweep = ffn.sweep(weights, update=not last, refit=refit_down)
         stats["objective"].append(sweep.objective)
         stats["ffn_error"].append(sweep.error)
-        if best is None or sweep.error < best[0]:
+        if best is None or select == "last" or sweep.error < best[0]:
             best = (sweep.error, dict(res), r)
         if sweep.refit is not None:
             sub = sweep.refit.subproblem()
@@ -405,13 +494,19 @@ def prune_ffn_relu(
     chunk_tokens: int = 4096,
     refit_down: bool = True,
     s_steps: int = 0,
+    s_update: str = "gauss-newton",
+    s_lr: float = 0.01,
+    select: str = "best",
+    keep_better: bool = True,
 ) -> FFNPruneResult:
     """SparseLLM on ``Y ≈ ReLU(X W1ᵀ + b1) W2ᵀ + b2`` (biases fixed); returns ``fc1`` and ``fc2``.
 
-    ``inner(weight, gram, target)`` prunes one matrix into ``pattern``; ``s_steps`` is unused (no gate)."""
+    ``inner(weight, gram, target)`` prunes one matrix into ``pattern``; ``s_steps``, ``s_update`` and ``s_lr``
+    are unused (no gate). The remaining options are :class:`Options`'."""
+    check_penalties(alpha, beta, gamma)
     x, y = _check(X, Y)
     ffn = _ReluFFN(x, y, W1, b1, W2, b2, alpha, beta, gamma, chunk_tokens)
-    return _run(ffn, {"fc1": target1, "fc2": target2}, inner, rounds, percdamp, refit_down)
+    return _run(ffn, {"fc1": target1, "fc2": target2}, inner, rounds, percdamp, refit_down, select, keep_better)
 
 
 def prune_ffn_swiglu(
@@ -431,13 +526,18 @@ def prune_ffn_swiglu(
     percdamp: float = 0.01,
     chunk_tokens: int = 4096,
     refit_down: bool = True,
+    s_update: str = "gauss-newton",
+    s_lr: float = 0.01,
+    select: str = "best",
+    keep_better: bool = True,
 ) -> FFNPruneResult:
     """SparseLLM on ``Y ≈ (SiLU(X W_gateᵀ) ⊙ X W_upᵀ) W_downᵀ``; returns ``up``, ``gate``, ``down``.
 
     ``targets`` is one sparsity or one per role; ``inner(weight, gram, target)`` prunes one matrix into
-    ``pattern``."""
+    ``pattern``. The remaining options are :class:`Options`'."""
+    check_penalties(alpha, beta, gamma)
     x, y = _check(X, Y)
     if not isinstance(targets, dict):
         targets = {k: float(targets) for k in _SwiGLUFFN.roles}
-    ffn = _SwiGLUFFN(x, y, W_up, W_gate, W_down, alpha, beta, gamma, chunk_tokens, s_steps)
-    return _run(ffn, targets, inner, rounds, percdamp, refit_down)
+    ffn = _SwiGLUFFN(x, y, W_up, W_gate, W_down, alpha, beta, gamma, chunk_tokens, s_steps, s_update, s_lr)
+    return _run(ffn, targets, inner, rounds, percdamp, refit_down, select, keep_better)

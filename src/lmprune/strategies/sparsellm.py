@@ -14,6 +14,13 @@ own tensors; a model whose FFN could not be verified (a fused gate/up matrix, ex
 anything runs (:func:`check_structure`). Verified FFNs with another activation than ReLU (ungated) or SiLU
 (gated), or a gated FFN with biases, fall back to layer-wise pruning (recorded in the layer stats). Matrices
 sharing the FFN's input (parallel attention and MLP, as in Phi or Falcon) are pruned with the attention.
+``preset="paper"`` (``--method-opt preset=paper``) is the authors' configuration (solvers/sparsellm.py lists
+the solver part). Here it adds: all attention linears pruned from one pass of the block with its dense weights
+(``sequential_attention=False``), and the reference's per-layer round counts
+(``single_round_blocks="reference"``): its LLaMA driver runs one round, i.e. plain layer-wise pruning of the
+FFN, in decoder layers 1, 30 and 31 (absolute indices, whatever the depth; on SmolLM2's 30 blocks that is block
+1 only), its OPT driver none. The FFN target is still the dense FFN applied to the input *after* the pruned
+attention (the reference used the dense attention's): lmprune's choice, kept in the reference configuration.
 """
 
 from __future__ import annotations
@@ -23,15 +30,39 @@ import time
 import torch
 import torch.nn.functional as F
 
+from typing import Any, Literal, Union
+
+from pydantic import model_validator
+
 from ..models.adapters import UnsupportedModelError
 from ..solvers.base import Gram
-from ..solvers.sparsellm import FFNPruneResult, Options, prune_ffn_relu, prune_ffn_swiglu
+from ..solvers.sparsellm import PRESETS, FFNPruneResult, Options, _apply_preset, prune_ffn_relu, prune_ffn_swiglu
 from .layerwise import prune_groups
+#: The reference's per-layer round counts: decoder layers run with one round, by FFN kind (absolute indices).
+REFERENCE_SINGLE_ROUND = {"swiglu": (1, 30, 31), "relu": ()}
+
+STRATEGY_PRESETS: dict[str, dict[str, Any]] = {
+    name: {**values, "sequential_attention": False, "single_round_blocks": "reference"}
+    for name, values in PRESETS.items()
+}
 
 
 class StrategyOptions(Options):
     #: Solve o_proj on the outputs of the already pruned q/k/v (true sequential) rather than the dense ones.
     sequential_attention: bool = True
+    #: Blocks whose FFN gets one round only (layer-wise pruning); ``"reference"``: the authors' per family.
+    single_round_blocks: Union[list[int], Literal["reference"]] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        return _apply_preset(data, STRATEGY_PRESETS)
+
+
+def single_round_blocks(opts: StrategyOptions, ffn_kind: str) -> tuple[int, ...]:
+    if opts.single_round_blocks == "reference":
+        return REFERENCE_SINGLE_ROUND.get(ffn_kind, ())
+    return tuple(opts.single_round_blocks)
 
 
 def check_structure(adapter) -> None:
@@ -69,7 +100,9 @@ def prune_block(ctx, opts: StrategyOptions) -> None:
     lin = {role: ctx.linear(rel) for role, rel in roles.items()}
     dense = {role: lin[role].weight.detach().clone() for role in roles}
     w = {role: t.float() for role, t in dense.items()}
-    solver_opts = opts.model_dump(exclude={"sequential_attention"})
+    solver_opts = opts.model_dump(exclude={"sequential_attention", "single_round_blocks", "preset"})
+    if ctx.index in single_round_blocks(opts, ffn.kind):
+        solver_opts["rounds"] = 1
     solve_opts = dict(solver_opts=solver_opts, x=x, w=w, lin=lin, roles=roles)
     # the FFN problem is solved by one owner rank (this process alone in a single one) and shared
     spread = ctx.world.spread(["ffn"], [_ffn_cost(w)], lambda _k: _solve_ffn(ctx, ffn, **solve_opts))
