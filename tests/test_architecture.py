@@ -104,8 +104,6 @@ def _params(node: ast.FunctionDef) -> int:
     return n - (1 if a.args and a.args[0].arg in ("self", "cls") else 0)
 
 
-@pytest.mark.xfail(strict=True, reason="not met yet: solvers/sparsellm.py's prune_ffn_relu (18), prune_ffn_swiglu (16) "
-                   "and its two problem classes' __init__ (11, 10) still take the FFN's tensors one by one")
 def test_no_function_takes_more_than_eight_parameters():
     wide = [f"{_module(f)}.{n.name} ({_params(n)})" for f in FILES for n in ast.walk(ast.parse(f.read_text()))
             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and _params(n) > 8]

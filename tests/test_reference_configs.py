@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_model
-from lmprune import api
+from lmprune import api, pipeline
+from lmprune.registry import SOLVERS
 from lmprune.config import ConfigError, build_config
 from lmprune.patterns import parse_pattern
 from lmprune.solvers import Gram, get_solver
-from lmprune.solvers.sparsellm import Options, prune_ffn_relu, prune_ffn_swiglu
+from lmprune.solvers.sparsellm import Options, FFNData, prune_ffn_relu, prune_ffn_swiglu
 from lmprune.strategies.sparsellm import StrategyOptions
 
 T, D, DFF = 2048, 16, 48
@@ -27,7 +28,7 @@ PAPER_SOLVER = {k: v for k, v in Options(preset="paper").model_dump().items() if
 
 
 def _inner(pattern):
-    fn = get_solver("sparsegpt").solve_fn()
+    fn = get_solver("sparsegpt").function()
     return lambda w, gram, target: fn(w.float(), gram, pattern, target)
 
 
@@ -124,8 +125,7 @@ def test_paper_preset_relu_reproduces_the_reference(rounds):
     inner = _inner(pattern)
     ref = reference_relu(x, y, w, 0.7, rounds, inner)
     opts = {**PAPER_SOLVER, **EXACT_LS, "rounds": rounds, "alpha": 0.1, "beta": 0.1, "gamma": 0.1}  # OPT's values
-    out = prune_ffn_relu(x.float(), y.float(), w["fc1"].float(), w["b1"].float(), w["fc2"].float(), w["b2"].float(),
-                         pattern, 0.7, 0.7, inner, **opts)
+    out = prune_ffn_relu(FFNData.relu(x.float(), y.float(), w["fc1"].float(), w["b1"].float(), w["fc2"].float(), w["b2"].float()), pattern, {"fc1": 0.7, "fc2": 0.7}, inner, **opts)
     got = {k: out.results[k].weight.double() for k in ("fc1", "fc2")}
     for k in got:
         assert torch.equal(got[k] != 0, ref[k] != 0), k
@@ -142,8 +142,7 @@ def test_paper_preset_swiglu_reproduces_the_reference(rounds):
     inner = _inner(pattern)
     ref = reference_swiglu(x, y, w, 0.7, rounds, inner)
     opts = {**PAPER_SOLVER, **EXACT_LS, "rounds": rounds, **GRADIENT_S}
-    out = prune_ffn_swiglu(x.float(), y.float(), w["up"].float(), w["gate"].float(), w["down"].float(), pattern, 0.7,
-                           inner, **opts)
+    out = prune_ffn_swiglu(FFNData.swiglu(x.float(), y.float(), w["up"].float(), w["gate"].float(), w["down"].float()), pattern, 0.7, inner, **opts)
     got = {k: out.results[k].weight.double() for k in ("up", "gate", "down")}
     for k in got:
         agree = float((got[k] != 0).eq(ref[k] != 0).double().mean())
@@ -157,8 +156,7 @@ def test_one_round_is_layerwise_sparsegpt_without_the_down_refit():
     pattern = parse_pattern("unstructured")
     x, y, w = _data(2, swiglu=True)
     inner = _inner(pattern)
-    out = prune_ffn_swiglu(x.float(), y.float(), w["up"].float(), w["gate"].float(), w["down"].float(), pattern, 0.7,
-                           inner, **{**PAPER_SOLVER, "rounds": 1})
+    out = prune_ffn_swiglu(FFNData.swiglu(x.float(), y.float(), w["up"].float(), w["gate"].float(), w["down"].float()), pattern, 0.7, inner, **{**PAPER_SOLVER, "rounds": 1})
     p = F.silu(x @ w["gate"].T) * (x @ w["up"].T)
     for got, want in ((out.results["down"].weight.double(), _prune_ref(w["down"], p, 0.7, inner)),
                       (out.results["up"].weight.double(), _prune_ref(w["up"], x, 0.7, inner))):
@@ -170,7 +168,8 @@ def test_equal_penalties_improve_on_round_zero_without_the_down_refit():
     """The old docstring said α = β = γ never beat round 0; they do once the down refit is off."""
     pattern = parse_pattern("unstructured")
     x, y, w = _data(3, swiglu=True)
-    args = (x.float(), y.float(), w["up"].float(), w["gate"].float(), w["down"].float(), pattern, 0.7, _inner(pattern))
+    args = (FFNData.swiglu(x.float(), y.float(), w["up"].float(), w["gate"].float(), w["down"].float()), pattern, 0.7,
+            _inner(pattern))
     out = prune_ffn_swiglu(*args, alpha=1.0, beta=1.0, gamma=1.0, rounds=4, refit_down=False)
     errs = out.stats["ffn_error"]
     assert min(errs[1:]) < errs[0]
@@ -180,8 +179,8 @@ def test_equal_penalties_improve_on_round_zero_without_the_down_refit():
 def test_penalty_scale_does_not_matter_outside_the_gradient_s_step():
     pattern = parse_pattern("unstructured")
     x, y, w = _data(4, swiglu=False)
-    args = (x.float(), y.float(), w["fc1"].float(), w["b1"].float(), w["fc2"].float(), w["b2"].float(), pattern, 0.7,
-            0.7, _inner(pattern))
+    args = (FFNData.relu(x.float(), y.float(), w["fc1"].float(), w["b1"].float(), w["fc2"].float(), w["b2"].float()),
+            pattern, 0.7, _inner(pattern))
     a = prune_ffn_relu(*args, **{**PAPER_SOLVER, "alpha": 5.0, "beta": 5.0, "gamma": 5.0})
     b = prune_ffn_relu(*args, **{**PAPER_SOLVER, "alpha": 0.1, "beta": 0.1, "gamma": 0.1})
     assert a.stats["final_ffn_error"] == pytest.approx(b.stats["final_ffn_error"], rel=1e-4)
@@ -192,7 +191,7 @@ def test_penalty_scale_does_not_matter_outside_the_gradient_s_step():
                                  {"s_update": "adam"}, {"single_round_blocks": "all"}])
 def test_values_the_updates_cannot_take_are_refused_in_one_line(bad):
     with pytest.raises(ConfigError) as err:
-        api.resolved_settings(build_config(method="sparsellm", method_options=bad))
+        build_config(method="sparsellm", method_options=bad)  # refused when the configuration is built
     assert "\n" not in str(err.value) and "method_options for sparsellm" in str(err.value)
 
 
@@ -200,8 +199,7 @@ def test_direct_calls_refuse_zero_gamma():
     pattern = parse_pattern("unstructured")
     x, y, w = _data(0, swiglu=True)
     with pytest.raises(ValueError, match="gamma"):
-        prune_ffn_swiglu(x.float(), y.float(), w["up"].float(), w["gate"].float(), w["down"].float(), pattern, 0.5,
-                         _inner(pattern), gamma=0.0)
+        prune_ffn_swiglu(FFNData.swiglu(x.float(), y.float(), w["up"].float(), w["gate"].float(), w["down"].float()), pattern, 0.5, _inner(pattern), gamma=0.0)
 
 
 def test_paper_preset_resolves_and_explicit_options_win():
@@ -327,7 +325,7 @@ def _manifest(method="sparsegpt", **config):
     base = {"method": method, "inner": "sparsegpt", "refine": "none", "allocation": "uniform",
             "method_options": {}, "solver_options": {}, "allocation_options": {}, "refine_options": {}}
     base.update(config)
-    settings = api.resolved_settings(build_config(**{k: v for k, v in {**base, "method": method}.items()}))
+    settings = pipeline.resolved_settings(build_config(**{k: v for k, v in {**base, "method": method}.items()}))
     return {"method": method, "allocation": base["allocation"], "config": base, "resolved_options": settings}
 
 
@@ -367,8 +365,8 @@ def test_label_of_an_older_manifest_without_the_new_options():
 
 
 def test_alps_paper_preset_runs_ten_pcg_steps():
-    assert get_solver("alps-paper").options().pcg_iters == 10
-    assert get_solver("alps").options().pcg_iters == 3
+    assert SOLVERS.options("alps-paper").pcg_iters == 10
+    assert SOLVERS.options("alps").pcg_iters == 3
 
 
 def test_gradient_s_step_diverges_where_gauss_newton_does_not():

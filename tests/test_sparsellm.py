@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from lmprune.patterns import parse_pattern
 from lmprune.solvers import Gram, get_solver
-from lmprune.solvers.sparsellm import Options, prune_ffn_relu, prune_ffn_swiglu
+from lmprune.solvers.sparsellm import Options, FFNData, prune_ffn_relu, prune_ffn_swiglu
 
 T, D, DFF = 1024, 32, 96
 
@@ -56,7 +56,7 @@ def test_relu_objective_monotone_exact_sparsity_and_beats_layerwise(spec, sparsi
     x = _inputs(0)
     w1, b1, w2, b2 = _relu_ffn(0)
     y = _relu_out(x, w1, b1, w2, b2)
-    out = prune_ffn_relu(x, y, w1, b1, w2, b2, pattern, sparsity, sparsity, _inner(pattern), rounds=4)
+    out = prune_ffn_relu(FFNData.relu(x, y, w1, b1, w2, b2), pattern, {"fc1": sparsity, "fc2": sparsity}, _inner(pattern), rounds=4)
     st = out.stats
     assert len(st["objective"]) == 4 and _non_increasing(st["objective"])
     for key, res in out.results.items():
@@ -82,7 +82,7 @@ def test_swiglu_objective_monotone_exact_sparsity_and_beats_layerwise(spec, spar
     x = _inputs(1)
     up, gate, down = _swiglu_ffn(1)
     y = _swiglu_out(x, up, gate, down)
-    out = prune_ffn_swiglu(x, y, up, gate, down, pattern, sparsity, _inner(pattern), rounds=4, s_steps=3)
+    out = prune_ffn_swiglu(FFNData.swiglu(x, y, up, gate, down), pattern, sparsity, _inner(pattern), rounds=4, s_steps=3)
     st = out.stats
     assert _non_increasing(st["objective"])
     assert st["objective"][-1] < st["objective"][0]
@@ -104,7 +104,7 @@ def test_objective_monotone_for_unequal_penalties(general):
     up, gate, down = _swiglu_ffn(2)
     y = _swiglu_out(x, up, gate, down)
     kw = dict(alpha=0.3, beta=2.0, gamma=7.0) if general else dict(alpha=5.0, beta=5.0, gamma=5.0)
-    out = prune_ffn_swiglu(x, y, up, gate, down, pattern, 0.7, _inner(pattern), rounds=5, refit_down=False, **kw)
+    out = prune_ffn_swiglu(FFNData.swiglu(x, y, up, gate, down), pattern, 0.7, _inner(pattern), rounds=5, refit_down=False, **kw)
     assert _non_increasing(out.stats["objective"])
 
 
@@ -114,14 +114,14 @@ def test_dead_channels_and_rank_deficient_inputs_stay_finite():
     w1, b1, w2, b2 = _relu_ffn(3)
     b1 = b1 - 10.0 * (torch.arange(DFF) < 20)  # the first 20 hidden units never fire
     y = _relu_out(x, w1, b1, w2, b2)
-    out = prune_ffn_relu(x, y, w1, b1, w2, b2, pattern, 0.8, 0.8, _inner(pattern), rounds=3)
+    out = prune_ffn_relu(FFNData.relu(x, y, w1, b1, w2, b2), pattern, {"fc1": 0.8, "fc2": 0.8}, _inner(pattern), rounds=3)
     assert all(torch.isfinite(r.weight).all() for r in out.results.values())
     assert all(v == v and abs(v) != float("inf") for v in out.stats["objective"])
     assert _non_increasing(out.stats["objective"])
 
     up, gate, down = _swiglu_ffn(3)
     y = _swiglu_out(x, up, gate, down)
-    out = prune_ffn_swiglu(x, y, up, gate, down, pattern, 0.8, _inner(pattern), rounds=3)
+    out = prune_ffn_swiglu(FFNData.swiglu(x, y, up, gate, down), pattern, 0.8, _inner(pattern), rounds=3)
     assert all(torch.isfinite(r.weight).all() for r in out.results.values())
     assert all(pattern.verify(r.weight, 0.8).ok for r in out.results.values())
 
@@ -142,7 +142,7 @@ def test_non_finite_inner_results_never_reach_the_weights():
             res.weight[0, 0] = float("nan")
         return res
 
-    out = prune_ffn_swiglu(x, y, up, gate, down, pattern, 0.7, flaky, rounds=3)
+    out = prune_ffn_swiglu(FFNData.swiglu(x, y, up, gate, down), pattern, 0.7, flaky, rounds=3)
     assert all(torch.isfinite(r.weight).all() for r in out.results.values())
     assert all(all(k) for k in out.stats["kept_previous"][1:])
 
@@ -152,8 +152,8 @@ def test_chunking_does_not_change_the_result():
     x = _inputs(5)
     w1, b1, w2, b2 = _relu_ffn(5)
     y = _relu_out(x, w1, b1, w2, b2)
-    a = prune_ffn_relu(x, y, w1, b1, w2, b2, pattern, 0.7, 0.7, _inner(pattern), rounds=2, chunk_tokens=T)
-    b = prune_ffn_relu(x, y, w1, b1, w2, b2, pattern, 0.7, 0.7, _inner(pattern), rounds=2, chunk_tokens=100)
+    a = prune_ffn_relu(FFNData.relu(x, y, w1, b1, w2, b2), pattern, {"fc1": 0.7, "fc2": 0.7}, _inner(pattern), rounds=2, chunk_tokens=T)
+    b = prune_ffn_relu(FFNData.relu(x, y, w1, b1, w2, b2), pattern, {"fc1": 0.7, "fc2": 0.7}, _inner(pattern), rounds=2, chunk_tokens=100)
     assert a.stats["final_ffn_error"] == pytest.approx(b.stats["final_ffn_error"], rel=1e-3)
 
 

@@ -44,9 +44,9 @@ def test_ffn_sees_the_pruned_attention(tokenizer, calib_file, monkeypatch):
     seen = {}
     original = strategy.prune_ffn_swiglu
 
-    def spy(x, y, *args, **kw):
-        seen.setdefault("x", x.clone())
-        return original(x, y, *args, **kw)
+    def spy(data, *args, **kw):
+        seen.setdefault("x", data.x.clone())
+        return original(data, *args, **kw)
 
     monkeypatch.setattr(strategy, "prune_ffn_swiglu", spy)
     model = make_model("llama")

@@ -23,7 +23,7 @@ import torch
 
 from lmprune.patterns import parse_pattern
 from lmprune.solvers import get_solver
-from lmprune.solvers.sparsellm import Options, prune_ffn_swiglu
+from lmprune.solvers.sparsellm import FFNData, Options, prune_ffn_swiglu
 
 _spec = importlib.util.spec_from_file_location("sparsellm_tune", Path(__file__).with_name("sparsellm_tune.py"))
 tune = importlib.util.module_from_spec(_spec)
@@ -79,7 +79,7 @@ def main() -> None:
                 if args.only not in name:
                     continue
                 t0 = time.perf_counter()
-                out = prune_ffn_swiglu(x, y, w["up"], w["gate"], w["down"], pattern, s, inner, **opts)
+                out = prune_ffn_swiglu(FFNData.swiglu(x, y, w["up"], w["gate"], w["down"]), pattern, s, inner, **opts)
                 ws = {k: r.weight for k, r in out.results.items()}
                 print(f"| {b} | {s} | {name} | {tune.rel(y, x, ws):.4f} | {tune.rel(yh, xh, ws):.4f} | "
                       f"{out.stats['best_round']} | {time.perf_counter() - t0:.0f} |", flush=True)

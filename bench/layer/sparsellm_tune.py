@@ -29,7 +29,7 @@ from lmprune.data.calibration import sample_windows
 from lmprune.data.sources import load_source
 from lmprune.patterns import parse_pattern
 from lmprune.solvers import Gram, get_solver
-from lmprune.solvers.sparsellm import prune_ffn_swiglu
+from lmprune.solvers.sparsellm import FFNData, prune_ffn_swiglu
 
 OUT = Path(__file__).resolve().parents[1] / "out"
 GRID = "1,1,1,1;5,5,5,4;1,1,1,4;1,1,10,4;1,0.1,10,4;1,1,100,4;1,1,10,8"  # alpha,beta,gamma,rounds;...
@@ -121,7 +121,7 @@ def main() -> None:
                 for refit in ((False, True) if args.no_refit else (True,)):
                     t0 = time.perf_counter()
                     out = prune_ffn_swiglu(
-                        x, y, w["up"], w["gate"], w["down"], pattern, s, inner,
+                        FFNData.swiglu(x, y, w["up"], w["gate"], w["down"]), pattern, s, inner,
                         alpha=alpha, beta=beta, gamma=gamma, rounds=rounds, refit_down=refit, percdamp=percdamp,
                     )
                     ws = {k: r.weight for k, r in out.results.items()}

@@ -226,9 +226,11 @@ class _ReluFFN:
     roles = ("fc1", "fc2")
     down = "fc2"
 
-    def __init__(self, x, y, w1, b1, w2, b2, alpha, beta, gamma, chunk, s_steps=0):
+    def __init__(self, data: "FFNData", opt: "Options"):
+        x, y, chunk = data.x, data.y, opt.chunk_tokens
+        w1, w2, b1, b2 = data.weights["fc1"], data.weights["fc2"], data.biases.get("fc1"), data.biases.get("fc2")
         self.x, self.y, self.ch = x, y, chunk
-        self.alpha, self.beta, self.gamma = alpha, beta, gamma
+        self.alpha, self.beta, self.gamma = opt.alpha, opt.beta, opt.gamma
         dev = x.device
         self.b1 = torch.zeros(w1.shape[0], device=dev) if b1 is None else b1.detach().float()
         self.b2 = torch.zeros(w2.shape[0], device=dev) if b2 is None else b2.detach().float()
@@ -326,14 +328,14 @@ class _SwiGLUFFN:
     roles = ("up", "gate", "down")
     down = "down"
 
-    def __init__(self, x, y, w_up, w_gate, w_down, alpha, beta, gamma, chunk, s_steps=3, s_update="gauss-newton",
-                 s_lr=0.01):
-        self.x, self.y, self.ch, self.s_steps = x, y, chunk, s_steps
-        self.s_update, self.s_lr = s_update, s_lr
-        self.alpha, self.beta, self.gamma = alpha, beta, gamma
+    def __init__(self, data: "FFNData", opt: "Options"):
+        x, y, chunk = data.x, data.y, opt.chunk_tokens
+        self.x, self.y, self.ch, self.s_steps = x, y, chunk, opt.s_steps
+        self.s_update, self.s_lr = opt.s_update, opt.s_lr
+        self.alpha, self.beta, self.gamma = opt.alpha, opt.beta, opt.gamma
         dev = x.device
-        self.dense = {"up": w_up.detach().float(), "gate": w_gate.detach().float(), "down": w_down.detach().float()}
-        dff = w_up.shape[0]
+        self.dense = {k: data.weights[k].detach().float() for k in ("up", "gate", "down")}
+        dff = self.dense["up"].shape[0]
         self.z = torch.empty(x.shape[0], dff, device=dev)
         self.s = torch.empty_like(self.z)
         self.p = torch.empty_like(self.z)
@@ -415,10 +417,9 @@ def _prune(
     return res, False
 
 
-def _run(
-    ffn, targets: dict[str, float], inner: InnerSolve, rounds: int, percdamp: float, refit_down: bool,
-    select: str = "best", keep_better: bool = True,
-) -> FFNPruneResult:
+def _run(ffn, targets: dict[str, float], inner: InnerSolve, opt: "Options") -> FFNPruneResult:
+    rounds, percdamp, refit_down, select, keep_better = (opt.rounds, opt.percdamp, opt.refit_down, opt.select,
+                                                         opt.keep_better)
     stats: dict[str, Any] = {k: [] for k in ("objective", "ffn_error", "refit_down_error", "kept_previous", "round_s")}
     res: dict[str, SolveResult | None] = {k: None for k in ffn.roles}
     best: tuple[float, dict[str, SolveResult], Any] | None = None
@@ -475,69 +476,52 @@ def _check(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return x.float(), y.float()
 
 
-def prune_ffn_relu(
-    X: Tensor,
-    Y: Tensor,
-    W1: Tensor,
-    b1: Tensor | None,
-    W2: Tensor,
-    b2: Tensor | None,
-    pattern: Pattern,
-    target1: float,
-    target2: float,
-    inner: InnerSolve,
-    alpha: float = 1.0,
-    beta: float = 1.0,
-    gamma: float = 10.0,
-    rounds: int = 4,
-    percdamp: float = 0.01,
-    chunk_tokens: int = 4096,
-    refit_down: bool = True,
-    s_steps: int = 0,
-    s_update: str = "gauss-newton",
-    s_lr: float = 0.01,
-    select: str = "best",
-    keep_better: bool = True,
-) -> FFNPruneResult:
+@dataclass
+class FFNData:
+    """A feed-forward part to prune: its calibration inputs ``x`` (tokens × d), the outputs ``y`` it should keep
+    producing (tokens × d), its dense weights by role -- ``fc1``/``fc2`` (ReLU) or ``up``/``gate``/``down``
+    (SwiGLU), each ``out x in`` -- and its biases by role (kept fixed; absent means none)."""
+
+    x: Tensor
+    y: Tensor
+    weights: dict[str, Tensor]
+    biases: dict[str, Tensor | None] = field(default_factory=dict)
+
+    @classmethod
+    def relu(cls, x: Tensor, y: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None) -> "FFNData":
+        return cls(x, y, {"fc1": w1, "fc2": w2}, {"fc1": b1, "fc2": b2})
+
+    @classmethod
+    def swiglu(cls, x: Tensor, y: Tensor, w_up: Tensor, w_gate: Tensor, w_down: Tensor) -> "FFNData":
+        return cls(x, y, {"up": w_up, "gate": w_gate, "down": w_down})
+
+    def checked(self) -> "FFNData":
+        x, y = _check(self.x, self.y)
+        return FFNData(x, y, self.weights, self.biases)
+
+
+def _targets(targets: dict[str, float] | float, roles: tuple[str, ...]) -> dict[str, float]:
+    """One sparsity for every role, or one per role."""
+    return dict(targets) if isinstance(targets, dict) else {k: float(targets) for k in roles}
+
+
+def prune_ffn_relu(data: FFNData, pattern: Pattern, targets: dict[str, float] | float, inner: InnerSolve,
+                   **options: Any) -> FFNPruneResult:
     """SparseLLM on ``Y ≈ ReLU(X W1ᵀ + b1) W2ᵀ + b2`` (biases fixed); returns ``fc1`` and ``fc2``.
 
-    ``inner(weight, gram, target)`` prunes one matrix into ``pattern``; ``s_steps``, ``s_update`` and ``s_lr``
-    are unused (no gate). The remaining options are :class:`Options`'."""
-    check_penalties(alpha, beta, gamma)
-    x, y = _check(X, Y)
-    ffn = _ReluFFN(x, y, W1, b1, W2, b2, alpha, beta, gamma, chunk_tokens)
-    return _run(ffn, {"fc1": target1, "fc2": target2}, inner, rounds, percdamp, refit_down, select, keep_better)
+    ``targets`` is one sparsity or one per role; ``inner(weight, gram, target)`` prunes one matrix into
+    ``pattern``; ``options`` are :class:`Options` (the s-step options are unused: no gate)."""
+    opt = Options(**options)
+    check_penalties(opt.alpha, opt.beta, opt.gamma)
+    return _run(_ReluFFN(data.checked(), opt), _targets(targets, _ReluFFN.roles), inner, opt)
 
 
-def prune_ffn_swiglu(
-    X: Tensor,
-    Y: Tensor,
-    W_up: Tensor,
-    W_gate: Tensor,
-    W_down: Tensor,
-    pattern: Pattern,
-    targets: dict[str, float] | float,
-    inner: InnerSolve,
-    alpha: float = 1.0,
-    beta: float = 1.0,
-    gamma: float = 10.0,
-    rounds: int = 4,
-    s_steps: int = 3,
-    percdamp: float = 0.01,
-    chunk_tokens: int = 4096,
-    refit_down: bool = True,
-    s_update: str = "gauss-newton",
-    s_lr: float = 0.01,
-    select: str = "best",
-    keep_better: bool = True,
-) -> FFNPruneResult:
+def prune_ffn_swiglu(data: FFNData, pattern: Pattern, targets: dict[str, float] | float, inner: InnerSolve,
+                     **options: Any) -> FFNPruneResult:
     """SparseLLM on ``Y ≈ (SiLU(X W_gateᵀ) ⊙ X W_upᵀ) W_downᵀ``; returns ``up``, ``gate``, ``down``.
 
     ``targets`` is one sparsity or one per role; ``inner(weight, gram, target)`` prunes one matrix into
-    ``pattern``. The remaining options are :class:`Options`'."""
-    check_penalties(alpha, beta, gamma)
-    x, y = _check(X, Y)
-    if not isinstance(targets, dict):
-        targets = {k: float(targets) for k in _SwiGLUFFN.roles}
-    ffn = _SwiGLUFFN(x, y, W_up, W_gate, W_down, alpha, beta, gamma, chunk_tokens, s_steps, s_update, s_lr)
-    return _run(ffn, targets, inner, rounds, percdamp, refit_down, select, keep_better)
+    ``pattern``; ``options`` are :class:`Options`."""
+    opt = Options(**options)
+    check_penalties(opt.alpha, opt.beta, opt.gamma)
+    return _run(_SwiGLUFFN(data.checked(), opt), _targets(targets, _SwiGLUFFN.roles), inner, opt)

@@ -36,7 +36,7 @@ from pydantic import model_validator
 
 from ..models.adapters import UnsupportedModelError
 from ..solvers.base import Gram
-from ..solvers.sparsellm import PRESETS, FFNPruneResult, Options, _apply_preset, prune_ffn_relu, prune_ffn_swiglu
+from ..solvers.sparsellm import PRESETS, FFNData, FFNPruneResult, Options, _apply_preset, prune_ffn_relu, prune_ffn_swiglu
 from .layerwise import prune_groups
 #: The reference's per-layer round counts: decoder layers run with one round, by FFN kind (absolute indices).
 REFERENCE_SINGLE_ROUND = {"swiglu": (1, 30, 31), "relu": ()}
@@ -134,15 +134,14 @@ def _solve_ffn(ctx, ffn, solver_opts: dict, x, w: dict, lin: dict, roles: dict):
         b1 = None if lin["up"].bias is None else lin["up"].bias.detach().float()
         b2 = None if lin["down"].bias is None else lin["down"].bias.detach().float()
         y = torch.relu(x @ w["up"].T + (0 if b1 is None else b1)) @ w["down"].T + (0 if b2 is None else b2)
-        out = prune_ffn_relu(
-            x, y, w["up"], b1, w["down"], b2, ctx.pattern, ctx.target(ffn.up), ctx.target(ffn.down), inner,
-            **solver_opts,
-        )
+        out = prune_ffn_relu(FFNData.relu(x, y, w["up"], b1, w["down"], b2), ctx.pattern,
+                             {"fc1": ctx.target(ffn.up), "fc2": ctx.target(ffn.down)}, inner, **solver_opts)
         results = {"up": out.results["fc1"], "down": out.results["fc2"]}
     else:
         y = (F.silu(x @ w["gate"].T) * (x @ w["up"].T)) @ w["down"].T
         targets = {role: ctx.target(rel) for role, rel in roles.items()}
-        out = prune_ffn_swiglu(x, y, w["up"], w["gate"], w["down"], ctx.pattern, targets, inner, **solver_opts)
+        out = prune_ffn_swiglu(FFNData.swiglu(x, y, w["up"], w["gate"], w["down"]), ctx.pattern, targets, inner,
+                               **solver_opts)
         results = out.results
     return results, out.stats, float(y.double().pow(2).sum())
 
