@@ -242,6 +242,7 @@ class BlockContext:
         )
         if not check.ok:
             raise AssertionError(f"{self.full_name(rel)} violates pattern {check.detail}")
+        trim_host_memory()  # the solve's and the error's temporaries, so they do not pile up over a block's matrices
 
 
 BlockStrategy = Callable[[BlockContext], None]
