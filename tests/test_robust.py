@@ -391,17 +391,29 @@ def test_manifest_records_how_to_rerun(tmp_path, tiny_model_dirs, calib_file):
 
 # --- streaming -----------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def big_model(tmp_path_factory) -> Path:
-    """A 12-block LLaMA of ~107 MiB in three safetensors shards."""
+def _deep_llama(root: Path, blocks: int) -> Path:
+    """A LLaMA of ``blocks`` blocks of ~9 MiB each, in 40 MB safetensors shards."""
     cfg = _config("llama")
-    cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers = 512, 1376, 12
+    cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers = 512, 1376, blocks
     cfg.num_attention_heads, cfg.num_key_value_heads = 8, 4
     torch.manual_seed(0)
-    model_dir = tmp_path_factory.mktemp("big") / "llama12"
+    model_dir = root / f"llama{blocks}"
     AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(model_dir, max_shard_size="40MB")
     make_tokenizer().save_pretrained(model_dir)
     return model_dir
+
+
+@pytest.fixture(scope="module")
+def big_model(tmp_path_factory) -> Path:
+    """A 12-block LLaMA of ~107 MiB in three safetensors shards."""
+    return _deep_llama(tmp_path_factory.mktemp("big"), 12)
+
+
+@pytest.fixture(scope="module")
+def bigger_model(tmp_path_factory) -> Path:
+    """A 24-block LLaMA of ~214 MiB: its pruned weights alone exceed what one streamed block costs above the runtime
+    (the engine's per-block transients are ~100 MiB at this width)."""
+    return _deep_llama(tmp_path_factory.mktemp("bigger"), 24)
 
 
 def _size_mib(model_dir: Path) -> float:
@@ -509,17 +521,31 @@ def _memory_cgroup(limit_bytes: int) -> Path | None:
     return None
 
 
-def test_streaming_runs_under_a_memory_cap_the_in_memory_run_cannot(tmp_path, big_model, calib_file):
+def _drop_page_cache(folder: Path) -> None:
+    """Evict a folder's files from the page cache, as for a model read from disk for the first time."""
+    import os
+
+    for f in folder.iterdir():
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def test_streaming_runs_under_a_memory_cap_the_in_memory_run_cannot(tmp_path, bigger_model, calib_file):
     """Under a kernel memory cap of the runtime's own peak plus half the model's size the streamed run finishes;
     the in-memory run of the same command is killed by the cap, so the cap is real."""
     import os
 
-    dry = subprocess.run([sys.executable, "-c", WRAPPER, *_prune(big_model, tmp_path / "x", calib_file, "--stream",
+    dry = subprocess.run([sys.executable, "-c", WRAPPER, *_prune(bigger_model, tmp_path / "x", calib_file, "--stream",
                                                                  "--dry-run", **{"--method": "magnitude"})],
                          capture_output=True, text=True)
     assert dry.returncode == 0, dry.stderr
     runtime = int(re.search(r"PEAK_RSS_KIB (\d+)", dry.stderr).group(1)) * 1024
-    cap = runtime + int(_size_mib(big_model) * 2**20) // 2
+    cap = runtime + int(_size_mib(bigger_model) * 2**20) // 2
     group = _memory_cgroup(cap)
     if group is None:
         pytest.skip("this machine allows no memory cgroup to cap a child process")
@@ -527,13 +553,14 @@ def test_streaming_runs_under_a_memory_cap_the_in_memory_run_cannot(tmp_path, bi
     try:
         rcs = {}
         for mode in ("stream", "memory"):
-            args = _prune(big_model, tmp_path / mode, calib_file, *(["--stream"] if mode == "stream" else []),
+            args = _prune(bigger_model, tmp_path / mode, calib_file, *(["--stream"] if mode == "stream" else []),
                           **{"--method": "magnitude"})
+            _drop_page_cache(bigger_model)  # else its pages, cached by whoever wrote them, are not charged to the cap
             r = subprocess.run([sys.executable, "-m", "lmprune.cli", *args], preexec_fn=enter, capture_output=True,
                                text=True)
             rcs[mode] = r.returncode
         print(f"cap {cap / 2**20:.0f} MiB (runtime {runtime / 2**20:.0f} + half the model's "
-              f"{_size_mib(big_model):.0f}): {rcs}")
+              f"{_size_mib(bigger_model):.0f}): {rcs}")
         assert rcs["stream"] == 0 and (tmp_path / "stream" / "lmprune.json").is_file()
         assert rcs["memory"] == -9 and not (tmp_path / "memory").exists()  # killed by the kernel at the cap
     finally:
