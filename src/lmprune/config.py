@@ -10,7 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .patterns import Pattern, PatternError, check_sparsity, parse_pattern
-from .errors import ConfigError
+from .errors import ConfigError, yaml_problem
 from .registry import ALLOCATORS, BLOCK_METHODS, REFINERS, SOLVERS, block_method_of, method_names
 
 
@@ -256,15 +256,7 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as e:  # its message carries the line and column
         raise ConfigError(f"cannot parse recipe {p}: {str(e).splitlines()[0]}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"cannot parse recipe {p}: {_yaml_problem(e)}") from None
+        raise ConfigError(f"cannot parse recipe {p}: {yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {p} must be a mapping of options")
     return data
-
-
-def _yaml_problem(e: yaml.YAMLError) -> str:
-    """One line from a YAML error: where (1-based line and column) and what."""
-    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-    what = " ".join(str(x) for x in (getattr(e, "problem", None), getattr(e, "context", None)) if x)
-    what = what or str(e).splitlines()[0]
-    return f"line {mark.line + 1}, column {mark.column + 1}: {what}" if mark is not None else what

@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 from torch import nn
 
+from ..errors import yaml_problem
 from .adapters import FFNSpec, UnsupportedModelError
 from .discovery import ACTIVATIONS, Structure, as_matrix, is_matrix
 
@@ -44,7 +45,7 @@ def read_adapter_file(path: str | Path) -> dict[str, Any]:
     except OSError as e:
         raise AdapterFileError(f"cannot read adapter file {p}: {e.strerror or e}") from None
     except yaml.YAMLError as e:
-        raise AdapterFileError(f"cannot parse adapter file {p}: {str(e).splitlines()[0]}") from None
+        raise AdapterFileError(f"cannot parse adapter file {p}: {yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise AdapterFileError(f"adapter file {p}: expected a mapping with 'blocks' and 'groups'")
     unknown = set(data) - _KEYS
