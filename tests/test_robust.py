@@ -573,3 +573,22 @@ def test_cli_offload_dir_run_leaves_no_files(tmp_path, tiny_model_dirs, calib_fi
     manifest = json.loads((tmp_path / "run" / "lmprune.json").read_text())
     assert manifest["config"]["offload_dir"] == str(acts)
     assert acts.is_dir() and list(acts.iterdir()) == []
+
+
+def test_ranks_on_one_machine_must_fit_together(monkeypatch):
+    """N ranks on one host each hold a rank's plan: the check multiplies, and says so in one line."""
+    import psutil
+
+    from lmprune.run.memory import InsufficientMemory, check_fits
+
+    plan = _cuda_plan(device="cpu")
+    peak = plan.peak()[1]
+
+    class VM:
+        available = int(peak * 1.5)
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: VM)
+    check_fits(plan, current_rss=0)  # one process fits
+    with pytest.raises(InsufficientMemory) as e:
+        check_fits(plan, current_rss=0, ranks_here=2)  # two on this machine do not
+    assert "per rank x 2 ranks on this machine" in str(e.value) and "\n" not in str(e.value)

@@ -50,6 +50,16 @@ FAMILIES = {
     "mixtral": lambda: T.MixtralConfig(**_C, num_local_experts=4, num_experts_per_tok=2),
     "qwen3_moe": lambda: T.Qwen3MoeConfig(**_C, head_dim=16, num_experts=4, num_experts_per_tok=2,
                                           moe_intermediate_size=32),
+    "qwen2_moe": lambda: T.Qwen2MoeConfig(**_C, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                          shared_expert_intermediate_size=64),
+    "olmoe": lambda: T.OlmoeConfig(**_C, num_experts=4, num_experts_per_tok=2),
+    "gpt_oss": lambda: T.GptOssConfig(**_C, head_dim=16, num_local_experts=4, num_experts_per_tok=2),
+    "phimoe": lambda: T.PhimoeConfig(**_C, num_local_experts=4, num_experts_per_tok=2),
+    "granitemoe": lambda: T.GraniteMoeConfig(**_C, num_local_experts=4, num_experts_per_tok=2),
+    "deepseek_v3": lambda: T.DeepseekV3Config(**_C, n_routed_experts=4, num_experts_per_tok=2,
+                                              moe_intermediate_size=32, first_k_dense_replace=0, n_group=1,
+                                              topk_group=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
+                                              qk_nope_head_dim=8, v_head_dim=16),
 }
 
 #: The table lmprune used for LLaMA-like models before discovery.
@@ -76,18 +86,23 @@ def family_table(repeat: int) -> str:
             start = time.perf_counter()
             s = discover(model)
             best = min(best, time.perf_counter() - start)
-        names = s.linear_names()
+        names = [r for r in s.linear_names() if not s.is_expert(r)]
         conv = " (Conv1D)" if s.transposed else ""
-        groups = " · ".join("{" + ", ".join(_short(r) for r in g) + "}" for g in s.groups)
+        groups = " · ".join("{" + ", ".join(_short(r) for r in g) + "}" for g in s.groups if not s.is_expert(g[0]))
         if s.ffn.verified:
             ffn = f"{s.ffn.kind}: " + (f"{_short(s.ffn.down)}({s.ffn.act}({_short(s.ffn.gate)}) * {_short(s.ffn.up)})"
                                        if s.ffn.gate else f"{_short(s.ffn.down)}({s.ffn.act}({_short(s.ffn.up)}))")
         else:
             ffn = f"not verified: {s.ffn.reason}"
-        if s.moe:
-            ffn += "; **MoE: refused**"
+        experts = ""
+        if s.experts:
+            stored = {c.transposed for c in s.experts}
+            experts = (f" + experts: {s.experts[0].num_experts} × {{{', '.join(c.path.split('.')[-1] for c in s.experts)}}}"
+                       f" (3-D, stored {'in x out' if True in stored else 'out x in'}), one Gram matrix each")
+        if s.details.get("routers"):
+            experts += f"; routers not pruned: {', '.join(s.details['routers'])}"
         rows.append(f"| {name} | `{s.blocks_path}` × {len(model.get_submodule(s.blocks_path))} | "
-                    f"{len(names)}{conv}: {', '.join(_short(r) for r in names)} | {groups} | {ffn} | "
+                    f"{len(names)}{conv}: {', '.join(_short(r) for r in names)}{experts} | {groups} | {ffn} | "
                     f"{best * 1000:.0f} |")
     return "\n".join(rows)
 

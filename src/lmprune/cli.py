@@ -226,6 +226,10 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         from .pipeline import validate
 
         validate(job)  # bad input is one line here, before any process starts
+        if job.memory_check:  # the ranks share this machine's memory: all of them must fit
+            from .run.memory import check_fits, plan_for_job
+
+            check_fits(plan_for_job(job, world_size=nproc), current_rss=0, ranks_here=nproc)
         return _launch(nproc, args.argv)
     owned = distributed.current() is distributed.SINGLE  # a caller that set up the group keeps it
     world = distributed.init(job.config.device)

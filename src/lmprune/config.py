@@ -28,7 +28,7 @@ class PruneConfig(BaseModel):
     refine_options: dict[str, Any] = Field(default_factory=dict)
     solver_options: dict[str, Any] = Field(default_factory=dict)
     inner: str = "sparsegpt"  # per-matrix solver used inside block methods
-    method_options: dict[str, Any] = Field(default_factory=dict)  # options of a block method (SparseLLM)
+    method_options: dict[str, Any] = Field(default_factory=dict)  # options of the block method
     calib: str = "c4"
     nsamples: int = Field(128, ge=1)
     seqlen: int | None = Field(None, ge=2)
@@ -119,7 +119,9 @@ class PruneConfig(BaseModel):
 
     @property
     def block_method_options(self) -> dict[str, Any]:
-        return {"sequential": self.sequential} if self.block_method == "layerwise" else self.method_options
+        if self.block_method == "layerwise":
+            return {"sequential": self.sequential, **self.method_options}
+        return self.method_options
 
     @property
     def solver_name(self) -> str:

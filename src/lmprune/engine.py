@@ -33,6 +33,7 @@ from .distributed import SINGLE, World
 from .layer_pruner import LayerPruner
 from .models.adapters import FamilyAdapter
 from .models.discovery import call_blocks
+from .models.experts import ExpertMatrix, tap_experts
 from .solvers.base import Gram, SolveResult, reconstruction_error
 
 
@@ -107,6 +108,8 @@ class BlockContext:
         self.records: list[LayerRecord] = []
         self.pass_time_s = 0.0  # seconds spent running calibration inputs through the block
         self._linears = adapter.linears(block)
+        #: Per expert matrix of the last Gram collection: routed tokens and the fallback used, if any.
+        self.expert_notes: dict[str, dict[str, Any]] = {}
 
     @property
     def pattern(self):
@@ -144,31 +147,49 @@ class BlockContext:
 
     @contextmanager
     def _hooks(self, rels: Iterable[str], fn: Callable[[str, Tensor, Tensor], None]):
-        handles = [
-            self._linears[r].register_forward_hook(lambda m, a, o, r=r: fn(r, a[0], o)) for r in rels
-        ]
+        """``fn(rel, input, output)`` on every call of the matrices ``rels`` during the ``with`` body: forward
+        hooks on modules, a product tap on slices of 3-D expert parameters (only the routed tokens reach either)."""
+        rels = list(rels)
+        slices = {r: m for r in rels if isinstance(m := self._linears[r], ExpertMatrix)}
+        params = {str(id(m.param)): m.param for m in slices.values()}  # the tap names them by these keys
+        sliced = {(str(id(m.param)), m.index): r for r, m in slices.items()}
+
+        def on_expert(path: str, expert: int, _transposed: bool, x: Tensor, out: Tensor) -> None:
+            rel = sliced.get((path, expert))
+            if rel is not None:
+                fn(rel, x, out)
+
+        handles = [self._linears[r].register_forward_hook(lambda m, a, o, r=r: fn(r, a[0], o))
+                   for r in rels if r not in slices]
         try:
-            yield
+            with tap_experts(self.block, params, on_expert):
+                yield
         finally:
             for h in handles:
                 h.remove()
 
+    def _leaders(self, rels: list[str]) -> dict[str, str]:
+        return {r: g[0] for g in self.adapter.groups for r in g if r in rels}
+
     @torch.no_grad()
-    def collect_grams(self, rels: Iterable[str]) -> dict[str, Gram]:
+    def collect_grams(self, rels: Iterable[str], expert_min_tokens: int = 1) -> dict[str, Gram]:
         """One pass through the block; ``H = Σ xxᵀ`` (float32) of each linear's input.
 
-        Linears of one input group share a single :class:`Gram` object (and its cached factorisations).
+        Linears of one input group share a single :class:`Gram` object (and its cached factorisations). An
+        expert's matrices get the Gram matrix of the tokens routed to it; an expert that received fewer than
+        ``expert_min_tokens`` of them falls back to ``H = I`` (every solver then prunes it by magnitude), noted
+        in :attr:`expert_notes` and in its layer record.
         """
         rels = list(rels)
-        group_of = {r: g[0] for g in self.adapter.groups for r in g if r in rels}
+        group_of = self._leaders(rels)
         leaders = list(dict.fromkeys(group_of[r] for r in rels))
         acc: dict[str, list] = {}
+        for lead in leaders:
+            d = self._linears[lead].in_features
+            acc[lead] = [torch.zeros(d, d, device=self.device), torch.zeros(d, device=self.device), 0]
 
         def add(rel: str, x: Tensor, _out: Tensor) -> None:
             x = x.reshape(-1, x.shape[-1]).float()
-            if rel not in acc:
-                d = x.shape[1]
-                acc[rel] = [torch.zeros(d, d, device=x.device), torch.zeros(d, device=x.device), 0]
             h, s, _ = acc[rel]
             h.addmm_(x.T, x)
             s.add_(x.sum(0))
@@ -181,24 +202,37 @@ class BlockContext:
                 count = torch.tensor([acc[lead][2]], dtype=torch.float64, device=acc[lead][0].device)
                 self.world.all_reduce_([acc[lead][0], acc[lead][1], count])
                 acc[lead][2] = int(count.item())
-        grams = {lead: Gram(h, n, s) for lead, (h, s, n) in acc.items()}
+        self.expert_notes = {}
+        grams = {}
+        for lead, (h, s, n) in acc.items():
+            if self.adapter.is_expert(lead):
+                fallback = n < expert_min_tokens
+                for r in (r for r in rels if group_of[r] == lead):
+                    self.expert_notes[r] = {"routed_tokens": n, "fallback": "magnitude" if fallback else ""}
+                if fallback:
+                    h = torch.eye(h.shape[0], device=h.device)
+                    s, n = torch.zeros_like(s), 0
+            grams[lead] = Gram(h, n, s)
         return {r: grams[group_of[r]] for r in rels}
 
     @torch.no_grad()
     def collect_input_norms(self, rels: Iterable[str]) -> dict[str, Tensor]:
-        """One pass through the block; ``‖X_j‖₂`` of each linear's input (one per input group), float32."""
+        """One pass through the block; ``‖X_j‖₂`` of each linear's input (one per input group), float32. An
+        expert that no token was routed to gets unit norms (its matrices are then judged by magnitude)."""
         rels = list(rels)
-        group_of = {r: g[0] for g in self.adapter.groups for r in g if r in rels}
-        acc: dict[str, Tensor] = {}
+        group_of = self._leaders(rels)
+        leaders = list(dict.fromkeys(group_of.values()))
+        acc = {lead: torch.zeros(self._linears[lead].in_features, device=self.device) for lead in leaders}
 
         def add(rel: str, x: Tensor, _out: Tensor) -> None:
-            x = x.reshape(-1, x.shape[-1]).float()
-            sq = x.pow(2).sum(0)
-            acc[rel] = sq if rel not in acc else acc[rel].add_(sq)
+            acc[rel].add_(x.reshape(-1, x.shape[-1]).float().pow(2).sum(0))
 
-        with self._hooks(list(dict.fromkeys(group_of.values())), add):
+        with self._hooks(leaders, add):
             self._run_inputs()
-        self.world.all_reduce_([acc[lead] for lead in dict.fromkeys(group_of.values())])
+        self.world.all_reduce_([acc[lead] for lead in leaders])
+        for lead in leaders:
+            if self.adapter.is_expert(lead) and not acc[lead].any():
+                acc[lead].fill_(1.0)
         return {r: acc[group_of[r]].sqrt() for r in rels}
 
     @torch.no_grad()
@@ -234,6 +268,7 @@ class BlockContext:
         check = self.pruner.verify(lin.weight.data, target, result)
         err, rel_err = reconstruction_error(dense, lin.weight.data, gram)
         stats = {k: v for k, v in result.stats.items() if isinstance(v, (int, float, str, bool))}
+        stats.update(self.expert_notes.get(rel, {}))
         self.records.append(
             LayerRecord(
                 self.full_name(rel), self.index, list(lin.weight.shape), self.pattern.effective_sparsity(target),

@@ -8,6 +8,7 @@ reload-check and publish. Both sources take every allocation and evaluation opti
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -254,6 +255,7 @@ def prune(loaded: LoadedModel, config: PruneConfig, progress: bool = True,
         "n_blocks": n_blocks,
         "structure": adapter.summary() if hasattr(adapter, "summary") else None,
         "layers": layers,
+        "experts": _experts_summary(layers),
         "allocation_detail": alloc.to_dict(),
         "time_s": clock.prior["elapsed_s"] + elapsed,  # a resumed run adds the interrupted one's
         "time_this_process_s": elapsed,
@@ -268,6 +270,16 @@ def prune(loaded: LoadedModel, config: PruneConfig, progress: bool = True,
     }
     out["configuration"] = configuration_label(out)
     return out
+
+
+def _experts_summary(layers: list[dict]) -> dict | None:
+    """Mixture of experts: how many expert matrices, the fewest routed tokens, and those pruned by the fallback."""
+    experts = [r for r in layers if "routed_tokens" in r["stats"]]
+    if not experts:
+        return None
+    return {"matrices": len(experts), "min_routed_tokens": min(r["stats"]["routed_tokens"] for r in experts),
+            "fallback": {r["name"]: r["stats"]["fallback"] for r in experts if r["stats"]["fallback"]},
+            "weighting": "routed tokens counted once each, router scores not applied"}
 
 
 def validate(job: Job) -> None:
@@ -333,7 +345,7 @@ def run(job: Job) -> dict[str, Any]:
             from .run.memory import check_fits, plan_for_job
 
             plan = plan_for_job(job, world.size)
-            check_fits(plan)
+            check_fits(plan, ranks_here=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
             manifest["memory_plan"] = plan.to_dict()
         loaded = load(job, staging)
         if loaded.streamed:

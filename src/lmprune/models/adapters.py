@@ -61,6 +61,10 @@ class FamilyAdapter:
             raise UnsupportedModelError(f"{self.family} adapter: '{self.blocks_path}' is not a list of blocks")
         return blocks
 
+    def is_expert(self, rel: str) -> bool:
+        """Is ``rel`` one expert's matrix of a mixture-of-experts layer (fed only the tokens routed to it)?"""
+        return False
+
     def linear_names(self) -> list[str]:
         """Relative names of the prunable linears of a block, in forward order."""
         return [name for group in self.groups for name in group]

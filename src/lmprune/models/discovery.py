@@ -7,8 +7,11 @@
   forward in which each block is called exactly once, in index order, on a hidden-state tensor;
 * **the prunable matrices of a block**: every ``nn.Linear`` (subclasses included) and transformers' ``Conv1D``
   (weight stored ``in x out``; :class:`Conv1DMatrix` shows it ``out x in`` to the solvers) that the probe forward
-  of one block actually calls. Embeddings, ``lm_head`` and norms are never in a block's matrix list; a block
-  holding 3-D expert weights or a list of experts is a mixture-of-experts block (:attr:`Structure.moe`);
+  of one block actually calls. Embeddings, ``lm_head`` and norms are never in a block's matrix list;
+* **experts** (mixture-of-experts blocks, :attr:`Structure.moe`): each slice ``W[e]`` of a 3-D parameter the
+  probe sees used as one expert's matrix (:mod:`lmprune.models.experts`) is a matrix named ``path.e``, and every
+  expert of an expert list is listed whether or not the probe routed a token to it; in such a block a non-expert
+  matrix with at most one output per expert (a router, a shared expert's gate) is not pruned;
 * **their forward order and input groups**: from one probe forward of block 0 on the inputs the model itself
   gives it (hidden states and every keyword argument), with a forward-pre-hook on every matrix. Matrices
   receiving the *same tensor* (the same object, or the same storage, offset, shape and strides) read the same
@@ -22,7 +25,8 @@
 
 The probe runs on the model's own device. A model whose weights are on ``meta`` (a memory plan, a streamed
 model) is probed with its non-block weights given temporary uninitialised storage (virtual memory, never
-written) and block 0 run on ``meta``: order and groups come from tensor identity, which ``meta`` keeps.
+written) and block 0 run on ``meta``: order and groups come from tensor identity, which ``meta`` keeps. A
+mixture-of-experts block 0 gets such storage too, since routing needs values.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .adapters import FamilyAdapter, FFNSpec, UnsupportedModelError
+from .experts import ExpertMatrix, ExpertParam, expert_lists, tap_experts, three_d_params
 
 #: Keyword arguments of a block call that are not inputs to replay (caches, output switches).
 DROPPED_KWARGS = ("past_key_value", "past_key_values", "cache", "layer_past", "use_cache", "output_attentions")
@@ -225,36 +230,97 @@ def _same_input(a: Tensor, b: Tensor) -> bool:
 
 def _moe_parts(block: nn.Module) -> list[str]:
     """Parts of ``block`` that hold experts: 3-D weights, or lists of identical modules holding matrices."""
-    parts = [n for n, p in block.named_parameters() if p.ndim == 3]
-    for name, module in block.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 1 and _has_matrix(module[0]):
-            parts.append(name)
-    return parts
+    return list(three_d_params(block)) + expert_lists(block, is_matrix)
 
 
-def _probe_block(block: nn.Module, call: BlockCall) -> tuple[list[_Call], list[str]]:
-    """One forward of ``block`` on ``call``; each matrix's first call (name, input, output) in forward order, and
-    the matrices the forward never called."""
+def _probe_block(block: nn.Module, call: BlockCall) -> tuple[list[_Call], list[str], dict[str, ExpertParam]]:
+    """One forward of ``block`` on ``call``: each matrix's first call (name, input, output) in forward order,
+    expert slices of 3-D parameters included (named ``path.e``); the matrices the forward never called; the 3-D
+    parameters used as expert matrices."""
     named = {n: m for n, m in block.named_modules() if n and is_matrix(m)}
+    cubes = three_d_params(block)
     seen: dict[str, _Call] = {}
     order: list[str] = []
+    used: dict[str, ExpertParam] = {}
 
-    def hook(rel):
-        def fn(module, args, out):
-            if rel not in seen:
-                x = args[0]
-                seen[rel] = _Call(rel, x, out)
-                order.append(rel)
-        return fn
+    def record(rel: str, x: Tensor, out: Tensor) -> None:
+        if rel not in seen:
+            seen[rel] = _Call(rel, x, out)
+            order.append(rel)
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in named.items()]
+    def on_expert(path: str, expert: int, transposed: bool, x: Tensor, out: Tensor) -> None:
+        used.setdefault(path, ExpertParam(path, int(cubes[path].shape[0]), transposed))
+        record(used[path].rel(expert), x, out)
+
+    handles = [m.register_forward_hook(lambda _m, args, out, n=n: record(n, args[0], out)) for n, m in named.items()]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), tap_experts(block, cubes, on_expert):
             block(*call.args, **call.kwargs)
     finally:
         for h in handles:
             h.remove()
-    return [seen[r] for r in order], [n for n in named if n not in seen]
+    unused = [path for path in cubes if path not in used]
+    if unused and block.get_parameter(unused[0]).device.type != "meta":
+        raise UnsupportedModelError(f"the 3-D parameter '{unused[0]}' is not used as one matrix per expert "
+                                    "(declare the matrices with --adapter FILE.yaml)")
+    return [seen[r] for r in order], [n for n in named if n not in seen], used
+
+
+def _expert_key(rel: str, lists: list[str], cubes: dict[str, ExpertParam]) -> tuple[str, int, str] | None:
+    """``(family, expert, member)`` of an expert matrix name; None for an ordinary matrix. A 3-D parameter's
+    slices form the family ``""`` (their members are the parameters), an expert list its own."""
+    path, _, tail = rel.rpartition(".")
+    if path in cubes and tail.isdigit():
+        return "", int(tail), path
+    for part in lists:
+        if rel.startswith(part + "."):
+            index, _, member = rel[len(part) + 1:].partition(".")
+            if index.isdigit():
+                return part, int(index), member
+    return None
+
+
+def _without_routers(calls: list[_Call], lists: list[str], cubes: dict[str, ExpertParam], n_experts: int,
+                     block: nn.Module) -> tuple[list[_Call], list[str]]:
+    """In a mixture-of-experts block, the matrices that score experts (a router with one output per expert, a
+    shared expert's one-output gate) are not pruned: any non-expert matrix with at most ``n_experts`` outputs."""
+    if not n_experts:
+        return calls, []
+    routers = [c.rel for c in calls if _expert_key(c.rel, lists, cubes) is None
+               and as_matrix(block.get_submodule(c.rel)).out_features <= n_experts]
+    return [c for c in calls if c.rel not in routers], routers
+
+
+def _expand_experts(groups: tuple[tuple[str, ...], ...], lists: list[str], cubes: dict[str, ExpertParam],
+                    sizes: dict[str, int]) -> tuple[tuple[str, ...], ...]:
+    """``groups`` with every expert family written out for all its experts, the probe having called only the
+    routed ones: at the family's first group, expert 0's groups, then expert 1's, ... (the experts' loop
+    order), each expert's groups shaped like those of the lowest expert the probe called."""
+    keys = {r: _expert_key(r, lists, cubes) for g in groups for r in g}
+    template: dict[str, list[tuple[str, ...]]] = {}
+    for g in groups:
+        k = keys[g[0]]
+        if k is None:
+            continue
+        family, expert, _ = k
+        lowest = min(keys[r][1] for gg in groups for r in gg if keys[r] and keys[r][0] == family)
+        if expert == lowest:
+            template.setdefault(family, []).append(tuple(keys[r][2] for r in g))
+    out: list[tuple[str, ...]] = []
+    done: set[str] = set()
+    for g in groups:
+        k = keys[g[0]]
+        if k is None:
+            out.append(g)
+            continue
+        if k[0] in done:
+            continue
+        done.add(k[0])
+        family = k[0]
+        for e in range(sizes[family]):
+            for members in template[family]:
+                out.append(tuple(cubes[m].rel(e) if family == "" else f"{family}.{e}.{m}" for m in members))
+    return tuple(out)
 
 
 def _groups(calls: list[_Call]) -> tuple[tuple[str, ...], ...]:
@@ -326,16 +392,28 @@ class Structure(FamilyAdapter):
 
     #: Relative names of the matrices stored ``in x out`` (``Conv1D``).
     transposed: frozenset[str] = frozenset()
-    #: Parts of a block holding experts (non-empty: a mixture-of-experts model, not pruned).
+    #: Parts of a block holding experts (3-D parameters, expert lists); block methods refuse such blocks.
     moe: tuple[str, ...] = ()
     #: How the structure was found: "discovered" or "declared" (an adapter file).
     origin: str = "discovered"
     #: Details for reports: probe timings, matrices never called, the FFN check.
     details: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    #: 3-D expert parameters; expert ``e`` of ``p`` is the matrix named ``p.rel(e)``.
+    experts: tuple[ExpertParam, ...] = ()
+    #: Paths of expert lists (experts as modules); their members' matrices are ordinary matrices.
+    expert_lists: tuple[str, ...] = ()
+
+    def is_expert(self, rel: str) -> bool:
+        return _expert_key(rel, list(self.expert_lists), {c.path: c for c in self.experts}) is not None
 
     def linears(self, block: nn.Module) -> dict[str, Any]:
-        found = {}
+        found: dict[str, Any] = {}
+        slices = {c.rel(e): (c, e) for c in self.experts for e in range(c.num_experts)}
         for name in self.linear_names():
+            if name in slices:
+                cube, e = slices[name]
+                found[name] = ExpertMatrix(block.get_parameter(cube.path), e, cube.transposed)
+                continue
             try:
                 module = block.get_submodule(name)
             except AttributeError:
@@ -351,7 +429,10 @@ class Structure(FamilyAdapter):
         out = {"origin": self.origin, "blocks_path": self.blocks_path, "groups": [list(g) for g in self.groups],
                "conv1d": sorted(self.transposed), "ffn": {"kind": self.ffn.kind, "up": self.ffn.up,
                "gate": self.ffn.gate, "down": self.ffn.down, "act": self.ffn.act, "verified": self.ffn.verified,
-               "reason": self.ffn.reason}, "moe": list(self.moe), **self.details}
+               "reason": self.ffn.reason}, "moe": list(self.moe),
+               "experts": [{"path": c.path, "num_experts": c.num_experts, "stored": "in x out" if c.transposed
+                            else "out x in"} for c in self.experts] + [{"path": p} for p in self.expert_lists],
+               **self.details}
         if model is not None:
             out["blocks"] = len(self.blocks(model))
         return out
@@ -412,41 +493,60 @@ def discover(model: nn.Module, input_ids: Tensor | None = None) -> Structure:
     hidden = calls[0].hidden
     if not isinstance(hidden, Tensor) or not hidden.is_floating_point() or hidden.ndim != 3:
         raise UnsupportedModelError(f"'{path}' blocks are not called on a hidden-state tensor")
+    extra = [a for a in calls[0].args[1:] if isinstance(a, Tensor)]
+    if extra:
+        raise UnsupportedModelError(
+            f"'{path}' blocks take a second input beside the hidden states (a {tuple(extra[0].shape)} tensor, "
+            "such as per-layer token embeddings), which lmprune does not capture per window yet")
     t_model = time.perf_counter() - start
     call = calls[0]
-    if on_meta:
+    moe = _moe_parts(blocks[0])
+    # Routing depends on values, which meta tensors lack: a MoE block 0 gets storage for its probe instead
+    # (reserved, not written: zero pages), the others are probed on meta.
+    routed = on_meta and bool(moe)
+    if on_meta and not routed:
         call = BlockCall(_to_meta(call.args), _to_meta(call.kwargs))
     call = BlockCall(call.args, call.replay_kwargs() | ({"hidden_states": call.kwargs["hidden_states"]}
                                                         if not call.args else {}))
     probe_start = time.perf_counter()
-    moe = _moe_parts(blocks[0])
+    undo_block = _meta_storage(blocks[0], "\0") if routed else None
     try:
-        calls0, never = _probe_block(blocks[0], call)
+        calls0, never, cubes = _probe_block(blocks[0], call)
     except (RuntimeError, NotImplementedError) as e:
         if not on_meta:
             raise
-        what = f"mixture-of-experts blocks ({', '.join(moe)})" if moe else "its blocks"
-        raise UnsupportedModelError(f"{type(model).__name__}: {what} cannot be probed without weights "
+        raise UnsupportedModelError(f"{type(model).__name__}: its blocks cannot be probed without weights "
                                     f"({str(e).splitlines()[0]})") from None
+    finally:
+        if undo_block is not None:
+            undo_block()
     t_block = time.perf_counter() - probe_start
     if not calls0:
         raise UnsupportedModelError(f"the blocks at '{path}' call no Linear or Conv1D layer")
-    groups = _groups(calls0)
-    names = [c.rel for c in calls0]
+    lists = expert_lists(blocks[0], is_matrix)
+    sizes = {part: len(blocks[0].get_submodule(part)) for part in lists}
+    sizes.update({"": p.num_experts for p in cubes.values()})
+    calls0, routers = _without_routers(calls0, lists, cubes, max(sizes.values(), default=0), blocks[0])
+    groups = _expand_experts(_groups(calls0), lists, cubes, sizes)
+    names = [r for g in groups for r in g]
     for i, block in enumerate(blocks):
         other = {n for n, m in block.named_modules() if n and is_matrix(m)}
+        other |= {c.rel(e) for c in cubes.values() if c.path in three_d_params(block) for e in range(c.num_experts)}
         missing = [n for n in names if n not in other]
         if missing or _moe_parts(block) != moe:
             raise UnsupportedModelError(
                 f"decoder blocks differ in structure: block {i} " +
                 (f"lacks {missing[0]}" if missing else "differs in its experts from block 0") +
                 " (declare the matrices with --adapter FILE.yaml)")
-    conv = frozenset(n for n in names if not isinstance(blocks[0].get_submodule(n), nn.Linear))
-    ffn = _infer_ffn(calls0, groups, moe)
+    slices = {c.rel(e) for c in cubes.values() for e in range(c.num_experts)}
+    conv = frozenset(n for n in names if n not in slices and not isinstance(blocks[0].get_submodule(n), nn.Linear))
+    ffn = _infer_ffn(calls0, _groups(calls0), moe)
     family = str(getattr(getattr(model, "config", None), "model_type", type(model).__name__))
     details = {"probe_tokens": int(ids.shape[-1]), "model_probe_s": t_model, "block_probe_s": t_block,
-               "time_s": time.perf_counter() - start, "not_called": never, "on_meta": on_meta}
-    return Structure(family, path, groups, ffn, conv, tuple(moe), "discovered", details)
+               "time_s": time.perf_counter() - start, "not_called": [n for n in never if n not in names],
+               "on_meta": on_meta, **({"routers": routers} if routers else {})}
+    return Structure(family, path, groups, ffn, conv, tuple(moe), "discovered", details, tuple(cubes.values()),
+                     tuple(lists))
 
 
 # ----------------------------------------------------------------------------------------------- entry point
@@ -474,11 +574,5 @@ def structure_of(model: nn.Module) -> Structure:
 
 
 def prunable_structure(model: nn.Module) -> Structure:
-    """:func:`structure_of`, refusing in one line what lmprune cannot prune."""
-    found = structure_of(model)
-    if getattr(found, "moe", ()):  # a declared FamilyAdapter has no experts
-        raise UnsupportedModelError(
-            f"{found.family}: mixture-of-experts blocks ({', '.join(found.moe)}) are not supported yet: per-expert "
-            "Gram matrices from routed tokens are not implemented"
-        )
-    return found
+    """:func:`structure_of` (kept as the name the adapters use: what it returns can be pruned)."""
+    return structure_of(model)

@@ -325,20 +325,26 @@ def device_free_bytes(device: str) -> float | None:
     return float(free)
 
 
-def check_fits(plan: MemoryPlan, current_rss: float | None = None, device_free: float | None = None) -> None:
+def check_fits(plan: MemoryPlan, current_rss: float | None = None, device_free: float | None = None,
+               ranks_here: int = 1) -> None:
     """Raise :class:`InsufficientMemory` with the estimate and what to change when the host cannot hold the plan,
     or, for a CUDA device, when its planned peak exceeds the device's free memory (``device_free``, default
-    :func:`device_free_bytes`; without CUDA there is nothing to compare and the run reports that itself)."""
+    :func:`device_free_bytes`; without CUDA there is nothing to compare and the run reports that itself).
+
+    ``ranks_here`` processes of this plan share the host (torchrun's ``LOCAL_WORLD_SIZE``): each adds its peak
+    beyond what it holds now (``current_rss``; 0 for processes not started yet)."""
     import psutil
 
     rss = psutil.Process().memory_info().rss if current_rss is None else current_rss
     phase, peak = plan.peak()
     available = psutil.virtual_memory().available
-    if peak - rss > available:
+    ranks_here = max(1, int(ranks_here))
+    if (peak - rss) * ranks_here > available:
+        what = (f"estimated peak memory {peak / MiB:.0f} MiB" if ranks_here == 1 else
+                f"estimated peak memory {peak / MiB:.0f} MiB per rank x {ranks_here} ranks on this machine")
         raise InsufficientMemory(
-            f"estimated peak memory {peak / MiB:.0f} MiB (during {phase}) exceeds the {(available + rss) / MiB:.0f} "
-            f"MiB available; {plan.advice('host')} (run with --dry-run for the breakdown, --skip-memory-check to try "
-            f"anyway)"
+            f"{what} (during {phase}) exceeds the {(available + rss * ranks_here) / MiB:.0f} MiB available; "
+            f"{plan.advice('host')} (run with --dry-run for the breakdown, --skip-memory-check to try anyway)"
         )
     if plan.device == "cpu":
         return

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..config import RUN_PLACE_FIELDS, ConfigError, PruneConfig
+from ..models.experts import weight_named
 from ..report.manifest import MANIFEST, REPORT, read_manifest, write_json
 
 MARKER = "INCOMPLETE"
@@ -202,7 +203,7 @@ def cast_for_saving(model: nn.Module, dtype: torch.dtype, manifest: dict[str, An
     params = dict(model.named_parameters())
     new_zeros = 0
     for rec in manifest["layers"]:
-        w = params[rec["name"] + ".weight"]
+        w = weight_named(params, rec["name"])
         achieved = 1 - torch.count_nonzero(w).item() / w.numel()
         new_zeros += round((achieved - rec["sparsity"]) * w.numel())
         rec["sparsity"] = achieved
@@ -224,7 +225,7 @@ def reload_check(model: nn.Module, saved: Path, layers: list[dict], trust_remote
     params = dict(reloaded.named_parameters())
     mismatched = []
     for rec in layers:
-        w = params[rec["name"] + ".weight"]
+        w = weight_named(params, rec["name"])
         if abs((1 - torch.count_nonzero(w).item() / w.numel()) - rec["sparsity"]) > 1e-9:
             mismatched.append(rec["name"])
     device = next(model.parameters()).device

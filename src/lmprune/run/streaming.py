@@ -149,6 +149,13 @@ class BlockStream:
         dtype = next(self.model.parameters()).dtype
         block.to_empty(device="cpu")
         prefix = self._prefix(i)
+        missing = [k for k in block.state_dict() if prefix + k not in reader.weight_map]
+        if missing:
+            raise ModelLoadError(
+                f"--stream reads each block's tensors by the model's own names, and the checkpoint has no "
+                f"{prefix + missing[0]}: it stores these weights in another layout, which transformers converts "
+                "when it loads the whole model (such as per-expert matrices it merges into 3-D parameters); "
+                "prune this model without --stream")
         block.load_state_dict({k: reader.get(prefix + k).to(dtype) for k in block.state_dict()})
         for name, p in block.named_parameters():
             if p.is_floating_point() and not torch.isfinite(p).all():
@@ -232,15 +239,21 @@ class _PruneEvents(BlockEvents):
 class StreamedMatrix:
     """A prunable matrix as an allocator sees it, whose weight is read from the shards when it is asked for."""
 
-    def __init__(self, name: str, block: int, reader: ShardReader, like: torch.Tensor, transposed: bool = False):
+    def __init__(self, name: str, block: int, reader: ShardReader, like: torch.Tensor, transposed: bool = False,
+                 expert: int | None = None):
         self.name, self.block, self.reader = name, block, reader
         self.shape, self.dtype = tuple(like.shape), like.dtype
-        self.transposed = transposed  # stored in x out (Conv1D)
+        self.transposed = transposed  # stored in x out (Conv1D, some experts)
+        self.expert = expert  # a slice of the 3-D parameter named by the name's prefix
 
     @property
     def weight(self) -> torch.Tensor:
         """``out x in``, in the dtype the run computes in, as an in-memory model would hold it."""
-        w = self.reader.get(self.name + ".weight").to(self.dtype)
+        if self.expert is None:
+            w = self.reader.get(self.name + ".weight")
+        else:
+            w = self.reader.get(self.name.rpartition(".")[0])[self.expert]
+        w = w.to(self.dtype)
         return w.T if self.transposed else w
 
     @property
@@ -271,7 +284,8 @@ class StreamedModel(LoadedModel):
 
     def matrix_infos(self, adapter: FamilyAdapter, blocks: list[int]) -> list[StreamedMatrix]:
         chosen = set(blocks)
-        return [StreamedMatrix(n, b, self.stream.reader, lin.weight, getattr(lin, "transposed", False))
+        return [StreamedMatrix(n, b, self.stream.reader, lin.weight, getattr(lin, "transposed", False),
+                               getattr(lin, "index", None))
                 for n, b, lin in adapter.matrices(self.model) if b in chosen]
 
     def weights_on(self, device):

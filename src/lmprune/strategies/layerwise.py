@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class Options(BaseModel):
@@ -17,6 +17,9 @@ class Options(BaseModel):
 
     #: Collect each input group's Gram matrix after the previous groups were pruned.
     sequential: bool = False
+    #: Mixture of experts: an expert routed fewer calibration tokens than this is pruned by magnitude (its Gram
+    #: matrix taken as the identity) instead of from a handful of tokens; the manifest lists such experts.
+    expert_min_tokens: int = Field(1, ge=0)
 
 
 def solve_cost(linear) -> float:
@@ -25,11 +28,11 @@ def solve_cost(linear) -> float:
     return float(out) * inp * inp
 
 
-def prune_groups(ctx, stages: list[list[str]], stats: dict | None = None) -> None:
+def prune_groups(ctx, stages: list[list[str]], stats: dict | None = None, expert_min_tokens: int = 1) -> None:
     """Solve the matrices of each stage (a list of relative names) on Gram matrices collected for that stage;
     ``stats`` are added to each result's statistics."""
     for stage in stages:
-        grams = ctx.collect_grams(stage)
+        grams = ctx.collect_grams(stage, expert_min_tokens)
 
         def solve(rel: str):
             start = time.perf_counter()
@@ -46,4 +49,5 @@ def prune_groups(ctx, stages: list[list[str]], stats: dict | None = None) -> Non
 
 def prune_block(ctx, options: Options) -> None:
     groups = [list(g) for g in ctx.adapter.groups]
-    prune_groups(ctx, groups if options.sequential else [[r for g in groups for r in g]])
+    prune_groups(ctx, groups if options.sequential else [[r for g in groups for r in g]],
+                 expert_min_tokens=options.expert_min_tokens)
