@@ -108,6 +108,8 @@ class BlockContext:
         self.records: list[LayerRecord] = []
         self.pass_time_s = 0.0  # seconds spent running calibration inputs through the block
         self._linears = adapter.linears(block)
+        #: The adapter's input groups restricted to this block's matrices (blocks may differ: dense and MoE).
+        self.groups = tuple(g for g in (tuple(r for r in group if r in self._linears) for group in adapter.groups) if g)
         #: Per expert matrix of the last Gram collection: routed tokens and the fallback used, if any.
         self.expert_notes: dict[str, dict[str, Any]] = {}
 
@@ -120,6 +122,11 @@ class BlockContext:
 
     def linear(self, rel: str) -> nn.Linear:
         return self._linears[rel]
+
+    @property
+    def names(self) -> list[str]:
+        """This block's prunable matrices, in forward order."""
+        return list(self._linears)
 
     def target(self, rel: str) -> float:
         return self.pruner.targets[self.full_name(rel)]
@@ -169,7 +176,7 @@ class BlockContext:
                 h.remove()
 
     def _leaders(self, rels: list[str]) -> dict[str, str]:
-        return {r: g[0] for g in self.adapter.groups for r in g if r in rels}
+        return {r: g[0] for g in self.groups for r in g if r in rels}
 
     @torch.no_grad()
     def collect_grams(self, rels: Iterable[str], expert_min_tokens: int = 1) -> dict[str, Gram]:

@@ -268,6 +268,8 @@ def prune(loaded: LoadedModel, config: PruneConfig, progress: bool = True,
         "calibration": calib.manifest(),
         "config": config.model_dump(),
     }
+    if checkpoint is not None and checkpoint.io():
+        out["checkpoint_io"] = checkpoint.io()
     out["configuration"] = configuration_label(out)
     return out
 

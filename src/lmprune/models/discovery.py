@@ -17,6 +17,9 @@
   receiving the *same tensor* (the same object, or the same storage, offset, shape and strides) read the same
   input and share one Gram matrix. Values are not compared: two different norms of one hidden state are equal
   at initialisation (unit weights) and still are different inputs;
+* **blocks of different structures** (dense and MoE layers in one model): blocks are grouped by their matrices'
+  names and shapes, the first block of each group is probed on the inputs the model gives *it*, and the group
+  lists are merged (:attr:`Structure.block_kinds`); each block's matrices are those it has;
 * **the feed-forward shape** (for block methods such as SparseLLM): the matrix ``down`` and the earlier
   matrices whose outputs make its input, verified numerically on the probe's tensors: ``down_in = act(up(x))``
   (``relu`` kind) or ``act(gate(x)) * up(x)`` (``swiglu`` kind) for one activation of :data:`ACTIVATIONS`.
@@ -402,6 +405,9 @@ class Structure(FamilyAdapter):
     experts: tuple[ExpertParam, ...] = ()
     #: Paths of expert lists (experts as modules); their members' matrices are ordinary matrices.
     expert_lists: tuple[str, ...] = ()
+    #: Blocks of different structures (dense and MoE layers): the block indices of each; empty when all are
+    #: alike. ``groups`` then covers all of them and a block's matrices are those it has.
+    block_kinds: tuple[tuple[int, ...], ...] = ()
 
     def is_expert(self, rel: str) -> bool:
         return _expert_key(rel, list(self.expert_lists), {c.path: c for c in self.experts}) is not None
@@ -412,11 +418,18 @@ class Structure(FamilyAdapter):
         for name in self.linear_names():
             if name in slices:
                 cube, e = slices[name]
-                found[name] = ExpertMatrix(block.get_parameter(cube.path), e, cube.transposed)
+                try:
+                    found[name] = ExpertMatrix(block.get_parameter(cube.path), e, cube.transposed)
+                except AttributeError:
+                    if not self.block_kinds:
+                        raise UnsupportedModelError(f"{self.family}: block has no expert parameter "
+                                                    f"'{cube.path}'") from None
                 continue
             try:
                 module = block.get_submodule(name)
             except AttributeError:
+                if self.block_kinds:
+                    continue  # a matrix of another kind of block
                 raise UnsupportedModelError(f"{self.family}: block has no matrix '{name}'") from None
             if not is_matrix(module):
                 raise UnsupportedModelError(
@@ -432,6 +445,7 @@ class Structure(FamilyAdapter):
                "reason": self.ffn.reason}, "moe": list(self.moe),
                "experts": [{"path": c.path, "num_experts": c.num_experts, "stored": "in x out" if c.transposed
                             else "out x in"} for c in self.experts] + [{"path": p} for p in self.expert_lists],
+               **({"block_kinds": [list(k) for k in self.block_kinds]} if self.block_kinds else {}),
                **self.details}
         if model is not None:
             out["blocks"] = len(self.blocks(model))
@@ -474,6 +488,80 @@ def _to_meta(obj: Any) -> Any:
     return obj
 
 
+def _signature(block: nn.Module) -> tuple:
+    """What makes two blocks the same structure: their matrices and 3-D parameters, by name and shape."""
+    matrices = tuple((n, tuple(m.weight.shape)) for n, m in block.named_modules() if n and is_matrix(m))
+    return matrices, tuple((n, tuple(p.shape)) for n, p in three_d_params(block).items())
+
+
+@dataclass
+class _Kind:
+    """The probe of one block structure's first block: its matrix groups (experts written out, routers left
+    out) and what the checks and reports need."""
+
+    groups: tuple[tuple[str, ...], ...]
+    calls: list[_Call]
+    never: list[str]
+    cubes: dict[str, ExpertParam]
+    lists: list[str]
+    routers: list[str]
+    moe: list[str]
+
+    @property
+    def names(self) -> list[str]:
+        return [r for g in self.groups for r in g]
+
+    @property
+    def slices(self) -> set[str]:
+        return {c.rel(e) for c in self.cubes.values() for e in range(c.num_experts)}
+
+
+def _probe_kind(block: nn.Module, call: BlockCall, on_meta: bool, model_name: str) -> _Kind:
+    moe = _moe_parts(block)
+    # Routing depends on values, which meta tensors lack: a MoE block gets storage for its probe instead
+    # (reserved, not written: zero pages), the others are probed on meta.
+    routed = on_meta and bool(moe)
+    if on_meta and not routed:
+        call = BlockCall(_to_meta(call.args), _to_meta(call.kwargs))
+    call = BlockCall(call.args, call.replay_kwargs() | ({"hidden_states": call.kwargs["hidden_states"]}
+                                                        if not call.args else {}))
+    undo_block = _meta_storage(block, "\0") if routed else None
+    try:
+        calls, never, cubes = _probe_block(block, call)
+    except (RuntimeError, NotImplementedError) as e:
+        if not on_meta:
+            raise
+        raise UnsupportedModelError(f"{model_name}: its blocks cannot be probed without weights "
+                                    f"({str(e).splitlines()[0]})") from None
+    finally:
+        if undo_block is not None:
+            undo_block()
+    lists = expert_lists(block, is_matrix)
+    sizes = {part: len(block.get_submodule(part)) for part in lists}
+    sizes.update({"": p.num_experts for p in cubes.values()})
+    calls, routers = _without_routers(calls, lists, cubes, max(sizes.values(), default=0), block)
+    return _Kind(_expand_experts(_groups(calls), lists, cubes, sizes), calls, never, cubes, lists, routers, moe)
+
+
+def _merge_groups(kinds: list[tuple[tuple[str, ...], ...]], blocks: list[list[int]]) -> tuple[tuple[str, ...], ...]:
+    """One group list for blocks of several structures: each structure's groups in its own order, a group they
+    share once. (A block's own groups are this list restricted to its matrices.)"""
+    merged = list(kinds[0])
+    for groups, idx in zip(kinds[1:], blocks[1:]):
+        at = -1
+        for g in groups:
+            if g in merged:
+                at = merged.index(g)
+                continue
+            clash = next((h for h in merged if set(h) & set(g)), None)
+            if clash is not None:
+                raise UnsupportedModelError(f"decoder blocks group {clash[0]} differently (block {idx[0]}); declare "
+                                            "the matrices with --adapter FILE.yaml")
+            at += 1
+            merged.insert(at, g)
+    return tuple(merged)
+
+
 def discover(model: nn.Module, input_ids: Tensor | None = None) -> Structure:
     """The structure of ``model`` (see the module docstring); ``input_ids`` (``1 x L``) is the probe window
     (default: :func:`probe_ids`)."""
@@ -499,54 +587,41 @@ def discover(model: nn.Module, input_ids: Tensor | None = None) -> Structure:
             f"'{path}' blocks take a second input beside the hidden states (a {tuple(extra[0].shape)} tensor, "
             "such as per-layer token embeddings), which lmprune does not capture per window yet")
     t_model = time.perf_counter() - start
-    call = calls[0]
-    moe = _moe_parts(blocks[0])
-    # Routing depends on values, which meta tensors lack: a MoE block 0 gets storage for its probe instead
-    # (reserved, not written: zero pages), the others are probed on meta.
-    routed = on_meta and bool(moe)
-    if on_meta and not routed:
-        call = BlockCall(_to_meta(call.args), _to_meta(call.kwargs))
-    call = BlockCall(call.args, call.replay_kwargs() | ({"hidden_states": call.kwargs["hidden_states"]}
-                                                        if not call.args else {}))
-    probe_start = time.perf_counter()
-    undo_block = _meta_storage(blocks[0], "\0") if routed else None
-    try:
-        calls0, never, cubes = _probe_block(blocks[0], call)
-    except (RuntimeError, NotImplementedError) as e:
-        if not on_meta:
-            raise
-        raise UnsupportedModelError(f"{type(model).__name__}: its blocks cannot be probed without weights "
-                                    f"({str(e).splitlines()[0]})") from None
-    finally:
-        if undo_block is not None:
-            undo_block()
-    t_block = time.perf_counter() - probe_start
-    if not calls0:
-        raise UnsupportedModelError(f"the blocks at '{path}' call no Linear or Conv1D layer")
-    lists = expert_lists(blocks[0], is_matrix)
-    sizes = {part: len(blocks[0].get_submodule(part)) for part in lists}
-    sizes.update({"": p.num_experts for p in cubes.values()})
-    calls0, routers = _without_routers(calls0, lists, cubes, max(sizes.values(), default=0), blocks[0])
-    groups = _expand_experts(_groups(calls0), lists, cubes, sizes)
-    names = [r for g in groups for r in g]
+    kinds: dict[tuple, list[int]] = {}
     for i, block in enumerate(blocks):
-        other = {n for n, m in block.named_modules() if n and is_matrix(m)}
-        other |= {c.rel(e) for c in cubes.values() if c.path in three_d_params(block) for e in range(c.num_experts)}
-        missing = [n for n in names if n not in other]
-        if missing or _moe_parts(block) != moe:
-            raise UnsupportedModelError(
-                f"decoder blocks differ in structure: block {i} " +
-                (f"lacks {missing[0]}" if missing else "differs in its experts from block 0") +
-                " (declare the matrices with --adapter FILE.yaml)")
-    slices = {c.rel(e) for c in cubes.values() for e in range(c.num_experts)}
-    conv = frozenset(n for n in names if n not in slices and not isinstance(blocks[0].get_submodule(n), nn.Linear))
-    ffn = _infer_ffn(calls0, _groups(calls0), moe)
+        kinds.setdefault(_signature(block), []).append(i)
+    probe_start = time.perf_counter()
+    probed = [_probe_kind(blocks[idx[0]], calls[idx[0]], on_meta, type(model).__name__) for idx in kinds.values()]
+    t_block = time.perf_counter() - probe_start
+    for kind, idx in zip(probed, kinds.values()):
+        if not kind.groups:
+            raise UnsupportedModelError(f"the blocks at '{path}' call no Linear or Conv1D layer (block {idx[0]})")
+    groups = _merge_groups([k.groups for k in probed], list(kinds.values()))
+    names = [r for g in groups for r in g]
+    cubes: dict[str, ExpertParam] = {}
+    for kind in probed:
+        for c in kind.cubes.values():
+            if cubes.setdefault(c.path, c) != c:
+                raise UnsupportedModelError(f"decoder blocks differ in their experts at '{c.path}'")
+    lists = list(dict.fromkeys(p for k in probed for p in k.lists))
+    moe = list(dict.fromkeys(p for k in probed for p in k.moe))
+    conv = frozenset(n for k, idx in zip(probed, kinds.values()) for n in k.names
+                     if n not in k.slices and not isinstance(blocks[idx[0]].get_submodule(n), nn.Linear))
+    if len(probed) == 1:
+        ffn = _infer_ffn(probed[0].calls, _groups(probed[0].calls), moe)
+    else:
+        ffn = FFNSpec("unknown", "", "", verified=False,
+                      reason=f"decoder blocks of {len(probed)} structures (first blocks "
+                             f"{', '.join(str(idx[0]) for idx in kinds.values())})")
     family = str(getattr(getattr(model, "config", None), "model_type", type(model).__name__))
+    routers = list(dict.fromkeys(r for k in probed for r in k.routers))
     details = {"probe_tokens": int(ids.shape[-1]), "model_probe_s": t_model, "block_probe_s": t_block,
-               "time_s": time.perf_counter() - start, "not_called": [n for n in never if n not in names],
+               "time_s": time.perf_counter() - start,
+               "not_called": list(dict.fromkeys(n for k in probed for n in k.never if n not in names)),
                "on_meta": on_meta, **({"routers": routers} if routers else {})}
+    block_kinds = tuple(tuple(idx) for idx in kinds.values()) if len(kinds) > 1 else ()
     return Structure(family, path, groups, ffn, conv, tuple(moe), "discovered", details, tuple(cubes.values()),
-                     tuple(lists))
+                     tuple(lists), block_kinds)
 
 
 # ----------------------------------------------------------------------------------------------- entry point

@@ -166,6 +166,16 @@ class Checkpoint:
         state = self._state or self.state()
         return [] if state is None else list(state["block_times"])
 
+    def io(self) -> dict[str, Any] | None:
+        """What checkpointing cost this run (this rank's writes; a resumed run's earlier blocks included): bytes
+        and seconds in all and per block; None for a run that was not checkpointed."""
+        state = self._state or self.state()
+        blocks = (state or {}).get("io")
+        if not blocks:
+            return None
+        return {"bytes": sum(b["bytes"] for b in blocks), "seconds": sum(b["seconds"] for b in blocks),
+                "per_block": blocks}
+
     def allocation(self) -> dict[str, Any]:
         state = self._state or self.state()
         assert state is not None, "nothing to restore"
@@ -281,11 +291,14 @@ class CheckpointEvents(BlockEvents):
             ck._start()
         else:
             ck.dir.mkdir(parents=True, exist_ok=True)
+        writing = time.perf_counter()
         with disk_space(ck.dir, needed, f"the checkpoint of block {i}"):
             if store_block:
                 _save(block.state_dict(), ck.dir / f"block_{i:04d}.safetensors")
                 state["saved_blocks"].append(i)
             windows = _save_windows(done.store, ck.dir / ck._inputs(i))
+        state.setdefault("io", []).append({"block": i, "bytes": needed,
+                                           "seconds": time.perf_counter() - writing})
         # every rank's windows are complete before state.json names the block (the gather waits for them)
         state["windows"] = windows if world.size == 1 else world.all_gather_object(windows)
         previous = state["done_block"]

@@ -208,9 +208,10 @@ def plan_memory(
     tokens = n * seqlen
     heads = int(getattr(model_config, "num_attention_heads", 1))
     vocab = int(model_config.vocab_size)
-    linears = adapter.linears(blocks[0])
+    largest = max(blocks, key=lambda b: sum(p.numel() for p in b.parameters()))  # blocks may differ (MoE)
+    linears = adapter.linears(largest)
     d_ff = max(lin.out_features for lin in linears.values())
-    leaders = [g[0] for g in adapter.groups]
+    leaders = [r for g in adapter.groups for r in g[:1] if r in linears]
     gram_sizes = [linears[r].in_features for r in leaders]
     grams = 4.0 * (max(i * i + i for i in gram_sizes) if config.sequential else sum(i * i + i for i in gram_sizes))
     work = max(_solver_workspace(config, lin.out_features, lin.in_features, tokens, d_ff) for lin in linears.values())

@@ -48,6 +48,6 @@ def prune_groups(ctx, stages: list[list[str]], stats: dict | None = None, expert
 
 
 def prune_block(ctx, options: Options) -> None:
-    groups = [list(g) for g in ctx.adapter.groups]
+    groups = [list(g) for g in ctx.groups]
     prune_groups(ctx, groups if options.sequential else [[r for g in groups for r in g]],
                  expert_min_tokens=options.expert_min_tokens)

@@ -87,9 +87,9 @@ def prune_block(ctx, opts: StrategyOptions) -> None:
     ffn = ctx.adapter.ffn
     roles = {"up": ffn.up, "down": ffn.down} | ({"gate": ffn.gate} if ffn.gate else {})
     ffn_rels = set(roles.values())
-    attention = [[r for r in g if r not in ffn_rels] for g in ctx.adapter.groups]
+    attention = [[r for r in g if r not in ffn_rels] for g in ctx.groups]
     attention = [g for g in attention if g]
-    ffn_groups = [[r for r in g if r in ffn_rels] for g in ctx.adapter.groups if set(g) & ffn_rels]
+    ffn_groups = [[r for r in g if r in ffn_rels] for g in ctx.groups if set(g) & ffn_rels]
     prune_groups(ctx, attention if opts.sequential_attention else [[r for g in attention for r in g]])
     if not _supported(ffn, {rel: ctx.linear(rel) for rel in roles.values()}):
         prune_groups(ctx, ffn_groups, {"sparsellm": f"layer-wise fallback: unsupported FFN {ffn.kind}/{ffn.act}"})

@@ -17,5 +17,5 @@ class InputNorms:
         self.norms: dict[str, Tensor] = {}
 
     def __call__(self, ctx) -> None:
-        for rel, norms in ctx.collect_input_norms(ctx.adapter.linear_names()).items():
+        for rel, norms in ctx.collect_input_norms(ctx.names).items():
             self.norms[ctx.full_name(rel)] = norms.cpu()

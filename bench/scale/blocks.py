@@ -1,0 +1,105 @@
+"""Per-block cost of pruning at real shapes, streamed (issue 18): one ``lmprune prune --stream`` run per
+(shape, method) on a model built by ``bench/scale/shapes.py`` with few blocks, and a Markdown table of what one
+block costs: calibration passes, solves, the block's wall time, peak RSS against the ``--dry-run`` plan, and
+the checkpoint written after it (bytes, seconds).
+
+    python bench/scale/blocks.py /work/scale/llama2-7b-2 --methods sparsegpt,wanda --nsamples 4 --seqlen 2048
+    python bench/scale/blocks.py /work/scale/*/ --table          # the table of every finished cell
+
+Every cell is ``ROOT/<model dir name>/<method>`` (``--root``, default ``bench/out/scale``); a cell with a
+``lmprune.json`` is skipped, so the benchmark resumes cell by cell. Each run prunes block 0 only
+(``--blocks 0``) and propagates the others dense, at ``--threads`` threads (``OMP_NUM_THREADS``). With
+``--project TOKENS``, the table adds the whole-model time at ``TOKENS`` calibration tokens per block and the
+model's published block count: calibration passes scale with the tokens, solves do not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+#: Published block counts, for the whole-model projection.
+FULL_BLOCKS = {"llama2-7b": 32, "llama2-13b": 40, "llama3-8b": 32, "llama3-70b": 80}
+
+
+def run_cell(model: Path, method: str, out: Path, args: argparse.Namespace) -> None:
+    if (out / "lmprune.json").exists():
+        print(f"skip {out}: finished")
+        return
+    cmd = [sys.executable, "-m", "lmprune.cli", "prune", "--model", str(model), "--method", method,
+           "--sparsity", "0.5", "--stream", "--blocks", "0", "--calib", "c4", "--nsamples", str(args.nsamples),
+           "--seqlen", str(args.seqlen), "--out", str(out), "--quiet", "--dtype", "bfloat16"]
+    if args.data_dir:
+        cmd += ["--data-dir", args.data_dir]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, env=env, check=False)
+
+
+def row(cell: Path, project_tokens: int | None) -> str | None:
+    path = cell / "lmprune.json"
+    if not path.exists():
+        return None
+    m = json.loads(path.read_text())
+    shape = json.loads((cell.parent / "shape.json").read_text()) if (cell.parent / "shape.json").exists() else {}
+    solve = sum(r["time_s"] for r in m["layers"] if r["block"] == 0)
+    calib = m["calibration_time_s"] / m["n_blocks"]  # the passes through each block (pruned or propagated)
+    block0 = m["block_times_s"][0]
+    plan = m.get("memory_plan", {}).get("peak_host_mib")
+    io = m.get("checkpoint_io") or {}
+    per_block = (io.get("per_block") or [{}])[0]
+    tokens = m["calibration"]["nsamples"] * m["calibration"]["seqlen"]
+    out = (f"| {shape.get('shape', cell.parent.name)} | {m['method']} | {tokens} | {calib:.1f} | {solve:.1f} | "
+           f"{block0:.1f} | {m['peak_rss_mb']:.0f} | {plan if plan is not None else '–'} | "
+           f"{per_block.get('bytes', 0) / 2**20:.0f} | {per_block.get('seconds', float('nan')):.1f} |")
+    if project_tokens:
+        blocks = FULL_BLOCKS.get(shape.get("shape", ""), m["n_blocks"])
+        whole = blocks * (calib * project_tokens / tokens + solve)
+        out += f" {whole / 3600:.1f} |"
+    return out
+
+
+def table(cells: list[Path], project_tokens: int | None) -> str:
+    head = ("| shape | method | calib tokens | calibration pass per block (s) | solves, block 0 (s) | block 0 wall (s) "
+            "| peak RSS (MiB) | dry-run peak (MiB) | checkpoint after block 0 (MiB) | its write (s) |")
+    sep = "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    if project_tokens:
+        head += f" whole model at {project_tokens} tokens, projected (h) |"
+        sep += "---:|"
+    rows = [r for r in (row(c, project_tokens) for c in cells) if r]
+    return "\n".join([head, sep, *rows])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("models", nargs="+", type=Path, help="model directories from bench/scale/shapes.py")
+    ap.add_argument("--methods", default="sparsegpt,wanda")
+    ap.add_argument("--nsamples", type=int, default=4)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--root", type=Path, default=REPO / "bench" / "out" / "scale")
+    ap.add_argument("--data-dir", default=os.environ.get("LMPRUNE_DATA_DIR"))
+    ap.add_argument("--table", action="store_true", help="print the table of finished cells, run nothing")
+    ap.add_argument("--project", type=int, default=None, metavar="TOKENS")
+    args = ap.parse_args()
+    cells = []
+    for model in args.models:
+        root = args.root / model.name
+        root.mkdir(parents=True, exist_ok=True)
+        if (model / "shape.json").exists() and not (root / "shape.json").exists():
+            (root / "shape.json").write_text((model / "shape.json").read_text())
+        for method in args.methods.split(","):
+            cells.append(root / method)
+            if not args.table:
+                run_cell(model, method, root / method, args)
+    print(table(cells, args.project))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
