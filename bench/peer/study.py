@@ -203,6 +203,8 @@ def tests(rows: list[dict]) -> dict:
     if len(units) >= 2:
         out["wilcoxon_p"] = float(stats.wilcoxon(units).pvalue)
         out["t"] = stats.ttest_1samp(units, 0.0)
+        ci = out["t"].confidence_interval(0.95)
+        out["ci"] = (float(ci.low), float(ci.high))
     out["mean_d"] = sum(units) / len(units)
     out["median_d"] = sorted(units)[len(units) // 2] if len(units) % 2 else \
         (sorted(units)[len(units) // 2 - 1] + sorted(units)[len(units) // 2]) / 2
@@ -247,7 +249,9 @@ def report() -> str:
         if "wilcoxon_p" in t:
             lines.append(f"Wilcoxon signed-rank over the units: p = {t['wilcoxon_p']:.3g}; paired t-test: "
                          f"t = {t['t'].statistic:.2f}, p = {t['t'].pvalue:.3g}; mean d = {t['mean_d']:+.4f} "
-                         f"(ratio {math.exp(t['mean_d']):.3f}), median d = {t['median_d']:+.4f}.")
+                         f"(ratio {math.exp(t['mean_d']):.3f}), median d = {t['median_d']:+.4f}; 95% interval of the mean d "
+                         f"[{t['ci'][0]:+.4f}, {t['ci'][1]:+.4f}] (ratio {math.exp(t['ci'][0]):.3f} to "
+                         f"{math.exp(t['ci'][1]):.3f}).")
     lines += ["", "Cost per prune (one thread; wall time and peak RSS of the pruning process, model load and save "
               "included; the tool's own pruning time in brackets; lmprune's process peak includes its reload check of the "
               "saved model, the manifest's peak in brackets is the pruning's):", "",
