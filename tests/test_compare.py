@@ -55,7 +55,7 @@ def test_compare_writes_table_csv_and_plots(runs, tmp_path):
     assert md_path == out / "comparison.md"
     md = md_path.read_text()
     table = [line for line in md.splitlines() if line.startswith("| ")]
-    assert table[0].split(" | ")[:4] == ["| run", "method", "allocation", "pattern"]
+    assert table[0].split(" | ")[:4] == ["| run", "configuration", "allocation", "pattern"]
     assert table[1].startswith("| dense | dense |")  # dense first although listed second
     assert table[2].startswith("| sparsegpt_50 | sparsegpt | uniform | unstructured | 50.0 | 50.0 | 45.25 | 30.50 |")
     assert "60.0 / 62.0" in table[2] and "| 50.0 |" in table[2]  # piqa acc/acc_norm; average of 60 and 40
@@ -96,7 +96,7 @@ def test_runs_without_zero_shot_have_no_average_column(tmp_path):
                    perplexity={"wikitext2": 400.0})
     md = compare_runs([b, a], tmp_path / "cmp").read_text()
     assert "zero-shot avg" not in md and "zeroshot_vs_sparsity.png" not in md
-    assert "| b | wanda | owl | 2:4 | 70.0 |" in md
+    assert "| b | wanda + owl | owl | 2:4 | 70.0 |" in md
     assert load_run(b).series == "wanda (owl, 2:4)"
 
 
@@ -192,3 +192,23 @@ def test_csv_reads_back_into_the_same_table(runs, tmp_path):
     strip = ("path",)
     assert ([{k: v for k, v in row.items() if k not in strip} for row in table_rows(back)]
             == [{k: v for k, v in row.items() if k not in strip} for row in table_rows(original)])
+
+
+def test_rows_name_the_configuration(tmp_path):
+    """The table's configuration column is the manifest's configuration label (issue 21): which SparseLLM, which
+    AlphaPruning rule, which refiner."""
+    run = tmp_path / "sllm"
+    run.mkdir()
+    manifest = {"method": "sparsellm", "sparsity": 0.7, "pattern": "unstructured", "allocation": "alpha",
+                "achieved_sparsity": 0.7, "perplexity": {"wikitext2": 10.0}, "eval_windows": 2, "seqlen": 32,
+                "config": {"method": "sparsellm", "inner": "sparsegpt", "allocation": "alpha",
+                           "allocation_options": {"xmin_rule": "peak_reference"}},
+                "resolved_options": {"solver": "sparsegpt", "method_options": {"refit_down": True,
+                                                                               "select": "best"}}}
+    (run / "lmprune.json").write_text(json.dumps(manifest))
+    r = load_run(run)
+    row = table_rows([r])[0]
+    assert row["configuration"] == r.label and row["configuration"].startswith("sparsellm(sparsegpt")
+    assert "peak_reference" in row["configuration"]
+    md = compare_runs([run], tmp_path / "cmp")
+    assert f"| sllm | {r.label} |" in md.read_text()

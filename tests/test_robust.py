@@ -271,15 +271,20 @@ def test_tokenizer_without_pad_or_eos_token(tmp_path, calib_file, capsys):
     assert not (tmp_path / "run").exists() and not (tmp_path / "stream").exists()
 
 
-def test_mixture_of_experts_refused_in_one_line(tmp_path, calib_file, capsys):
+def test_mixture_of_experts_with_one_expert_per_token(tmp_path, calib_file, capsys):
+    """A one-block Mixtral routing each token to one of two experts (formerly refused) prunes through the
+    command line; every expert matrix records its routed tokens (tests/test_moe.py covers the rest)."""
     model_dir = tmp_path / "mixtral"
     cfg = MixtralConfig(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                         num_attention_heads=2, num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(model_dir)
     make_tokenizer().save_pretrained(model_dir)
-    assert main(_prune(model_dir, tmp_path / "run", calib_file)) == 2
-    err = _err(capsys)
-    assert "mixture-of-experts" in err and len(err.strip().splitlines()) == 1
+    assert main(_prune(model_dir, tmp_path / "run", calib_file)) == 0
+    manifest = json.loads((tmp_path / "run" / "lmprune.json").read_text())
+    assert manifest["experts"]["matrices"] == 4
+    experts = [r for r in manifest["layers"] if "experts" in r["name"]]
+    assert sum(r["stats"]["routed_tokens"] for r in experts if "down_proj" in r["name"]) == \
+        manifest["calibration"]["nsamples"] * manifest["calibration"]["seqlen"]
 
 
 def test_pickle_weights_refused_unless_trusted(tmp_path, tiny_model_dirs, calib_file, capsys):

@@ -82,6 +82,12 @@ def _columns(runs: list[Run]) -> tuple[list[str], list[str], dict[str, list[str]
     return datasets, tasks, metrics
 
 
+def _configuration(r: Run) -> str:
+    """What the run computed, named as ``lmprune.json``'s ``configuration`` names it (``sparsellm(sparsegpt, +down
+    refit, +best round)``, ``wanda + alpha(peak_reference)``); the method alone for a dense row."""
+    return r.method if r.is_dense else r.label
+
+
 def table_rows(runs: list[Run]) -> list[dict[str, Any]]:
     """One flat record per run (the CSV rows): raw numbers, blanks where a run lacks a value."""
     datasets, tasks, metrics = _columns(runs)
@@ -89,7 +95,8 @@ def table_rows(runs: list[Run]) -> list[dict[str, Any]]:
     rows = []
     for r in runs:
         row: dict[str, Any] = {
-            "run": r.name, "method": r.method, "allocation": r.allocation, "pattern": r.pattern,
+            "run": r.name, "configuration": _configuration(r), "method": r.method, "allocation": r.allocation,
+            "pattern": r.pattern,
             "sparsity": r.sparsity, "achieved_sparsity": r.achieved_sparsity,
         }
         row.update({f"ppl_{d}": r.perplexity.get(d) for d in datasets})
@@ -172,14 +179,15 @@ def markdown_table(runs: list[Run]) -> str:
     """The comparison as a Markdown table (accuracies and sparsities in %)."""
     datasets, tasks, metrics = _columns(runs)
     avg_tasks = common_tasks(runs)
-    header = ["run", "method", "allocation", "pattern", "sparsity %", "achieved %"]
+    header = ["run", "configuration", "allocation", "pattern", "sparsity %", "achieved %"]
     header += [f"{d} ppl" for d in datasets]
     header += [f"{t} {'/'.join('ppl' if m == 'perplexity' else m for m in metrics[t])}" for t in tasks]
     header += ["zero-shot avg acc"] if avg_tasks else []
     header += ["time s", "peak RSS MB"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 4 + ["--:"] * (len(header) - 4)) + "|"]
     for r in runs:
-        cells = [r.name, r.method, r.allocation, r.pattern, _fmt(r.sparsity, "pct"), _fmt(r.achieved_sparsity, "pct")]
+        cells = [r.name, _configuration(r), r.allocation, r.pattern, _fmt(r.sparsity, "pct"),
+                 _fmt(r.achieved_sparsity, "pct")]
         cells += [_fmt(r.perplexity.get(d), "ppl") for d in datasets]
         for t in tasks:
             scores = r.zeroshot.get(t, {})

@@ -92,6 +92,8 @@ def _sparsellm_label(inner: str, options: dict[str, Any]) -> str:
 
 def _allocation_label(manifest: dict[str, Any], config: dict[str, Any]) -> str:
     kind = manifest.get("allocation") or config.get("allocation") or "uniform"
+    if isinstance(kind, dict):  # older manifests: {"name": ..., options}
+        kind = str(kind.get("name") or kind.get("kind") or "uniform")
     if kind == "uniform":
         return ""
     if kind.endswith(".json"):
