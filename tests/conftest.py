@@ -123,3 +123,14 @@ def calib_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("calib") / "calib.txt"
     path.write_text(" ".join(_CORPUS * 4))
     return path
+
+
+def assert_reloads_identically(model, path: Path) -> None:
+    """``model`` saved to ``path`` and reloaded with plain transformers: the same weights and the same logits."""
+    model.save_pretrained(path)
+    back = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = torch.arange(10).unsqueeze(0)
+    for n, p in model.state_dict().items():
+        assert torch.equal(p, back.state_dict()[n]), n
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, rtol=0, atol=0)

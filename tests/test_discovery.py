@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as T
-from conftest import VOCAB, make_tokenizer
+from conftest import VOCAB, assert_reloads_identically, make_tokenizer
 from transformers import AutoModelForCausalLM
 
 from lmprune import api
@@ -204,13 +204,7 @@ def test_every_method_prunes_every_family(name, calib_file, tok, tmp_path):
     for pattern in ("unstructured", "2:4"):
         assert errors[pattern, "sparsegpt"] < errors[pattern, "magnitude"]
     # the last model (alps, 2:4): saved and reloaded with plain transformers, same weights and logits
-    model.save_pretrained(tmp_path / "m")
-    back = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
-    ids = torch.arange(10).unsqueeze(0)
-    for n, p in model.state_dict().items():
-        assert torch.equal(p, back.state_dict()[n]), n
-    with torch.no_grad():
-        torch.testing.assert_close(back(ids).logits, model(ids).logits, rtol=0, atol=0)
+    assert_reloads_identically(model, tmp_path / "m")
 
 
 @pytest.mark.parametrize("name", DENSE)

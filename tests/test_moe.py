@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers as T
-from conftest import VOCAB, make_tokenizer
+from conftest import VOCAB, assert_reloads_identically, make_tokenizer
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -131,13 +131,7 @@ def test_every_method_prunes_moe_models(name, calib_file, tok, tmp_path):
             errors[pattern, method] = sum(r["rel_error"] for r in report["layers"])
     for pattern in ("unstructured", "2:4"):
         assert errors[pattern, "sparsegpt"] < errors[pattern, "magnitude"]
-    model.save_pretrained(tmp_path / "m")
-    back = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
-    ids = torch.arange(10).unsqueeze(0)
-    for n, p in model.state_dict().items():
-        assert torch.equal(p, back.state_dict()[n]), n
-    with torch.no_grad():
-        torch.testing.assert_close(back(ids).logits, model(ids).logits, rtol=0, atol=0)
+    assert_reloads_identically(model, tmp_path / "m")
 
 
 @pytest.mark.parametrize("name", ["qwen2_moe", "olmoe", "gpt_oss", "phimoe", "granitemoe", "deepseek_v3"])
@@ -361,8 +355,4 @@ def test_dense_and_moe_blocks_in_one_model(name, calib_file, tok, tmp_path):
     owl = _prune(fresh, "wanda", "unstructured", calib_file, tok, allocation="owl")
     assert owl["achieved_sparsity"] == pytest.approx(0.5, abs=1e-2)
     assert {r["block"] for r in owl["layers"]} == {0, 1}
-    model.save_pretrained(tmp_path / "m")
-    back = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
-    ids = torch.arange(10).unsqueeze(0)
-    with torch.no_grad():
-        torch.testing.assert_close(back(ids).logits, model(ids).logits, rtol=0, atol=0)
+    assert_reloads_identically(model, tmp_path / "m")
