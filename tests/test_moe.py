@@ -104,13 +104,14 @@ def test_discovery_lists_every_expert_and_no_router(name):
 
 
 def test_transposed_expert_storage_is_seen_out_x_in():
-    s = discover(build("gpt_oss"))
+    model = build("gpt_oss")
+    s = discover(model)
     assert {c.path: c.transposed for c in s.experts} == {"mlp.experts.gate_up_proj": True,
                                                          "mlp.experts.down_proj": True}
-    block = build("gpt_oss").model.layers[0]
-    w = get_adapter(block_model := build("gpt_oss")).linears(block_model.model.layers[0])["mlp.experts.down_proj.2"]
-    assert tuple(w.weight.shape) == (64, block.mlp.experts.down_proj.shape[1])  # out x in
-    assert w.weight.data_ptr() == block_model.model.layers[0].mlp.experts.down_proj[2].T.data_ptr()
+    stored = model.model.layers[0].mlp.experts.down_proj  # experts x in x out
+    w = s.linears(model.model.layers[0])["mlp.experts.down_proj.2"]
+    assert tuple(w.weight.shape) == (64, stored.shape[1])  # out x in
+    assert w.weight.data_ptr() == stored[2].T.data_ptr()
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen3_moe"])

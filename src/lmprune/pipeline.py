@@ -268,8 +268,9 @@ def prune(loaded: LoadedModel, config: PruneConfig, progress: bool = True,
         "calibration": calib.manifest(),
         "config": config.model_dump(),
     }
-    if checkpoint is not None and checkpoint.io():
-        out["checkpoint_io"] = checkpoint.io()
+    io = checkpoint.io() if checkpoint is not None else None
+    if io:
+        out["checkpoint_io"] = io
     out["configuration"] = configuration_label(out)
     return out
 

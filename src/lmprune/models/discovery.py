@@ -300,15 +300,15 @@ def _expand_experts(groups: tuple[tuple[str, ...], ...], lists: list[str], cubes
     routed ones: at the family's first group, expert 0's groups, then expert 1's, ... (the experts' loop
     order), each expert's groups shaped like those of the lowest expert the probe called."""
     keys = {r: _expert_key(r, lists, cubes) for g in groups for r in g}
+    lowest: dict[str, int] = {}
+    for k in keys.values():
+        if k is not None:
+            lowest[k[0]] = min(lowest.get(k[0], k[1]), k[1])
     template: dict[str, list[tuple[str, ...]]] = {}
     for g in groups:
         k = keys[g[0]]
-        if k is None:
-            continue
-        family, expert, _ = k
-        lowest = min(keys[r][1] for gg in groups for r in gg if keys[r] and keys[r][0] == family)
-        if expert == lowest:
-            template.setdefault(family, []).append(tuple(keys[r][2] for r in g))
+        if k is not None and k[1] == lowest[k[0]]:
+            template.setdefault(k[0], []).append(tuple(keys[r][2] for r in g))
     out: list[tuple[str, ...]] = []
     done: set[str] = set()
     for g in groups:
