@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,8 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
+
+from lmprune.run.checkpoint import staging_dir
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -134,3 +139,24 @@ def assert_reloads_identically(model, path: Path) -> None:
         assert torch.equal(p, back.state_dict()[n]), n
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def wait_for_hold(proc: subprocess.Popen, out: Path, block: int, timeout: float = 120.0) -> None:
+    """Wait until a run started with ``HOLD_ENV=block`` has checkpointed ``block`` to the end.
+
+    ``state.json`` names the block before the previous block's inputs are dropped, and only then does the process
+    hold; a test that acted on ``state.json`` alone could catch it in between. Fails if the process ends first.
+    """
+    ckpt = staging_dir(out) / "checkpoint"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before holding after block {block}")
+        try:
+            done = json.loads((ckpt / "state.json").read_text()).get("done_block", -1)
+        except (OSError, json.JSONDecodeError):
+            done = -1
+        if done == block and not any(ckpt.glob(f"inputs_{block - 1:04d}*")):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no hold after block {block} within {timeout:.0f} s")

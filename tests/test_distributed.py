@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import _config
+from conftest import _config, wait_for_hold
 from lmprune.cli import main
 from lmprune.distributed import SINGLE, assign_owners, shard_bounds
 from lmprune.run.checkpoint import HOLD_ENV, staging_dir
@@ -179,11 +179,8 @@ def test_killed_rank_resumes_to_the_same_weights(runs, calib_file):
             "--nproc", "2"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(argv, env={**env, HOLD_ENV: "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for_hold(proc, out, 1, timeout=240)
     deadline = time.time() + 240
-    while time.time() < deadline and _state(out).get("done_block", -1) < 1:
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        time.sleep(0.2)
-    assert _state(out).get("done_block") == 1
     assert len(list((staging_dir(out) / "checkpoint").glob("inputs_0001_rank*"))) == 2
     victim = None
     while victim is None and time.time() < deadline:  # rank 1 may still be writing; it holds after its barrier

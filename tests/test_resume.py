@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,8 @@ from safetensors.torch import load_file
 from lmprune.run import checkpoint as ckpt_mod
 from lmprune.run.checkpoint import HOLD_ENV, MARKER, staging_dir
 from lmprune.cli import main
+
+from conftest import wait_for_hold
 
 
 def _args(model, out, calib, **over):
@@ -54,11 +55,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, deep_model, calib_file, 
     env = {**os.environ, HOLD_ENV: "1"}
     proc = subprocess.Popen([sys.executable, "-m", "lmprune.cli", *_args(deep_model, out, calib_file)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline and ((_state(out) or {}).get("done_block", -1) < 1):
-        assert proc.poll() is None, proc.stderr.read().decode()
-        time.sleep(0.1)
-    assert (_state(out) or {}).get("done_block") == 1
+    wait_for_hold(proc, out, 1)
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
     proc.stderr.close()
@@ -176,10 +173,7 @@ def test_streamed_run_killed_then_resumed_is_bit_identical(tmp_path, deep_model,
     args = _args(deep_model, out, calib_file) + ["--stream"]
     proc = subprocess.Popen([sys.executable, "-m", "lmprune.cli", *args], env={**os.environ, HOLD_ENV: "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline and ((_state(out) or {}).get("done_block", -1) < 1):
-        assert proc.poll() is None, proc.stderr.read().decode()
-        time.sleep(0.1)
+    wait_for_hold(proc, out, 1)
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
     proc.stderr.close()

@@ -8,12 +8,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from conftest import wait_for_hold
 from lmprune.cli import main
 from lmprune.run.checkpoint import HOLD_ENV, staging_dir
 
@@ -55,11 +55,7 @@ def _hold(args: list[str], out: Path, block: int, env_extra: dict | None = None)
     env = {**os.environ, HOLD_ENV: str(block), **(env_extra or {})}
     proc = subprocess.Popen([sys.executable, "-m", "lmprune.cli", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and _state(out).get("done_block", -1) < block:
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.1)
-    assert _state(out).get("done_block") == block
+    wait_for_hold(proc, out, block)
     return proc
 
 
