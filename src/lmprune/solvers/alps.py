@@ -106,7 +106,7 @@ def scaled_gram(gram: Gram, percdamp: float, eigh_dtype: str, dtype: str) -> Sca
     def compute() -> ScaledGram:
         h = gram.damped(percdamp, torch.float64)
         d = torch.diagonal(h).sqrt()
-        h = h / d.unsqueeze(1) / d.unsqueeze(0)
+        h.div_(d.unsqueeze(1)).div_(d.unsqueeze(0))  # in place: one float64 copy of H, not three
         wd = _DTYPES[dtype]
         return ScaledGram(h.to(wd), d.to(wd), _DTYPES[eigh_dtype])
 

@@ -214,14 +214,21 @@ class SolveFn(Protocol):
     def __call__(self, weight: Tensor, gram: Gram, pattern: Pattern, sparsity: float, **options: Any) -> SolveResult: ...
 
 
-def reconstruction_error(weight: Tensor, pruned: Tensor, gram: Gram | Tensor, rows: int = 256) -> tuple[float, float]:
-    """Absolute and relative ``tr((W−Ŵ) H (W−Ŵ)ᵀ)`` and ``/ tr(W H Wᵀ)``, computed in float64, ``rows`` output rows
-    at a time (so the float64 temporaries are a slice of the matrix, not three copies of it)."""
-    h = (gram.matrix if isinstance(gram, Gram) else gram).double()
+def reconstruction_error(
+    weight: Tensor, pruned: Tensor, gram: Gram | Tensor, rows: int = 256, cols: int = 2048
+) -> tuple[float, float]:
+    """Absolute and relative ``tr((W−Ŵ) H (W−Ŵ)ᵀ)`` and ``/ tr(W H Wᵀ)``, computed in float64.
+
+    ``H`` is taken ``cols`` columns at a time and the weights ``rows`` output rows at a time, so the float64
+    temporaries are panels of ``H`` and slices of the weights, never a float64 copy of either whole.
+    """
+    h = gram.matrix if isinstance(gram, Gram) else gram
     err = ref = 0.0
-    for start in range(0, weight.shape[0], rows):
-        w = weight[start : start + rows].double()
-        delta = w - pruned[start : start + rows].double()
-        err += ((delta @ h) * delta).sum().item()
-        ref += ((w @ h) * w).sum().item()
+    for c0 in range(0, h.shape[1], cols):
+        panel = h[:, c0 : c0 + cols].double()
+        for start in range(0, weight.shape[0], rows):
+            w = weight[start : start + rows].double()
+            delta = w - pruned[start : start + rows].double()
+            err += ((delta @ panel) * delta[:, c0 : c0 + cols]).sum().item()
+            ref += ((w @ panel) * w[:, c0 : c0 + cols]).sum().item()
     return err, (err / ref if ref > 0 else 0.0)

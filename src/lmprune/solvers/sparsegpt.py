@@ -30,18 +30,26 @@ class Options(SolverOptions):
 
 
 def inverse_hessian_factor(gram: Gram, percdamp: float) -> tuple[Tensor, int]:
-    """Upper Cholesky factor of ``(H + λI)⁻¹`` in float32; damping is raised tenfold until H is PD."""
+    """Upper Cholesky factor of ``(H + λI)⁻¹`` in float32; damping is raised tenfold until H is PD.
+
+    Each ``in x in`` step drops its input as soon as it has its output, so no more than two of them (float64 on
+    the CPU) are held at once.
+    """
 
     def compute() -> tuple[Tensor, int]:
         damp = percdamp
         for retry in range(6):
             h = gram.damped(damp, torch.float64 if gram.matrix.device.type == "cpu" else torch.float32)
-            try:
-                lower = torch.linalg.cholesky(h)
+            lower, info = torch.linalg.cholesky_ex(h)
+            del h
+            if int(info) == 0:
                 hinv = torch.cholesky_inverse(lower)
-                return torch.linalg.cholesky(hinv, upper=True).float(), retry
-            except torch.linalg.LinAlgError:
-                damp *= 10
+                del lower
+                upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+                del hinv
+                if int(info) == 0:
+                    return upper.float(), retry
+            damp *= 10
         raise torch.linalg.LinAlgError(f"Gram matrix not positive definite even with damping {damp:g}")
 
     return gram.cached(f"sparsegpt_hinv_{percdamp}", compute)
