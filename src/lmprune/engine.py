@@ -219,7 +219,7 @@ class BlockContext:
                 if fallback:
                     h = torch.eye(h.shape[0], device=h.device)
                     s, n = torch.zeros_like(s), 0
-            grams[lead] = Gram(h, n, s)
+            grams[lead] = Gram(h, n, s, shared_by=sum(group_of[r] == lead for r in rels))
         return {r: grams[group_of[r]] for r in rels}
 
     @torch.no_grad()

@@ -85,10 +85,15 @@ class ScaledGram:
     eigh_s: float = 0.0
     #: ``(H̃ + ρI)⁻¹`` by ρ, shared by the matrices of one input group (their ρ sequences usually agree)
     inverses: dict = field(default_factory=dict)
+    #: matrices reading this Gram (``Gram.shared_by``); with one, no inverse is ever asked for twice
+    shared_by: int = 1
 
     @property
     def max_inverses(self) -> int:
-        """A whole schedule's worth (about 12), within 2 GiB per Gram (in = 11008 keeps 4)."""
+        """A whole schedule's worth (about 12), within 2 GiB per Gram (in = 11008 keeps 4); one when no other
+        matrix reads the Gram."""
+        if self.shared_by <= 1:
+            return 1
         return max(1, min(16, (2 << 30) // (self.h.numel() * self.h.element_size())))
 
     def eig(self) -> tuple[Tensor, Tensor]:
@@ -108,7 +113,7 @@ def scaled_gram(gram: Gram, percdamp: float, eigh_dtype: str, dtype: str) -> Sca
         d = torch.diagonal(h).sqrt()
         h.div_(d.unsqueeze(1)).div_(d.unsqueeze(0))  # in place: one float64 copy of H, not three
         wd = _DTYPES[dtype]
-        return ScaledGram(h.to(wd), d.to(wd), _DTYPES[eigh_dtype])
+        return ScaledGram(h.to(wd), d.to(wd), _DTYPES[eigh_dtype], shared_by=gram.shared_by)
 
     return gram.cached(f"alps_scaled_{percdamp}_{eigh_dtype}_{dtype}", compute)
 
@@ -138,6 +143,7 @@ class RidgeSolver:
             q, lam = self.sg.eig()
             return torch.mm(q, (q.T @ rhs).div_((lam + rho).unsqueeze(1)), out=out)
         if rho != self._rho:
+            self._m = None  # the old inverse is released before the new one is built (unless cached)
             self._m, self._rho = self._shared_inverse(rho), rho
         return torch.mm(self._m, rhs, out=out)
 
@@ -158,9 +164,13 @@ class RidgeSolver:
         shifted.diagonal().add_(rho)
         lower, info = torch.linalg.cholesky_ex(shifted)
         if int(info) == 0:
+            del shifted
             return torch.cholesky_inverse(lower)
+        del lower
         lower = torch.linalg.cholesky(shifted.double())  # float32 round-off broke definiteness
-        return torch.cholesky_inverse(lower).to(shifted.dtype)
+        dtype = shifted.dtype
+        del shifted
+        return torch.cholesky_inverse(lower).to(dtype)
 
 
 def keep_mask_scaled(pattern: Pattern, b: Tensor, sparsity: float) -> Tensor:

@@ -31,12 +31,15 @@ class Gram:
     :meth:`cached` stores them so that q/k/v (or gate/up) pay for them once.
     """
 
-    def __init__(self, matrix: Tensor, n_tokens: int, sum_x: Tensor | None = None):
+    def __init__(self, matrix: Tensor, n_tokens: int, sum_x: Tensor | None = None, shared_by: int = 1):
         if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
             raise ValueError(f"Gram matrix must be square, got {tuple(matrix.shape)}")
         self.matrix = matrix
         self.n_tokens = int(n_tokens)
         self.sum_x = sum_x  # Σ x_t, for refiners that need the input mean (DSnoT)
+        #: how many matrices read this input (q/k/v: 3); a solver keeps factorisations for later readers only
+        #: when there are any
+        self.shared_by = int(shared_by)
         self._cache: dict[str, Any] = {}
 
     @classmethod
