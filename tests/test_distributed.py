@@ -27,9 +27,7 @@ from lmprune.run.checkpoint import HOLD_ENV, staging_dir
 
 HERE = Path(__file__).resolve().parent
 NSAMPLES = 5  # odd: 2 ranks hold 3 and 2 windows
-#: 320 tokens: more than the widest input (128), so every Gram matrix has full rank. With 120 tokens down_proj's
-#: is singular and ALPS's support search turns chaotic: Gram sums that differ in the last bit (2 ranks add them in
-#: another order) then end in another, equally good, support (masks 98.6% equal, rel_error within 1%).
+#: 320 tokens: more than the widest input (128), so every Gram matrix has full rank.
 SEQLEN = 64
 
 #: name -> extra options; each is pruned by 1 and by 2 processes
@@ -112,10 +110,9 @@ def _nll(run: Path, tokens: torch.Tensor) -> float:
 @pytest.mark.parametrize("name", list(CASES))
 def test_two_ranks_match_one(runs, name):
     one, two = runs["pairs"][name]
-    # ALPS's support search (ADMM with support-change restarts) is not continuous in the Gram matrix: sums that
-    # differ in the last bit can end in another support of equal quality (here: masks 98.6-99.x% equal, weights
-    # ~10% apart, per-matrix rel_error within 2%, perplexity within 1%). The other methods meet the tight bound.
-    chaotic = name.startswith("alps")
+    # The Gram sums are exact in float64 whatever the order windows and ranks add them in (engine.add_gram_), so
+    # the two runs differ only where a solver's float32 arithmetic depends on the thread count (here: ALPS's
+    # weights by ~2e-5, masks equal); the bounds below are the issue's.
     m1, m2 = _manifest(one), _manifest(two)
     assert m1["world_size"] == 1 and m2["world_size"] == 2
     assert m2["distributed"]["windows_per_rank"] == [[0, 3], [3, 5]]  # every window once, contiguous
@@ -130,12 +127,11 @@ def test_two_ranks_match_one(runs, name):
         same += int(((w1[k] != 0) == (w2[k] != 0)).sum())
         total += w1[k].numel()
         rel = float((w1[k] - w2[k]).norm() / w1[k].norm().clamp_min(1e-12))
-        assert chaotic or rel < 1e-3, (k, rel)
-    assert same / total >= (0.98 if chaotic else 0.999), same / total
+        assert rel < 1e-3, (k, rel)
+    assert same / total >= 0.999, same / total
     for a, b in zip(m1["layers"], m2["layers"]):  # the records of every rank's matrices reach rank 0
         assert a["name"] == b["name"] and a["pattern_ok"] and b["pattern_ok"]
-        tol = 0.02 if chaotic else 1e-3
-        assert abs(a["rel_error"] - b["rel_error"]) <= tol * max(a["rel_error"], 1e-6) + 1e-6
+        assert abs(a["rel_error"] - b["rel_error"]) <= 1e-3 * max(a["rel_error"], 1e-6) + 1e-6
     assert abs(m1["achieved_sparsity"] - m2["achieved_sparsity"]) < 1e-3
     if "owl" in name or "alpha" in name:
         t1 = {m["name"]: m["target"] for m in m1["allocation_detail"]["matrices"]}

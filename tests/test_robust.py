@@ -126,6 +126,20 @@ def test_offload_plans_activations_on_the_host():
     assert kept.peak("device")[1] > 64 * MiB  # the CUDA context at least
 
 
+def test_gram_sums_are_planned_in_float64_during_the_statistics_pass():
+    """The engine sums Gram matrices in float64 (engine.add_gram_) and solves with float32 copies: the plan
+    holds the sums in the statistics phase and the copies, beside the solver's workspace, in the prune phase."""
+    plan = _cuda_plan(device="cpu")
+    parts = {c.name: c for c in plan.components}
+    sums, grams = parts["Gram sums of one block (float64)"], parts["Gram matrices of one block (float32)"]
+    assert sums.phases == ("statistics",) and grams.phases == ("prune",)
+    d, ff = 64, _config("llama").intermediate_size
+    held = 3 * (d * d + d) + ff * ff + ff  # q/k/v, o and gate/up read d inputs; down_proj reads ff
+    assert grams.bytes == 4 * held
+    assert sums.bytes == 8 * held + 4 * (ff * ff + ff) + 4 * ff * ff
+    assert all("statistics" in c.phases for c in plan.components if c.name.startswith("calibration activations"))
+
+
 def test_offload_dir_plans_activations_on_disk():
     """On the CPU, --offload-dir takes the activations out of host memory (one window's input and output stay)."""
     kept = _cuda_plan(device="cpu")

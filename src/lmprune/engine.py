@@ -7,7 +7,8 @@ For calibration windows ``X⁰`` (the embeddings of ``nsamples`` token windows):
    ``position_embeddings`` ...), by stopping the model at block 0;
 2. :func:`run_engine`, for each block ``b`` (moved alone to the compute device):
    a. the *block strategy* prunes its matrices through a :class:`BlockContext` -- by default one pass of the
-      inputs through the block with hooks accumulating ``H = Σ xxᵀ`` (float32) per shared input, then for every
+      inputs through the block with hooks accumulating ``H = Σ xxᵀ`` (float64 sums of float32 window products,
+      rounded once to float32) per shared input, then for every
       matrix the run's :class:`~lmprune.layer_pruner.LayerPruner` (solver → refiner at the run's pattern);
    b. the pruned block's outputs on the same inputs replace them in the store (error propagation);
    c. the ``events`` object hears of the block's start and end (streaming loads and writes a block there, the
@@ -35,6 +36,22 @@ from .models.adapters import FamilyAdapter
 from .models.discovery import call_blocks
 from .models.experts import ExpertMatrix, tap_experts
 from .solvers.base import Gram, SolveResult, reconstruction_error
+
+
+#: rows of ``xᵀx`` computed at once by :func:`add_gram_` (bounds its float32 temporary to ``rows x in``)
+GRAM_ROWS = 2048
+
+
+def add_gram_(h: Tensor, x: Tensor) -> None:
+    """``h += xᵀx`` for one window's rows ``x`` (tokens x in, float32) into the float64 sum ``h``.
+
+    The window's product is computed in float32, as before; the running sum is float64. A sum of float32
+    terms is exact in float64 unless they span more than 2²⁹ in magnitude, so the total does not depend on the
+    order windows are added in: one process adding windows 0..n-1 and ranks adding their shares then each
+    other's reach the same bits, and the Gram matrices of 1 and of N ranks agree exactly.
+    """
+    for lo in range(0, h.shape[0], GRAM_ROWS):
+        h[lo:lo + GRAM_ROWS].add_(x[:, lo:lo + GRAM_ROWS].T @ x)
 
 
 @torch.no_grad()
@@ -180,7 +197,8 @@ class BlockContext:
 
     @torch.no_grad()
     def collect_grams(self, rels: Iterable[str], expert_min_tokens: int = 1) -> dict[str, Gram]:
-        """One pass through the block; ``H = Σ xxᵀ`` (float32) of each linear's input.
+        """One pass through the block; ``H = Σ xxᵀ`` of each linear's input, summed in float64 over windows and
+        ranks (:func:`add_gram_`) and rounded once to float32.
 
         Linears of one input group share a single :class:`Gram` object (and its cached factorisations). An
         expert's matrices get the Gram matrix of the tokens routed to it; an expert that received fewer than
@@ -191,16 +209,19 @@ class BlockContext:
         group_of = self._leaders(rels)
         leaders = list(dict.fromkeys(group_of[r] for r in rels))
         acc: dict[str, list] = {}
+        f64 = torch.float64
         for lead in leaders:
             d = self._linears[lead].in_features
-            acc[lead] = [torch.zeros(d, d, device=self.device), torch.zeros(d, device=self.device), 0]
+            acc[lead] = [torch.zeros(d, d, dtype=f64, device=self.device),
+                         torch.zeros(d, dtype=f64, device=self.device), 0]
 
         def add(rel: str, x: Tensor, _out: Tensor) -> None:
-            x = x.reshape(-1, x.shape[-1]).float()
             h, s, _ = acc[rel]
-            h.addmm_(x.T, x)
-            s.add_(x.sum(0))
-            acc[rel][2] += x.shape[0]
+            for window in x if x.ndim == 3 else [x]:  # window by window, whatever the batch holds
+                window = window.reshape(-1, window.shape[-1]).float()
+                add_gram_(h, window)
+                s.add_(window.sum(0))
+                acc[rel][2] += window.shape[0]
 
         with self._hooks(leaders, add):
             self._run_inputs()
@@ -211,7 +232,9 @@ class BlockContext:
                 acc[lead][2] = int(count.item())
         self.expert_notes = {}
         grams = {}
-        for lead, (h, s, n) in acc.items():
+        for lead in leaders:
+            h, s, n = acc.pop(lead)
+            h, s = h.float(), s.float()  # one rounding to float32, after all windows and ranks are summed
             if self.adapter.is_expert(lead):
                 fallback = n < expert_min_tokens
                 for r in (r for r in rels if group_of[r] == lead):
@@ -224,12 +247,14 @@ class BlockContext:
 
     @torch.no_grad()
     def collect_input_norms(self, rels: Iterable[str]) -> dict[str, Tensor]:
-        """One pass through the block; ``‖X_j‖₂`` of each linear's input (one per input group), float32. An
+        """One pass through the block; ``‖X_j‖₂`` of each linear's input (one per input group), summed in float64
+        like the Gram matrices (see :func:`add_gram_`) and returned in float32. An
         expert that no token was routed to gets unit norms (its matrices are then judged by magnitude)."""
         rels = list(rels)
         group_of = self._leaders(rels)
         leaders = list(dict.fromkeys(group_of.values()))
-        acc = {lead: torch.zeros(self._linears[lead].in_features, device=self.device) for lead in leaders}
+        acc = {lead: torch.zeros(self._linears[lead].in_features, dtype=torch.float64, device=self.device)
+               for lead in leaders}
 
         def add(rel: str, x: Tensor, _out: Tensor) -> None:
             acc[rel].add_(x.reshape(-1, x.shape[-1]).float().pow(2).sum(0))
@@ -237,10 +262,12 @@ class BlockContext:
         with self._hooks(leaders, add):
             self._run_inputs()
         self.world.all_reduce_([acc[lead] for lead in leaders])
+        norms = {}
         for lead in leaders:
             if self.adapter.is_expert(lead) and not acc[lead].any():
                 acc[lead].fill_(1.0)
-        return {r: acc[group_of[r]].sqrt() for r in rels}
+            norms[lead] = acc[lead].sqrt().float()
+        return {r: norms[group_of[r]] for r in rels}
 
     @torch.no_grad()
     def capture(self, rels: Iterable[str], what: str = "input") -> dict[str, Tensor]:

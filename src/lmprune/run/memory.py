@@ -10,9 +10,11 @@ load       runtime + model weights + loader transient (GGUF dequantisation, safe
 calibrate  runtime + weights + tokenising the calibration text (a stream source is tokenised whole:
            about 400 bytes per token while the tokenizer's encoding and the Python id list coexist)
 allocate   runtime + weights + (OWL) dense activations and one block's Gram matrices
-prune      runtime + weights + calibration activations (inputs and outputs of the current block, in the
-           model's dtype) + one block's forward intermediates + its Gram matrices (float32 ``in x in`` per
-           shared input) + the solver's workspace on its largest matrix
+statistics runtime + weights + calibration activations (inputs and outputs of the current block, in the
+           model's dtype) + one block's forward intermediates + its Gram sums (float64 ``in x in`` per shared
+           input while the windows are added, rounded to float32 one input at a time)
+prune      runtime + weights + calibration activations + one block's forward intermediates + its Gram
+           matrices (float32) + the solver's workspace on its largest matrix
 eval       runtime + weights + logits of one evaluation window (float32 ``seqlen x vocab``, x3 for the loss)
 save       runtime + weights + serialisation buffer
 reload     runtime + weights + the reloaded copy the reload check compares against (+ its loader transient)
@@ -39,6 +41,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, Job, PruneConfig
+from ..engine import GRAM_ROWS
 from ..registry import BLOCK_METHODS, REFINERS, SOLVERS, block_method_of
 
 MiB = 2**20
@@ -67,7 +70,7 @@ class MemoryPlan:
     device: str
     components: list[Component] = field(default_factory=list)
 
-    PHASES = ("load", "calibrate", "allocate", "prune", "eval", "save", "reload")
+    PHASES = ("load", "calibrate", "allocate", "statistics", "prune", "eval", "save", "reload")
 
     def add(self, name: str, nbytes: float, phases: tuple[str, ...] | str = PHASES, where: str = "host") -> None:
         phases = (phases,) if isinstance(phases, str) else tuple(phases)
@@ -121,13 +124,13 @@ class MemoryPlan:
         half = self.summary.get("dtype") in ("float16", "bfloat16")
         if where == "host":
             tips = ["lower --nsamples or --seqlen (calibration activations grow with both)"]
-            if phase in ("allocate", "prune") and not self.summary.get("offload_dir"):
+            if phase in ("allocate", "statistics", "prune") and not self.summary.get("offload_dir"):
                 tips.append("use --offload-dir DIR (keeps them in files)")
             if not half:
                 tips.append("use --dtype bfloat16")
             if self.device == "cpu":
                 tips.append("prune on --device cuda")
-            elif offload and phase in ("allocate", "prune"):
+            elif offload and phase in ("allocate", "statistics", "prune"):
                 tips.append("drop --offload-activations (the activations then live on the device)")
             return ", ".join(tips) + ", or skip --eval"
         if phase == "eval":
@@ -213,7 +216,10 @@ def plan_memory(
     d_ff = max(lin.out_features for lin in linears.values())
     leaders = [r for g in adapter.groups for r in g[:1] if r in linears]
     gram_sizes = [linears[r].in_features for r in leaders]
-    grams = 4.0 * (max(i * i + i for i in gram_sizes) if config.sequential else sum(i * i + i for i in gram_sizes))
+    held = [max(i * i + i for i in gram_sizes)] if config.sequential else [i * i + i for i in gram_sizes]
+    grams = 4.0 * sum(held)
+    # float64 sums, the float32 copy of one of them while it is rounded, and add_gram_'s float32 product panel
+    gram_sums = 8.0 * sum(held) + 4.0 * max(held) + 4.0 * max(min(GRAM_ROWS, i) * i for i in gram_sizes)
     work = max(_solver_workspace(config, lin.out_features, lin.in_features, tokens, d_ff) for lin in linears.values())
     if block_method_of(config.method) != "layerwise":
         grams += 4.0 * sum(i * i for i in gram_sizes)  # the FFN's own Gram matrices beside the attention's
@@ -234,7 +240,7 @@ def plan_memory(
     if stream:
         plan.add("non-block weights (embeddings, norm, head)", weights - len(blocks) * block_bytes)
         plan.add("one block's weights (+ its shard read back)", 2 * block_bytes,
-                 ("prune", "save", "reload"))
+                 ("statistics", "prune", "save", "reload"))
     else:
         plan.add("model weights", weights)
         kind = "gguf" if source_kind in ("gguf", "alias") else "dir"
@@ -243,7 +249,7 @@ def plan_memory(
     if text_tokens.get("calib"):
         plan.add(f"calibration tokenisation ({text_tokens['calib']} tokens)", TOKENISE_BYTES * text_tokens["calib"],
                  "calibrate")
-    prune = ("allocate", "prune") if config.allocation == "owl" else ("prune",)
+    prune = ("allocate", "statistics", "prune") if config.allocation == "owl" else ("statistics", "prune")
     act_name = f"{ACTIVATIONS} (2 x {n_rank} x {seqlen} x {d})"
     if config.offload_dir is not None:
         plan.add(f"{act_name}, on disk", activations, prune, "disk")
@@ -255,13 +261,14 @@ def plan_memory(
     else:
         plan.add(act_name, activations, prune, where)
     plan.add("block forward intermediates (one window)", forward, prune, where)
-    plan.add("Gram matrices of one block (float32)", grams, prune, where)
+    plan.add("Gram sums of one block (float64)", gram_sums, "statistics", where)
+    plan.add("Gram matrices of one block (float32)", grams, "prune", where)
     label = config.solver_name if block_method_of(config.method) == "layerwise" else config.method
     plan.add(f"solver workspace ({label})",
              work, "prune", where)
     if on_device:
-        plan.add("one block's weights", block_params * width, "prune", "device")
-        plan.add("CUDA context", CUDA_CONTEXT, ("prune", "eval"), "device")
+        plan.add("one block's weights", block_params * width, ("statistics", "prune"), "device")
+        plan.add("CUDA context", CUDA_CONTEXT, ("statistics", "prune", "eval"), "device")
     if eval_datasets:
         L = eval_seqlen or seqlen
         plan.add(f"evaluation logits ({L} x {vocab}, float32, x3)", 12.0 * L * vocab, "eval", where)
