@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM
 
 from lmprune.cli import main

@@ -3,7 +3,7 @@ import torch
 
 from lmprune.patterns import parse_pattern
 from lmprune.refiners.dsnot import Options, refine
-from lmprune.solvers import Gram, SolveResult, get_solver
+from lmprune.solvers import Gram, get_solver
 
 
 def _problem(seed=0, n=2048, din=128, dout=48, dead=()):

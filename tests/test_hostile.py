@@ -150,7 +150,7 @@ def test_truncated_gguf_cli(synthetic_gguf, tmp_path, calib_file, capsys, where)
     assert main(_prune(cut, out, calib_file)) == 2
     err = _one_line_error(capsys)
     assert f"GGUF file {cut} is truncated or corrupt" in err
-    assert (f"the file's 100 bytes" if where == "header" else f"its header declares {size} bytes") in err
+    assert ("the file's 100 bytes" if where == "header" else f"its header declares {size} bytes") in err
     _nothing_written(tmp_path, out)
 
 

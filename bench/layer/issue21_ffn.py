@@ -85,7 +85,7 @@ def main() -> None:
                       f"{out.stats['best_round']} | {time.perf_counter() - t0:.0f} |", flush=True)
                 if args.by_round:
                     yy = float(y.double().pow(2).sum())
-                    print(f"|   | | error after each round | " + ", ".join(f"{e / yy:.4g}" for e in out.stats["ffn_error"])
+                    print("|   | | error after each round | " + ", ".join(f"{e / yy:.4g}" for e in out.stats["ffn_error"])
                           + " | | | |", flush=True)
 
 

@@ -14,7 +14,6 @@ import argparse
 import re
 from collections import defaultdict
 
-import torch
 from safetensors import safe_open
 
 
