@@ -105,7 +105,8 @@ class MemoryPlan:
             f"{'component':48s} {'where':6s} {'phases':32s} {'MiB':>10s}",
         ]
         for c in self.components:
-            lines.append(f"{c.name:48s} {c.where:6s} {','.join(c.phases):32s} {c.bytes / MiB:10.1f}")
+            phases = "all" if c.phases == self.PHASES else ",".join(c.phases)
+            lines.append(f"{c.name:48s} {c.where:6s} {phases:32s} {c.bytes / MiB:10.1f}")
         for where in ("host", "device") if self.device != "cpu" else ("host",):
             phase, peak = self.peak(where)
             lines.append(f"estimated peak {where} memory: {peak / MiB:.0f} MiB (during {phase})")
