@@ -257,7 +257,8 @@ class BlockContext:
                for lead in leaders}
 
         def add(rel: str, x: Tensor, _out: Tensor) -> None:
-            acc[rel].add_(x.reshape(-1, x.shape[-1]).float().pow(2).sum(0))
+            for window in x if x.ndim == 3 else [x]:
+                acc[rel].add_(window.reshape(-1, window.shape[-1]).float().pow(2).sum(0))
 
         with self._hooks(leaders, add):
             self._run_inputs()
