@@ -10,7 +10,10 @@ Every cell is ``ROOT/<model dir name>/<method>`` (``--root``, default ``bench/ou
 ``lmprune.json`` is skipped, so the benchmark resumes cell by cell. Each run prunes block 0 only
 (``--blocks 0``) and propagates the others dense, at ``--threads`` threads (``OMP_NUM_THREADS``). With
 ``--project TOKENS``, the table adds the whole-model time at ``TOKENS`` calibration tokens per block and the
-model's published block count: calibration passes scale with the tokens, solves do not.
+model's published block count: calibration passes scale with the tokens, solves do not. ``--scale-to
+SHAPE,...`` adds rows for shapes that were not run, scaled from each measured cell by FLOPs (labelled as such):
+a block's passes by its parameter count, its layer-wise solves by ``Σ (in³ + out·in²)`` over its matrices
+(the inverse-Hessian factorisation and the column sweep or ADMM products).
 """
 
 from __future__ import annotations
@@ -66,6 +69,41 @@ def row(cell: Path, project_tokens: int | None) -> str | None:
     return out
 
 
+def _matrices(shape: dict) -> list[tuple[int, int]]:
+    """``(out, in)`` of one LLaMA block's seven matrices."""
+    d, ff = shape["hidden_size"], shape["intermediate_size"]
+    kv = d // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    return [(d, d), (kv, d), (kv, d), (d, d), (ff, d), (ff, d), (d, ff)]
+
+
+def scaled_rows(cells: list[Path], targets: list[str], project_tokens: int) -> list[str]:
+    """Whole-model hours at ``project_tokens`` for shapes not run, from each measured cell scaled by FLOPs."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from shapes import SHAPES
+
+    rows = []
+    for cell in cells:
+        path = cell / "lmprune.json"
+        measured = json.loads((cell.parent / "shape.json").read_text()).get("shape") if path.exists() else None
+        if measured not in SHAPES:
+            continue
+        m = json.loads(path.read_text())
+        solve = sum(r["time_s"] for r in m["layers"] if r["block"] == 0)
+        calib = m["calibration_time_s"] - sum(m["block_times_s"][1:])
+        tokens = m["calibration"]["nsamples"] * m["calibration"]["seqlen"]
+        src = _matrices(SHAPES[measured])
+        params = sum(o * i for o, i in src)
+        cubic = sum(i**3 + o * i * i for o, i in src)
+        for target in targets:
+            dst = _matrices(SHAPES[target])
+            t_calib = calib * sum(o * i for o, i in dst) / params * project_tokens / tokens
+            t_solve = solve * sum(i**3 + o * i * i for o, i in dst) / cubic
+            hours = SHAPES[target]["num_hidden_layers"] * (t_calib + t_solve) / 3600
+            rows.append(f"| {target} (scaled from {measured} by FLOPs) | {m['method']} | {project_tokens} | "
+                        f"{t_calib:.0f} | {t_solve:.0f} | {hours:.1f} |")
+    return rows
+
+
 def table(cells: list[Path], project_tokens: int | None) -> str:
     head = ("| shape | method | calib tokens | calibration passes, block 0 (s) | solves, block 0 (s) | block 0 wall (s) "
             "| peak RSS (MiB) | dry-run peak (MiB) | checkpoint after block 0 (MiB) | its write (s) |")
@@ -88,6 +126,8 @@ def main() -> int:
     ap.add_argument("--data-dir", default=os.environ.get("LMPRUNE_DATA_DIR"))
     ap.add_argument("--table", action="store_true", help="print the table of finished cells, run nothing")
     ap.add_argument("--project", type=int, default=None, metavar="TOKENS")
+    ap.add_argument("--scale-to", default="", metavar="SHAPE,...",
+                    help="with --project: FLOP-scaled whole-model projections for these shapes")
     args = ap.parse_args()
     cells = []
     for model in args.models:
@@ -100,6 +140,10 @@ def main() -> int:
             if not args.table:
                 run_cell(model, method, root / method, args)
     print(table(cells, args.project))
+    if args.project and args.scale_to:
+        print("\n| shape | method | calib tokens per block | calibration passes per block (s) | solves per block (s) "
+              "| whole model, projected (h) |\n|---|---|---:|---:|---:|---:|")
+        print("\n".join(scaled_rows(cells, args.scale_to.split(","), args.project)))
     return 0
 
 
