@@ -249,6 +249,7 @@ def solve(
     w = weight.detach().to(wd).clone()
     w[:, gram.dead()] = 0
     b0 = (sg.d.unsqueeze(1) * w.T).contiguous()
+    del w
     g = sg.h @ b0
     r0 = float((b0 * g).sum())
     ridge = RidgeSolver(sg, opt.ridge)
@@ -321,6 +322,8 @@ def solve(
     else:
         mask = keep_mask_scaled(pattern, b, sparsity)
         x0 = b * mask
+    # the ADMM state (about seven in x out tensors) is done with: PCG allocates its own six
+    del b, b0, dvar, v, rhs, d_init, keep, prev_keep, last_keep
     pcg = masked_pcg(sg.h, g, mask, x0, iters=opt.pcg_iters, track_objective=True if opt.pcg_track else "ends")
     x = pcg.x * mask
     # r0 = 0: the weight produces no output on these inputs (all zero, or only on dead inputs): nothing to lose
