@@ -50,7 +50,8 @@ class Plugin:
     options_attr: str = "Options"
     #: Working memory beyond its inputs, in float32 words, for an ``out x in`` matrix: ``a·in² + b·out·in``
     #: (+ ``c·tokens·d_ff`` for a block method holding the feed-forward activations), for the memory plan.
-    #: SparseGPT's and ALPS's were measured at LLaMA-2-7B's down_proj with bench/scale/matrix_memory.py.
+    #: Magnitude's, Wanda's, SparseGPT's and ALPS's were measured at LLaMA-2-7B shapes with
+    #: bench/scale/matrix_memory.py (bench/RESULTS.md, issue 18).
     workspace: tuple[int, int, int] = (0, 0, 0)
 
     def load(self):
@@ -119,9 +120,9 @@ class Registry(Generic[P]):
 
 SOLVERS: Registry[Plugin] = Registry("solver", "solver_options", [
     Plugin("magnitude", "lmprune.solvers.magnitude", "solve", "keep the largest |W| (no calibration data)",
-           workspace=(0, 3, 0)),
+           workspace=(0, 2, 0)),
     Plugin("wanda", "lmprune.solvers.wanda", "solve", "keep the largest |W|·‖X‖ per output row, no update",
-           workspace=(0, 5, 0)),
+           workspace=(0, 2, 0)),
     Plugin("sparsegpt", "lmprune.solvers.sparsegpt", "solve", "OBS reconstruction, adaptive mask per 128 columns",
            workspace=(4, 1, 0)),
     Plugin("alps", "lmprune.solvers.alps", "solve",
