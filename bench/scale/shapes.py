@@ -9,6 +9,7 @@ structure, memory and time. The model is never materialised: it is built on ``me
     python bench/scale/shapes.py llama2-7b --blocks 2 --out /work/scale/llama2-7b-2
     python bench/scale/shapes.py llama3-70b --blocks 1 --out /work/scale/llama3-70b-1
     python bench/scale/shapes.py llama2-7b --out /work/scale/llama2-7b          # all 32 blocks, 13.5 GB
+    python bench/scale/shapes.py llama3-70b --config-only --out /work/scale/llama3-70b-plan   # for --dry-run
 
 The tokenizer is a small byte-level BPE (4096 tokens) trained on the WikiText-2 text of the data
 directory (its test split: no evaluation of these random models is meaningful): any token id it produces is valid for every vocabulary here, and tokenisation cost is not what is
@@ -62,7 +63,7 @@ def _draw(shape: tuple[int, ...], name: str, gen: torch.Generator) -> torch.Tens
     return (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
 
 
-def build(shape: str, out: Path, blocks: int | None, seed: int, data_dir: Path) -> dict:
+def build(shape: str, out: Path, blocks: int | None, seed: int, data_dir: Path, config_only: bool = False) -> dict:
     sizes = dict(SHAPES[shape])
     if blocks is not None:
         sizes["num_hidden_layers"] = blocks
@@ -72,6 +73,8 @@ def build(shape: str, out: Path, blocks: int | None, seed: int, data_dir: Path) 
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out)
     tokenizer(data_dir).save_pretrained(out)
+    if config_only:  # what `lmprune prune --dry-run` reads: the memory plan of a model too large to write
+        return {"shape": shape, "blocks": config.num_hidden_layers, "config_only": True}
     gen = torch.Generator().manual_seed(seed)
     n = config.num_hidden_layers
     shards: dict[str, dict[str, tuple]] = {}
@@ -104,8 +107,10 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=None, help="decoder blocks to keep (default: the model's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", type=Path, default=Path(os.environ.get("LMPRUNE_DATA_DIR", "../shared/data")))
+    ap.add_argument("--config-only", action="store_true",
+                    help="write the config and tokenizer only (enough for `lmprune prune --dry-run`)")
     args = ap.parse_args()
-    print(json.dumps(build(args.shape, args.out, args.blocks, args.seed, args.data_dir)))
+    print(json.dumps(build(args.shape, args.out, args.blocks, args.seed, args.data_dir, args.config_only)))
 
 
 if __name__ == "__main__":
