@@ -160,3 +160,31 @@ def wait_for_hold(proc: subprocess.Popen, out: Path, block: int, timeout: float 
             return
         time.sleep(0.1)
     raise AssertionError(f"no hold after block {block} within {timeout:.0f} s")
+
+
+def prune_tiny(model, method: str, pattern: str, calib_file: Path, tokenizer, **options) -> dict:
+    """``api.prune`` at 50% on 2 calibration windows of 16 tokens: the discovery and MoE tests' run."""
+    from lmprune import api
+    from lmprune.config import build_config
+
+    config = build_config(method=method, sparsity=0.5, pattern=pattern, calib=str(calib_file), nsamples=2,
+                          seqlen=16, **options)
+    return api.prune(model, tokenizer, config, progress=False)
+
+
+def prune_every_method(build, calib_file: Path, tokenizer, check) -> torch.nn.Module:
+    """magnitude, wanda, sparsegpt and alps × {unstructured, 2:4}, each on a fresh ``build()``: the pattern holds
+    at exactly 50%, ``check(model, report)`` passes, and SparseGPT's summed layer error is below magnitude's.
+    Returns the last pruned model (alps, 2:4)."""
+    errors = {}
+    for pattern in ("unstructured", "2:4"):
+        for method in ("magnitude", "wanda", "sparsegpt", "alps"):
+            model = build()
+            report = prune_tiny(model, method, pattern, calib_file, tokenizer)
+            assert report["pattern_ok"]
+            assert report["achieved_sparsity"] == pytest.approx(0.5, abs=1e-9)
+            check(model, report)
+            errors[pattern, method] = sum(r["rel_error"] for r in report["layers"])
+    for pattern in ("unstructured", "2:4"):
+        assert errors[pattern, "sparsegpt"] < errors[pattern, "magnitude"]
+    return model
