@@ -54,6 +54,14 @@ def add_gram_(h: Tensor, x: Tensor) -> None:
         h[lo:lo + GRAM_ROWS].add_(x[:, lo:lo + GRAM_ROWS].T @ x)
 
 
+def _windows(x: Tensor) -> Iterable[Tensor]:
+    """A hooked input as ``tokens x in`` float32 rows, one window at a time: a batched pass (``b x seq x in``)
+    is split so that sums are added per window whatever the batch, or the rank, holds; routed expert tokens
+    (already ``tokens x in``) come as they are."""
+    for window in x if x.ndim == 3 else [x]:
+        yield window.reshape(-1, window.shape[-1]).float()
+
+
 @torch.no_grad()
 def capture_inputs(
     model: nn.Module, adapter: FamilyAdapter, windows: Tensor, store: ActivationStore, progress: bool = True
@@ -217,8 +225,7 @@ class BlockContext:
 
         def add(rel: str, x: Tensor, _out: Tensor) -> None:
             h, s, _ = acc[rel]
-            for window in x if x.ndim == 3 else [x]:  # window by window, whatever the batch holds
-                window = window.reshape(-1, window.shape[-1]).float()
+            for window in _windows(x):
                 add_gram_(h, window)
                 s.add_(window.sum(0))
                 acc[rel][2] += window.shape[0]
@@ -257,8 +264,8 @@ class BlockContext:
                for lead in leaders}
 
         def add(rel: str, x: Tensor, _out: Tensor) -> None:
-            for window in x if x.ndim == 3 else [x]:
-                acc[rel].add_(window.reshape(-1, window.shape[-1]).float().pow(2).sum(0))
+            for window in _windows(x):
+                acc[rel].add_(window.pow(2).sum(0))
 
         with self._hooks(leaders, add):
             self._run_inputs()
