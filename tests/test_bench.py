@@ -153,3 +153,21 @@ def test_tables_regenerate_the_allocation_table_of_results():
     results = (BENCH / "RESULTS.md").read_text()
     lines = [x for line in tables.allocation_view(runs) for x in line.split("\n") if x.strip()]
     assert all(line in results for line in lines)
+
+
+def test_scale_tables_read_a_streamed_run(tmp_path, tiny_model_dirs, calib_file):
+    """``bench/scale``'s per-block and whole-run tables on a real (tiny) streamed run's manifest."""
+    blocks = _module("scale/blocks")
+    whole_run = _module("scale/whole_run")
+    model = tiny_model_dirs["llama"]
+    out = tmp_path / "tiny" / "sparsegpt"
+    proc = subprocess.run([sys.executable, "-m", "lmprune.cli", "prune", "--model", str(model), "--method",
+                           "sparsegpt", "--sparsity", "0.5", "--stream", "--calib", str(calib_file), "--nsamples", "2",
+                           "--seqlen", "16", "--out", str(out), "--quiet"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    row = blocks.row(out, project_tokens=64)
+    assert row.startswith("| tiny | sparsegpt | 32 |") and row.count("|") == 12
+    lines = whole_run.table(out, per_block=out).splitlines()
+    assert lines[2].startswith("| llama | sparsegpt | 1 × ") and "| 32 | 2 |" in lines[2]
+    assert lines[2].endswith("| 0.5000 | ok |")
+    assert "× 2 blocks" in lines[-1]

@@ -52,7 +52,8 @@ def table(out: Path, per_block: Path | None) -> str:
     rss = (m.get("distributed") or {}).get("peak_rss_mb_per_rank") or [m["peak_rss_mb"]]
     plan = (m.get("memory_plan") or {}).get("peak_host_mib")
     io = m.get("checkpoint_io") or {}
-    shape = json.loads((Path(m["model"]["path"]) / "shape.json").read_text()).get("shape", "?")
+    shape_file = Path(m["model"]["path"]) / "shape.json"
+    shape = json.loads(shape_file.read_text())["shape"] if shape_file.exists() else m["model"]["model_type"]
     head = ("| shape | method | ranks × threads | calib tokens | blocks | wall (h) | calibration passes (s) "
             "| solves, summed over owners (s) | block wall mean / min / max (s) | peak RSS per rank (MiB) "
             "| dry-run peak per rank (MiB) | checkpoints written (MiB, s) | pruned shards (GiB) | sparsity | reload check |")
