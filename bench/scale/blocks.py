@@ -36,7 +36,7 @@ def run_cell(model: Path, method: str, out: Path, args: argparse.Namespace) -> N
         return
     cmd = [sys.executable, "-m", "lmprune.cli", "prune", "--model", str(model), "--method", method,
            "--sparsity", "0.5", "--stream", "--blocks", "0", "--calib", "c4", "--nsamples", str(args.nsamples),
-           "--seqlen", str(args.seqlen), "--out", str(out), "--quiet", "--dtype", "bfloat16"]
+           "--seqlen", str(args.seqlen), "--out", str(out), "--quiet", "--dtype", "bfloat16", "--device", args.device]
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
@@ -59,8 +59,11 @@ def row(cell: Path, project_tokens: int | None) -> str | None:
     io = m.get("checkpoint_io") or {}
     per_block = (io.get("per_block") or [{}])[0]
     tokens = m["calibration"]["nsamples"] * m["calibration"]["seqlen"]
+    peak = f"{m['peak_rss_mb']:.0f}" + (f" (GPU {m['peak_cuda_mb']:.0f})" if m.get("peak_cuda_mb") else "")
+    if m.get("memory_plan", {}).get("peak_device_mib"):
+        plan = f"{plan} (GPU {m['memory_plan']['peak_device_mib']})"
     out = (f"| {shape.get('shape', cell.parent.name)} | {m['method']} | {tokens} | {calib:.1f} | {solve:.1f} | "
-           f"{block0:.1f} | {m['peak_rss_mb']:.0f} | {plan if plan is not None else '–'} | "
+           f"{block0:.1f} | {peak} | {plan if plan is not None else '–'} | "
            f"{per_block.get('bytes', 0) / 2**20:.0f} | {per_block.get('seconds', float('nan')):.1f} |")
     if project_tokens:
         blocks = FULL_BLOCKS.get(shape.get("shape", ""), m["n_blocks"])
@@ -122,6 +125,7 @@ def main() -> int:
     ap.add_argument("--nsamples", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (peak GPU memory then joins the table)")
     ap.add_argument("--root", type=Path, default=REPO / "bench" / "out" / "scale")
     ap.add_argument("--data-dir", default=os.environ.get("LMPRUNE_DATA_DIR"))
     ap.add_argument("--table", action="store_true", help="print the table of finished cells, run nothing")

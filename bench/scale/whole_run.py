@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> None:
         return
     cmd = [sys.executable, "-m", "lmprune.cli", "prune", "--model", str(args.model), "--method", args.method,
            "--sparsity", str(args.sparsity), "--stream", "--calib", "c4", "--nsamples", str(args.nsamples),
-           "--seqlen", str(args.seqlen), "--dtype", "bfloat16", "--out", str(args.out), "--quiet"]
+           "--seqlen", str(args.seqlen), "--dtype", "bfloat16", "--out", str(args.out), "--quiet", "--device", args.device]
     if args.nproc > 1:
         cmd += ["--nproc", str(args.nproc)]
     if args.data_dir:
@@ -51,6 +51,9 @@ def table(out: Path, per_block: Path | None) -> str:
     world = m.get("world_size", 1)
     rss = (m.get("distributed") or {}).get("peak_rss_mb_per_rank") or [m["peak_rss_mb"]]
     plan = (m.get("memory_plan") or {}).get("peak_host_mib")
+    if (m.get("memory_plan") or {}).get("peak_device_mib"):
+        plan = f"{plan} (GPU {m['memory_plan']['peak_device_mib']})"
+    gpu = f" (GPU, rank 0: {m['peak_cuda_mb']:.0f})" if m.get("peak_cuda_mb") else ""
     io = m.get("checkpoint_io") or {}
     shape_file = Path(m["model"]["path"]) / "shape.json"
     shape = json.loads(shape_file.read_text())["shape"] if shape_file.exists() else m["model"]["model_type"]
@@ -62,7 +65,7 @@ def table(out: Path, per_block: Path | None) -> str:
     row = (f"| {shape} | {m['method']} | {world} × {threads} | {tokens} | {len(blocks)} | {m['time_s'] / 3600:.2f} | "
            f"{m['calibration_time_s']:.0f} | {m['solver_time_s']:.0f} | "
            f"{statistics.mean(blocks):.0f} / {min(blocks):.0f} / {max(blocks):.0f} | "
-           f"{' / '.join(f'{r:.0f}' for r in rss)} | {plan if plan is not None else '–'} | "
+           f"{' / '.join(f'{r:.0f}' for r in rss)}{gpu} | {plan if plan is not None else '–'} | "
            f"{io.get('bytes', 0) / 2**20:.0f}, {io.get('seconds', float('nan')):.1f} | {_gib(out):.2f} | "
            f"{m['achieved_sparsity']:.4f} | {'ok' if (m.get('reload_check') or {}).get('ok') else 'FAILED'} |")
     lines = [head, sep, row]
@@ -85,6 +88,7 @@ def main() -> int:
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--nproc", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each rank")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (one GPU per rank; peak GPU memory joins the table)")
     ap.add_argument("--data-dir", default=os.environ.get("LMPRUNE_DATA_DIR"))
     ap.add_argument("--table", action="store_true", help="print the finished run's table, run nothing")
     ap.add_argument("--per-block", type=Path, default=None, metavar="CELL",
