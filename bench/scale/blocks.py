@@ -30,15 +30,27 @@ REPO = Path(__file__).resolve().parents[2]
 FULL_BLOCKS = {"llama2-7b": 32, "llama2-13b": 40, "llama3-8b": 32, "llama3-70b": 80}
 
 
+def streamed_prune(model: Path, method: str, out: Path, args: argparse.Namespace, *extra: str) -> list[str]:
+    """The ``lmprune prune`` command of a scale benchmark: streamed, bf16, C4 calibration of ``args.nsamples`` ×
+    ``args.seqlen`` tokens on ``args.device``, then ``extra`` flags."""
+    cmd = [sys.executable, "-m", "lmprune.cli", "prune", "--model", str(model), "--method", method, "--stream",
+           "--calib", "c4", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--dtype", "bfloat16",
+           "--device", args.device, "--out", str(out), "--quiet", *extra]
+    return cmd + (["--data-dir", args.data_dir] if args.data_dir else [])
+
+
+def plan_text(m: dict) -> str:
+    """The manifest's dry-run peak: host MiB, with the device's when the plan has one."""
+    plan = m.get("memory_plan") or {}
+    host = plan.get("peak_host_mib", "–")
+    return f"{host} (GPU {plan['peak_device_mib']})" if plan.get("peak_device_mib") else str(host)
+
+
 def run_cell(model: Path, method: str, out: Path, args: argparse.Namespace) -> None:
     if (out / "lmprune.json").exists():
         print(f"skip {out}: finished")
         return
-    cmd = [sys.executable, "-m", "lmprune.cli", "prune", "--model", str(model), "--method", method,
-           "--sparsity", "0.5", "--stream", "--blocks", "0", "--calib", "c4", "--nsamples", str(args.nsamples),
-           "--seqlen", str(args.seqlen), "--out", str(out), "--quiet", "--dtype", "bfloat16", "--device", args.device]
-    if args.data_dir:
-        cmd += ["--data-dir", args.data_dir]
+    cmd = streamed_prune(model, method, out, args, "--sparsity", "0.5", "--blocks", "0")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, env=env, check=False)
@@ -55,15 +67,12 @@ def row(cell: Path, project_tokens: int | None) -> str | None:
     # are only propagated (their wall time is one pass and a shard write, so this slightly undercounts block 0)
     calib = m["calibration_time_s"] - sum(m["block_times_s"][1:])
     block0 = m["block_times_s"][0]
-    plan = m.get("memory_plan", {}).get("peak_host_mib")
     io = m.get("checkpoint_io") or {}
     per_block = (io.get("per_block") or [{}])[0]
     tokens = m["calibration"]["nsamples"] * m["calibration"]["seqlen"]
     peak = f"{m['peak_rss_mb']:.0f}" + (f" (GPU {m['peak_cuda_mb']:.0f})" if m.get("peak_cuda_mb") else "")
-    if m.get("memory_plan", {}).get("peak_device_mib"):
-        plan = f"{plan} (GPU {m['memory_plan']['peak_device_mib']})"
     out = (f"| {shape.get('shape', cell.parent.name)} | {m['method']} | {tokens} | {calib:.1f} | {solve:.1f} | "
-           f"{block0:.1f} | {peak} | {plan if plan is not None else '–'} | "
+           f"{block0:.1f} | {peak} | {plan_text(m)} | "
            f"{per_block.get('bytes', 0) / 2**20:.0f} | {per_block.get('seconds', float('nan')):.1f} |")
     if project_tokens:
         blocks = FULL_BLOCKS.get(shape.get("shape", ""), m["n_blocks"])

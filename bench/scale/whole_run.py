@@ -24,23 +24,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from blocks import plan_text, streamed_prune  # noqa: E402
+
 
 def run(args: argparse.Namespace) -> None:
     if (args.out / "lmprune.json").exists():
         print(f"skip {args.out}: finished")
         return
-    cmd = [sys.executable, "-m", "lmprune.cli", "prune", "--model", str(args.model), "--method", args.method,
-           "--sparsity", str(args.sparsity), "--stream", "--calib", "c4", "--nsamples", str(args.nsamples),
-           "--seqlen", str(args.seqlen), "--dtype", "bfloat16", "--out", str(args.out), "--quiet", "--device", args.device]
-    if args.nproc > 1:
-        cmd += ["--nproc", str(args.nproc)]
-    if args.data_dir:
-        cmd += ["--data-dir", args.data_dir]
+    cmd = streamed_prune(args.model, args.method, args.out, args, "--sparsity", str(args.sparsity),
+                         *(["--nproc", str(args.nproc)] if args.nproc > 1 else []))
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)), check=True)
 
 
 def _gib(path: Path) -> float:
+    """The pruned weights' size: the shard index's tensor bytes (valid after the shards are deleted), else the files'."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return json.loads(index.read_text())["metadata"]["total_size"] / 2**30
     return sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**30
 
 
@@ -50,9 +52,6 @@ def table(out: Path, per_block: Path | None) -> str:
     tokens = m["calibration"]["nsamples"] * m["calibration"]["seqlen"]
     world = m.get("world_size", 1)
     rss = (m.get("distributed") or {}).get("peak_rss_mb_per_rank") or [m["peak_rss_mb"]]
-    plan = (m.get("memory_plan") or {}).get("peak_host_mib")
-    if (m.get("memory_plan") or {}).get("peak_device_mib"):
-        plan = f"{plan} (GPU {m['memory_plan']['peak_device_mib']})"
     gpu = f" (GPU, rank 0: {m['peak_cuda_mb']:.0f})" if m.get("peak_cuda_mb") else ""
     io = m.get("checkpoint_io") or {}
     shape_file = Path(m["model"]["path"]) / "shape.json"
@@ -65,7 +64,7 @@ def table(out: Path, per_block: Path | None) -> str:
     row = (f"| {shape} | {m['method']} | {world} × {threads} | {tokens} | {len(blocks)} | {m['time_s'] / 3600:.2f} | "
            f"{m['calibration_time_s']:.0f} | {m['solver_time_s']:.0f} | "
            f"{statistics.mean(blocks):.0f} / {min(blocks):.0f} / {max(blocks):.0f} | "
-           f"{' / '.join(f'{r:.0f}' for r in rss)}{gpu} | {plan if plan is not None else '–'} | "
+           f"{' / '.join(f'{r:.0f}' for r in rss)}{gpu} | {plan_text(m)} | "
            f"{io.get('bytes', 0) / 2**20:.0f}, {io.get('seconds', float('nan')):.1f} | {_gib(out):.2f} | "
            f"{m['achieved_sparsity']:.4f} | {'ok' if (m.get('reload_check') or {}).get('ok') else 'FAILED'} |")
     lines = [head, sep, row]
