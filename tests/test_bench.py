@@ -167,6 +167,10 @@ def test_scale_tables_read_a_streamed_run(tmp_path, tiny_model_dirs, calib_file)
     assert proc.returncode == 0, proc.stderr
     row = blocks.row(out, project_tokens=64)
     assert row.startswith("| tiny | sparsegpt | 32 |") and row.count("|") == 12
+    by_rank = blocks.rank_row(out).split(" | ")
+    assert by_rank[:2] == ["| tiny", "sparsegpt"] and by_rank[2].startswith("1 × ")
+    solve, error, load = float(by_rank[4]), float(by_rank[5]), float(by_rank[6].rstrip(" |"))
+    assert load == pytest.approx(solve + error, abs=0.2)  # one rank owns every matrix
     lines = whole_run.table(out, per_block=out).splitlines()
     assert lines[2].startswith("| llama | sparsegpt | 1 × ") and "| 32 | 2 |" in lines[2]
     assert lines[2].endswith("| 0.5000 | ok |")

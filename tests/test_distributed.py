@@ -133,6 +133,9 @@ def test_two_ranks_match_one(runs, name):
         assert a["name"] == b["name"] and a["pattern_ok"] and b["pattern_ok"]
         assert abs(a["rel_error"] - b["rel_error"]) <= 1e-3 * max(a["rel_error"], 1e-6) + 1e-6
     assert abs(m1["achieved_sparsity"] - m2["achieved_sparsity"]) < 1e-3
+    # both ranks solved matrices (and measured their errors): the records say which
+    assert {layer["stats"]["owner_rank"] for layer in m2["layers"]} == {0, 1}
+    assert all(layer["error_time_s"] > 0 for layer in m2["layers"])
     if "owl" in name or "alpha" in name:
         t1 = {m["name"]: m["target"] for m in m1["allocation_detail"]["matrices"]}
         t2 = {m["name"]: m["target"] for m in m2["allocation_detail"]["matrices"]}
@@ -158,6 +161,21 @@ def test_owners_balance_cost():
     load = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(2)]
     assert sorted(load) == [10.0, 10.0]
     assert assign_owners(costs, 1) == [0] * len(costs)
+
+
+def test_owner_cost_counts_the_factorisation():
+    """At LLaMA-2-7B's shapes on two ranks, down_proj (in = 11008: its in³ factorisation and its error report
+    dominate) is solved alone; an ``out · in²`` model would pair it with a 4096 × 4096 matrix (the 7B run's
+    79 s against 56 s per block)."""
+    from types import SimpleNamespace
+
+    from lmprune.strategies.layerwise import solve_cost
+
+    shapes = {"q": (4096, 4096), "k": (4096, 4096), "v": (4096, 4096), "o": (4096, 4096),
+              "gate": (11008, 4096), "up": (11008, 4096), "down": (4096, 11008)}
+    lins = [SimpleNamespace(weight=torch.empty(s, device="meta")) for s in shapes.values()]
+    owners = dict(zip(shapes, assign_owners([solve_cost(lin) for lin in lins], 2)))
+    assert [k for k, o in owners.items() if o == owners["down"]] == ["down"]
 
 
 def _state(out: Path) -> dict:

@@ -40,6 +40,21 @@ def test_reconstruction_error_matches_definition():
     assert reconstruction_error(w, res.weight, gram)[1] == pytest.approx(direct.item(), rel=1e-3)
 
 
+def test_reconstruction_error_float32_products_keep_small_errors():
+    """The report's float32 panel products agree with float64 ones, in panels and whole, even for an error
+    1e-7 of the reference (ALPS's attention matrices reach 6e-5)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 64, generator=g) * torch.linspace(0.1, 10, 64)
+    gram = Gram.from_inputs(x)
+    w = torch.randn(40, 64, generator=g)
+    near = w + 1e-4 * torch.randn(40, 64, generator=g)
+    for pruned in (near, get_solver("sparsegpt").function()(w, gram, parse_pattern("unstructured"), 0.5).weight):
+        exact = reconstruction_error(w, pruned, gram, dtype=torch.float64)
+        assert reconstruction_error(w, pruned, gram, rows=3, cols=5) == pytest.approx(exact, rel=1e-5)
+        assert reconstruction_error(w, pruned, gram) == pytest.approx(exact, rel=1e-5)
+    assert exact[1] > 1e-3 and reconstruction_error(w, near, gram)[1] < 1e-6
+
+
 def test_sparsegpt_exact_counts_and_dead_inputs():
     w, gram, x = planted()
     x[:, :5] = 0

@@ -75,10 +75,10 @@ def main() -> None:
                 res = masked_pcg(sg.h, g, mask, x0, iters=k, track_objective=False)
                 secs = time.perf_counter() - t
                 pruned = (res.x / sg.d.unsqueeze(1)).T
-                e = reconstruction_error(w, pruned, gram)[1]
+                e = reconstruction_error(w, pruned, gram, dtype=torch.float64)[1]
                 dist = float((res.x - exact).norm() / exact.norm())
                 print(f"| {layer} | {label} | {k} | {e:.5g} | {dist:.3g} | {secs:.3f} | {t_exact:.2f} |", flush=True)
-            e_exact = reconstruction_error(w, (exact / sg.d.unsqueeze(1)).T, gram)[1]
+            e_exact = reconstruction_error(w, (exact / sg.d.unsqueeze(1)).T, gram, dtype=torch.float64)[1]
             print(f"| {layer} | {label} | exact | {e_exact:.5g} | 0 | – | {t_exact:.2f} |", flush=True)
 
 

@@ -1,10 +1,12 @@
 """Per-block cost of pruning at real shapes, streamed (issue 18): one ``lmprune prune --stream`` run per
 (shape, method) on a model built by ``bench/scale/shapes.py`` with few blocks, and a Markdown table of what one
 block costs: calibration passes, solves, the block's wall time, peak RSS against the ``--dry-run`` plan, and
-the checkpoint written after it (bytes, seconds).
+the checkpoint written after it (bytes, seconds). ``--ranks`` prints block 0 by rank instead: solves and
+error reports summed, and each rank's share of them.
 
     python bench/scale/blocks.py /work/scale/llama2-7b-2 --methods sparsegpt,wanda --nsamples 4 --seqlen 2048
     python bench/scale/blocks.py /work/scale/*/ --table          # the table of every finished cell
+    python bench/scale/blocks.py /work/scale/llama2-7b-2 --methods sparsegpt --nproc 2 --ranks   # two ranks
 
 Every cell is ``ROOT/<model dir name>/<method>`` (``--root``, default ``bench/out/scale``); a cell with a
 ``lmprune.json`` is skipped, so the benchmark resumes cell by cell. Each run prunes block 0 only
@@ -50,7 +52,8 @@ def run_cell(model: Path, method: str, out: Path, args: argparse.Namespace) -> N
     if (out / "lmprune.json").exists():
         print(f"skip {out}: finished")
         return
-    cmd = streamed_prune(model, method, out, args, "--sparsity", "0.5", "--blocks", "0")
+    ranks = ["--nproc", str(args.nproc)] if args.nproc > 1 else []
+    cmd = streamed_prune(model, method, out, args, "--sparsity", "0.5", "--blocks", "0", *ranks)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, env=env, check=False)
@@ -79,6 +82,34 @@ def row(cell: Path, project_tokens: int | None) -> str | None:
         whole = blocks * (calib * project_tokens / tokens + solve)
         out += f" {whole / 3600:.1f} |"
     return out
+
+
+def rank_row(cell: Path) -> str | None:
+    """Block 0 of a cell by rank: its wall time, the solves and the error reports summed over matrices, and each
+    rank's share of both (from the records' ``owner_rank``; "–" for runs made before records carried it)."""
+    path = cell / "lmprune.json"
+    if not path.exists():
+        return None
+    m = json.loads(path.read_text())
+    layers = [r for r in m["layers"] if r["block"] == 0]
+    world = m.get("world_size", 1)
+    solve = sum(r["time_s"] for r in layers)
+    error = sum(r.get("error_time_s", 0.0) for r in layers) if all("error_time_s" in r for r in layers) else None
+    load = [0.0] * world
+    owned = all("owner_rank" in r["stats"] for r in layers) and error is not None
+    for r in layers if owned else []:
+        load[r["stats"]["owner_rank"]] += r["time_s"] + r["error_time_s"]
+    shape = json.loads((cell.parent / "shape.json").read_text()).get("shape") if (cell.parent / "shape.json").exists() \
+        else cell.parent.name
+    return (f"| {shape} | {cell.name} | {world} × {m['versions'].get('torch_threads', '?')} | "
+            f"{m['block_times_s'][0]:.1f} | {solve:.1f} | {'–' if error is None else f'{error:.1f}'} | "
+            f"{' / '.join(f'{x:.1f}' for x in load) if owned else '–'} |")
+
+
+def rank_table(cells: list[Path]) -> str:
+    head = ("| shape | cell | ranks × threads | block 0 wall (s) | solves, summed (s) | error reports, summed (s) "
+            "| solve + error per rank (s) |\n|---|---|---|---:|---:|---:|---|")
+    return "\n".join([head, *(r for r in map(rank_row, cells) if r)])
 
 
 def _matrices(shape: dict) -> list[tuple[int, int]]:
@@ -133,7 +164,9 @@ def main() -> int:
     ap.add_argument("--methods", default="sparsegpt,wanda")
     ap.add_argument("--nsamples", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=2048)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each rank")
+    ap.add_argument("--nproc", type=int, default=1, help="ranks (cells are then named METHOD-npN)")
+    ap.add_argument("--ranks", action="store_true", help="print the per-rank table of block 0 instead")
     ap.add_argument("--device", default="cpu", help="cpu | cuda (peak GPU memory then joins the table)")
     ap.add_argument("--root", type=Path, default=REPO / "bench" / "out" / "scale")
     ap.add_argument("--data-dir", default=os.environ.get("LMPRUNE_DATA_DIR"))
@@ -149,9 +182,13 @@ def main() -> int:
         if (model / "shape.json").exists() and not (root / "shape.json").exists():
             (root / "shape.json").write_text((model / "shape.json").read_text())
         for method in args.methods.split(","):
-            cells.append(root / method)
+            cell = root / (method if args.nproc == 1 else f"{method}-np{args.nproc}")
+            cells.append(cell)
             if not args.table:
-                run_cell(model, method, root / method, args)
+                run_cell(model, method, cell, args)
+    if args.ranks:
+        print(rank_table(cells))
+        return 0
     print(table(cells, args.project))
     if args.project and args.scale_to:
         print("\n| shape | method | calib tokens per block | calibration passes per block (s) | solves per block (s) "

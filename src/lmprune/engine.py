@@ -113,6 +113,8 @@ class LayerRecord:
     pattern_ok: bool
     time_s: float
     stats: dict[str, Any] = field(default_factory=dict)
+    #: seconds spent computing ``rel_error`` / ``abs_error`` (as many ``out · in²`` products as a solve)
+    error_time_s: float = 0.0
 
 
 class BlockContext:
@@ -298,28 +300,50 @@ class BlockContext:
         return self.pruner.solve(weight, gram, self.target(rel) if target is None else target)
 
     @torch.no_grad()
-    def commit(self, rel: str, result: SolveResult, gram: Gram, dense: Tensor | None = None, seconds: float = 0.0):
-        """Write ``result.weight`` into the linear and record its sparsity and reconstruction error."""
+    def layer_error(self, rel: str, dense: Tensor, result: SolveResult, gram: Gram) -> LayerError:
+        """The reconstruction error of ``result`` against ``dense`` as the linear will store it (in its dtype).
+
+        Strategies that spread solves over ranks call it on the owner rank, so each rank pays for its own
+        matrices' errors only, and pass it to :meth:`commit`."""
+        start = time.perf_counter()
         lin = self._linears[rel]
-        dense = lin.weight.detach().clone() if dense is None else dense
+        err, rel_err = reconstruction_error(dense, result.weight.to(dense.device, lin.weight.dtype), gram)
+        return LayerError(err, rel_err, time.perf_counter() - start)
+
+    @torch.no_grad()
+    def commit(self, rel: str, result: SolveResult, gram: Gram, dense: Tensor | None = None, seconds: float = 0.0,
+               error: LayerError | None = None):
+        """Write ``result.weight`` into the linear and record its sparsity and reconstruction error (``error``
+        when the caller has computed it, else computed here against ``dense``, the weight before the write)."""
+        lin = self._linears[rel]
         new = result.weight.to(lin.weight.dtype)
         if not torch.isfinite(new).all():
             raise FloatingPointError(f"solver produced NaN/Inf for {self.full_name(rel)}")
+        if error is None:
+            error = self.layer_error(rel, lin.weight.detach() if dense is None else dense, result, gram)
         lin.weight.copy_(new)
         target = self.target(rel)
         check = self.pruner.verify(lin.weight.data, target, result)
-        err, rel_err = reconstruction_error(dense, lin.weight.data, gram)
         stats = {k: v for k, v in result.stats.items() if isinstance(v, (int, float, str, bool))}
         stats.update(self.expert_notes.get(rel, {}))
         self.records.append(
             LayerRecord(
                 self.full_name(rel), self.index, list(lin.weight.shape), self.pattern.effective_sparsity(target),
-                check.achieved_sparsity, rel_err, err, check.ok, seconds, stats,
+                check.achieved_sparsity, error.rel, error.abs, check.ok, seconds, stats, error.seconds,
             )
         )
         if not check.ok:
             raise AssertionError(f"{self.full_name(rel)} violates pattern {check.detail}")
         trim_host_memory()  # the solve's and the error's temporaries, so they do not pile up over a block's matrices
+
+
+@dataclass(frozen=True)
+class LayerError:
+    """``tr((W−Ŵ) H (W−Ŵ)ᵀ)`` of one matrix, relative to ``tr(W H Wᵀ)``, and the seconds it took."""
+
+    abs: float
+    rel: float
+    seconds: float
 
 
 BlockStrategy = Callable[[BlockContext], None]

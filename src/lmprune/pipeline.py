@@ -261,6 +261,7 @@ def prune(loaded: LoadedModel, config: PruneConfig, progress: bool = True,
         "time_this_process_s": elapsed,
         "calibration_time_s": clock.totals()["calibration_time_s"],
         "solver_time_s": sum(r.time_s for r in records),
+        "error_time_s": sum(r.error_time_s for r in records),  # the layer-error report, apart from the solves
         "block_times_s": begin.block_times + result.block_times,
         "resumed_from_block": begin.block or None,
         "seed": config.seed,

@@ -26,7 +26,8 @@ def render_report(m: dict[str, Any], plots: dict[str, str] | None = None) -> str
         f"- achieved sparsity over pruned matrices: **{m['achieved_sparsity']:.4f}** (target {m['sparsity']})",
         f"- pattern verified on every matrix: {'yes' if m.get('pattern_ok') else 'NO'}",
         f"- pruning wall time: {m['time_s']:.1f} s (calibration passes through the blocks "
-        f"{m.get('calibration_time_s', 0):.1f} s, solver {m.get('solver_time_s', 0):.1f} s); "
+        f"{m.get('calibration_time_s', 0):.1f} s, solver {m.get('solver_time_s', 0):.1f} s, layer-error report "
+        f"{m.get('error_time_s', 0):.1f} s); "
         f"peak RSS {m['peak_rss_mb']:.0f} MiB",
     ]
     if m.get("resumed_from_block") is not None:

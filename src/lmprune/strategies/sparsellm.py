@@ -118,9 +118,13 @@ def prune_block(ctx, opts: StrategyOptions) -> None:
     grams = {"up": Gram.from_inputs(x), "down": Gram.from_inputs(act)}
     grams["gate"] = grams["up"]
     del act, x
+    # each matrix's error report (two out · in² products) by one owner rank, the numbers shared
+    costs = [float(lin[r].weight.shape[0]) * lin[r].weight.shape[1] ** 2 for r in roles]
+    errors = dict(ctx.world.spread(list(roles), costs,
+                                   lambda r: ctx.layer_error(roles[r], dense[r], results[r], grams[r])))
     for role, rel in roles.items():
         results[role].stats.update(summary)
-        ctx.commit(rel, results[role], grams[role], dense[role], seconds)
+        ctx.commit(rel, results[role], grams[role], seconds=seconds, error=errors[role])
 
 
 def _ffn_cost(w: dict) -> float:
@@ -143,6 +147,8 @@ def _solve_ffn(ctx, ffn, solver_opts: dict, x, w: dict, lin: dict, roles: dict):
         out = prune_ffn_swiglu(FFNData.swiglu(x, y, w["up"], w["gate"], w["down"]), ctx.pattern, targets, inner,
                                **solver_opts)
         results = out.results
+    for r in results.values():
+        r.stats["owner_rank"] = ctx.world.rank
     return results, out.stats, float(y.double().pow(2).sum())
 
 
