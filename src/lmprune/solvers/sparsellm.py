@@ -208,9 +208,14 @@ class _Subproblem:
 def _spd_inverse(w_out: Tensor, beta: float, gamma: float) -> Tensor:
     """``(βWᵀW + γI)⁻¹`` in float32, factorised in float64 (γ > 0 keeps it SPD)."""
     w = w_out.double()
-    a = beta * (w.T @ w)
+    a = (w.T @ w).mul_(beta)
+    del w
     a.diagonal().add_(gamma)
-    return torch.cholesky_inverse(torch.linalg.cholesky(a)).float()
+    lower = torch.linalg.cholesky(a)
+    del a  # at most two float64 in x in matrices alive at once (not four)
+    inverse = torch.cholesky_inverse(lower)
+    del lower
+    return inverse.float()
 
 
 @dataclass
@@ -262,6 +267,7 @@ class _ReluFFN:
         dev = x.device
         ref = _Moments(w1.shape[0], y.shape[1], dev) if refit else None
         if update:
+            self.next = None  # spent: free its float64 matrices before the inverse's
             a_inv = _spd_inverse(w2, be, ga)
             self.next = self._fresh(dev)
         obj = err = 0.0
@@ -374,6 +380,7 @@ class _SwiGLUFFN:
         wu, wg, wd = w["up"].float(), w["gate"].float(), w["down"].float()
         ref = _Moments(wu.shape[0], y.shape[1], x.device) if refit else None
         if update:
+            self.next = None  # spent: free its float64 matrices before the inverse's
             a_inv = _spd_inverse(wd, be, ga)
             self.next = self._fresh(x.device)
         obj = err = 0.0
@@ -439,6 +446,7 @@ def _run(ffn, targets: dict[str, float], inner: InnerSolve, opt: "Options") -> F
             res[k], was_kept = _prune(subs[k], starts[k], targets[k], inner, res[k], keep_better)
             kept.append(was_kept)
         stats["kept_previous"].append(kept)
+        del subs, starts  # the old moments' float64 matrices, before the sweep builds the next ones
         weights = {k: v.weight for k, v in res.items()}
         last = r == rounds - 1
         sweep = ffn.sweep(weights, update=not last, refit=refit_down)

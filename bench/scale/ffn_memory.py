@@ -1,0 +1,107 @@
+"""Peak memory of SparseLLM's feed-forward problem at a given shape, and where it peaks (issue 18).
+
+Builds a random SwiGLU problem (``--tokens`` × ``--d`` correlated inputs, ``--dff`` × ``--d`` weights), runs
+lmprune's SparseLLM FFN solver on it with the run's default options and the SparseGPT inner solver, and samples
+the process's RSS every 5 ms. Printed as one JSON line: the peak above the baseline (the inputs and weights
+built before the solve), the innermost lmprune frames of the main thread when each new peak was reached (the
+last one is where the solve peaks), the time, and the plan's workspace for the same shape
+(``run.memory._solver_workspace``) for comparison.
+
+    python bench/scale/ffn_memory.py --d 1024 --dff 2752 --tokens 2048 [--rounds 2] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import psutil
+import torch
+
+
+class PeakWhere:
+    """Highest RSS between ``__enter__`` and ``__exit__``, with the lmprune frames of ``thread`` at each new peak
+    more than 1% above the last one recorded."""
+
+    def __init__(self, thread: int, every: float = 0.005):
+        self.thread, self.every, self.stop = thread, every, threading.Event()
+        self.proc = psutil.Process()
+        self.marks: list[tuple[float, list[str]]] = []
+
+    def __enter__(self) -> "PeakWhere":
+        self.base = self.peak = self.proc.memory_info().rss
+        self.worker = threading.Thread(target=self._run, daemon=True)
+        self.worker.start()
+        return self
+
+    def _run(self) -> None:
+        last = self.base
+        while not self.stop.is_set():
+            rss = self.proc.memory_info().rss
+            if rss > self.peak:
+                self.peak = rss
+                if rss > last * 1.01:
+                    last = rss
+                    frame = sys._current_frames().get(self.thread)
+                    where = [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in traceback.extract_stack(frame)
+                             if "lmprune" in f.filename][-3:]
+                    self.marks.append((round((rss - self.base) / 2**20, 1), where))
+            time.sleep(self.every)
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.worker.join()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--d", type=int, required=True)
+    ap.add_argument("--dff", type=int, required=True)
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--rounds", type=int, default=None, help="default: the run's")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from lmprune.config import PruneConfig
+    from lmprune.layer_pruner import LayerPruner
+    from lmprune.patterns import parse_pattern
+    from lmprune.run.memory import _solver_workspace
+    from lmprune.solvers.sparsellm import FFNData, prune_ffn_swiglu
+    from lmprune.strategies.sparsellm import StrategyOptions
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.tokens, args.d, generator=g) + 0.5 * torch.randn(args.tokens, 1, generator=g)
+    w = {"up": torch.randn(args.dff, args.d, generator=g) / args.d**0.5,
+         "gate": torch.randn(args.dff, args.d, generator=g) / args.d**0.5,
+         "down": torch.randn(args.d, args.dff, generator=g) / args.dff**0.5}
+    y = (torch.nn.functional.silu(x @ w["gate"].T) * (x @ w["up"].T)) @ w["down"].T
+    opts = StrategyOptions().model_dump(exclude={"sequential_attention", "single_round_blocks", "preset"})
+    if args.rounds is not None:
+        opts["rounds"] = args.rounds
+    pruner = LayerPruner.build("sparsegpt", "none", parse_pattern("unstructured"), {}, {})
+    inner = lambda weight, gram, target: pruner.solve(weight, gram, target)  # noqa: E731
+    config = PruneConfig(method="sparsellm", sparsity=0.5)
+    planned = max(_solver_workspace(config, o, i, args.tokens, args.dff)
+                  for o, i in ((args.dff, args.d), (args.d, args.dff))) / 2**20
+    with PeakWhere(threading.get_ident()) as mem:
+        start = time.perf_counter()
+        out = prune_ffn_swiglu(FFNData.swiglu(x, y, w["up"], w["gate"], w["down"]), parse_pattern("unstructured"),
+                               0.5, inner, **opts)
+        seconds = time.perf_counter() - start
+    words = {"D^2": args.d**2, "D*F": args.d * args.dff, "F^2": args.dff**2, "T*F": args.tokens * args.dff}
+    print(json.dumps({
+        "d": args.d, "dff": args.dff, "tokens": args.tokens, "rounds": opts["rounds"], "threads": args.threads,
+        "seconds": round(seconds, 1), "peak_above_base_mib": round((mem.peak - mem.base) / 2**20, 1),
+        "planned_workspace_mib": round(planned, 1), "float32_word_counts": words,
+        "best_round": str(out.stats["best_round"]), "peaks": mem.marks[-6:],
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
