@@ -424,6 +424,18 @@ def _prune(
     return res, False
 
 
+def _refit_down(moments: _Moments, inner: InnerSolve, target: float,
+                percdamp: float) -> tuple[SolveResult | None, float]:
+    """The down projection refitted to the pruned activations (least squares on ``moments``), pruned by the inner
+    solver, and its error on that subproblem (``inf`` when it fails)."""
+    sub = moments.subproblem()
+    try:
+        cand = inner(sub.ridge(percdamp), sub.gram, target)
+        return cand, (sub.value(cand.weight) if _finite(cand.weight) else float("inf"))
+    except torch.linalg.LinAlgError:
+        return None, float("inf")
+
+
 def _run(ffn, targets: dict[str, float], inner: InnerSolve, opt: "Options") -> FFNPruneResult:
     rounds, percdamp, refit_down, select, keep_better = (opt.rounds, opt.percdamp, opt.refit_down, opt.select,
                                                          opt.keep_better)
@@ -455,15 +467,11 @@ def _run(ffn, targets: dict[str, float], inner: InnerSolve, opt: "Options") -> F
         if best is None or select == "last" or sweep.error < best[0]:
             best = (sweep.error, dict(res), r)
         if sweep.refit is not None:
-            sub = sweep.refit.subproblem()
-            try:
-                cand = inner(sub.ridge(percdamp), sub.gram, targets[ffn.down])
-                cand_err = sub.value(cand.weight) if _finite(cand.weight) else float("inf")
-            except torch.linalg.LinAlgError:
-                cand_err = float("inf")
+            cand, cand_err = _refit_down(sweep.refit, inner, targets[ffn.down], percdamp)
             stats["refit_down_error"].append(cand_err)
             if cand_err < best[0]:
                 best = (cand_err, {**res, ffn.down: cand}, f"{r}+refit_down")
+        del sweep, weights  # the refit moments: not kept into the next round's solves
         stats["round_s"].append(time.perf_counter() - t0)
         if not _finite(*ffn.aux()):
             stats["stopped"] = f"round {r}: non-finite auxiliary variables"
