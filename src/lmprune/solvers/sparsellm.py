@@ -167,10 +167,11 @@ class _Moments:
         self.n = 0
 
     def add(self, a: Tensor, t: Tensor) -> None:
+        # float32 products added into the float64 sums in place (no float64 copy of the product)
         if self.h is not None:
-            self.h += (a.T @ a).double()
-        self.s += a.sum(0).double()
-        self.c += (a.T @ t).double()
+            self.h.add_(a.T @ a)
+        self.s.add_(a.sum(0))
+        self.c.add_(a.T @ t)
         self.tt += _sq(t)
         self.n += a.shape[0]
 
