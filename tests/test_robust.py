@@ -611,3 +611,22 @@ def test_ranks_on_one_machine_must_fit_together(monkeypatch):
     with pytest.raises(InsufficientMemory) as e:
         check_fits(plan, current_rss=0, ranks_here=2)  # two on this machine do not
     assert "per rank x 2 ranks on this machine" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_sparsellm_plan_counts_its_chunk_temporaries_up_to_chunk_tokens():
+    """SparseLLM's sweep holds temporaries per token chunk: the plan counts them for ``min(tokens, chunk_tokens)``
+    tokens, while its auxiliaries grow with every token."""
+    from lmprune.registry import BLOCK_METHODS
+    from lmprune.run.memory import _solver_workspace
+
+    method = BLOCK_METHODS.get("sparsellm")
+    a, b, c = method.workspace
+    assert method.chunk_workspace > 0
+
+    def work(tokens: int, **options) -> float:
+        config = build_config(method="sparsellm", sparsity=0.5, calib="c4", nsamples=4, seqlen=2048,
+                              method_options=options)
+        return _solver_workspace(config, 4096, 11008, tokens, 11008)
+
+    assert work(8192) - work(8192, chunk_tokens=1024) == 4.0 * method.chunk_workspace * (4096 - 1024) * 11008
+    assert work(16384) - work(8192) == 4.0 * c * 8192 * 11008  # past one chunk only the auxiliaries grow

@@ -51,8 +51,12 @@ class Plugin:
     #: Working memory beyond its inputs, in float32 words, for an ``out x in`` matrix: ``a·in² + b·out·in``
     #: (+ ``c·tokens·d_ff`` for a block method holding the feed-forward activations), for the memory plan.
     #: Magnitude's, Wanda's, SparseGPT's and ALPS's were measured at LLaMA-2-7B shapes with
-    #: bench/scale/matrix_memory.py (bench/RESULTS.md, issue 18).
+    #: bench/scale/matrix_memory.py, SparseLLM's (beside its inner solver's) fitted to its FFN problem's peaks
+    #: with bench/scale/ffn_memory.py and checked at LLaMA-2-7B's (bench/RESULTS.md, issue 18).
     workspace: tuple[int, int, int] = (0, 0, 0)
+    #: Further float32 words per ``chunk · d_ff``, ``chunk = min(tokens, chunk_tokens)``, for a block method that
+    #: sweeps the tokens in chunks of its ``chunk_tokens`` option (SparseLLM's temporaries).
+    chunk_workspace: int = 0
 
     def load(self):
         return importlib.import_module(self.module)
@@ -142,7 +146,7 @@ BLOCK_METHODS: Registry[Plugin] = Registry("block method", "method_options", [
            "every matrix by the solver, Gram matrices from one pass of the block (or per input group)"),
     Plugin("sparsellm", "lmprune.strategies.sparsellm", "prune_block",
            "attention by the solver, then the feed-forward part jointly through auxiliary variables (SparseLLM)",
-           options_attr="StrategyOptions", workspace=(0, 0, 4)),
+           options_attr="StrategyOptions", workspace=(1, 20, 4), chunk_workspace=16),
 ])
 
 REFINERS: Registry[Plugin] = Registry("refiner", "refine_options", [

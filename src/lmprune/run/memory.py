@@ -170,10 +170,13 @@ def _solver_workspace(config: PruneConfig, out: int, inp: int, tokens: int, d_ff
     """float32 bytes the solver, refiner and block method hold beyond their inputs for one ``out x in`` matrix
     (their registry entries say how much)."""
     words = 2 * out * inp  # the engine's dense clone and the float32 copy handed to the solver
-    for plugin in (SOLVERS.get(config.solver_name), REFINERS.get(config.refine),
-                   BLOCK_METHODS.get(block_method_of(config.method))):
+    method = BLOCK_METHODS.get(block_method_of(config.method))
+    for plugin in (SOLVERS.get(config.solver_name), REFINERS.get(config.refine), method):
         a, b, c = plugin.workspace
         words += a * inp * inp + b * out * inp + c * tokens * d_ff
+    if method.chunk_workspace:
+        chunk = BLOCK_METHODS.options(method.name, config.block_method_options).chunk_tokens
+        words += method.chunk_workspace * min(tokens, chunk) * d_ff
     return 4.0 * words
 
 
