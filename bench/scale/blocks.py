@@ -59,12 +59,18 @@ def run_cell(model: Path, method: str, out: Path, args: argparse.Namespace) -> N
     subprocess.run(cmd, env=env, check=False)
 
 
+def _shape(cell: Path) -> dict:
+    """The ``shape.json`` that ``bench/scale/shapes.py`` wrote for the cell's model ({} when there is none)."""
+    path = cell.parent / "shape.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def row(cell: Path, project_tokens: int | None) -> str | None:
     path = cell / "lmprune.json"
     if not path.exists():
         return None
     m = json.loads(path.read_text())
-    shape = json.loads((cell.parent / "shape.json").read_text()) if (cell.parent / "shape.json").exists() else {}
+    shape = _shape(cell)
     solve = sum(r["time_s"] for r in m["layers"] if r["block"] == 0)
     # block 0's passes (statistics, then propagation): the run's calibration time less the later blocks, which
     # are only propagated (their wall time is one pass and a shard write, so this slightly undercounts block 0)
@@ -99,8 +105,7 @@ def rank_row(cell: Path) -> str | None:
     owned = all("owner_rank" in r["stats"] for r in layers) and error is not None
     for r in layers if owned else []:
         load[r["stats"]["owner_rank"]] += r["time_s"] + r["error_time_s"]
-    shape = json.loads((cell.parent / "shape.json").read_text()).get("shape") if (cell.parent / "shape.json").exists() \
-        else cell.parent.name
+    shape = _shape(cell).get("shape", cell.parent.name)
     return (f"| {shape} | {cell.name} | {world} × {m['versions'].get('torch_threads', '?')} | "
             f"{m['block_times_s'][0]:.1f} | {solve:.1f} | {'–' if error is None else f'{error:.1f}'} | "
             f"{' / '.join(f'{x:.1f}' for x in load) if owned else '–'} |")

@@ -311,16 +311,13 @@ class BlockContext:
         return LayerError(err, rel_err, time.perf_counter() - start)
 
     @torch.no_grad()
-    def commit(self, rel: str, result: SolveResult, gram: Gram, dense: Tensor | None = None, seconds: float = 0.0,
-               error: LayerError | None = None):
-        """Write ``result.weight`` into the linear and record its sparsity and reconstruction error (``error``
-        when the caller has computed it, else computed here against ``dense``, the weight before the write)."""
+    def commit(self, rel: str, result: SolveResult, error: LayerError, seconds: float = 0.0):
+        """Write ``result.weight`` into the linear and record its sparsity and ``error`` (:meth:`layer_error`,
+        measured before the write, by whichever rank solved the matrix)."""
         lin = self._linears[rel]
         new = result.weight.to(lin.weight.dtype)
         if not torch.isfinite(new).all():
             raise FloatingPointError(f"solver produced NaN/Inf for {self.full_name(rel)}")
-        if error is None:
-            error = self.layer_error(rel, lin.weight.detach() if dense is None else dense, result, gram)
         lin.weight.copy_(new)
         target = self.target(rel)
         check = self.pruner.verify(lin.weight.data, target, result)

@@ -50,7 +50,7 @@ def prune_groups(ctx, stages: list[list[str]], stats: dict | None = None, expert
         # each matrix by one owner rank (all of them by this process in a single one), shared with every rank
         for rel, (result, seconds, error) in ctx.world.spread(stage, [solve_cost(ctx.linear(r)) for r in stage],
                                                                solve):
-            ctx.commit(rel, result, grams[rel], seconds=seconds, error=error)
+            ctx.commit(rel, result, error, seconds)
         for g in {id(g): g for g in grams.values()}.values():
             g.release()
 

@@ -124,7 +124,7 @@ def prune_block(ctx, opts: StrategyOptions) -> None:
                                    lambda r: ctx.layer_error(roles[r], dense[r], results[r], grams[r])))
     for role, rel in roles.items():
         results[role].stats.update(summary)
-        ctx.commit(rel, results[role], grams[role], seconds=seconds, error=errors[role])
+        ctx.commit(rel, results[role], errors[role], seconds)
 
 
 def _ffn_cost(w: dict) -> float:
