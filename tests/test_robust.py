@@ -16,6 +16,7 @@ from conftest import _config, make_model, make_tokenizer
 from lmprune import api
 from lmprune.cli import main
 from lmprune.config import build_config
+from lmprune.engine import BlockDone
 
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec, so a child of a big pytest process would
 # report the parent's peak.
@@ -138,6 +139,25 @@ def test_gram_sums_are_planned_in_float64_during_the_statistics_pass():
     assert grams.bytes == 4 * held
     assert sums.bytes == 8 * held + 4 * (ff * ff + ff) + 4 * ff * ff
     assert all("statistics" in c.phases for c in plan.components if c.name.startswith("calibration activations"))
+
+
+def test_streamed_plan_leaves_out_embeddings_and_head_while_pruning():
+    """A streamed run parks its embeddings and head while the blocks are pruned, and holds a block's shard read
+    back only while it writes it: neither is in the statistics or prune phases, both are in the save phase."""
+    from lmprune.config import Job
+    from lmprune.run.memory import plan_memory
+
+    cfg = _config("llama")
+    config = build_config(method="sparsegpt", sparsity=0.5, calib="c4", nsamples=64, seqlen=128, device="cpu")
+    streamed = plan_memory(Job(model="tiny", out="x", config=config, stream=True), cfg, runtime=0.0)
+    parts = {c.name: c for c in streamed.components}
+    outer = parts["embeddings and head (not held while pruning)"]
+    tied = 1 if cfg.tie_word_embeddings else 2
+    assert outer.bytes == 4 * tied * cfg.vocab_size * cfg.hidden_size
+    readback = parts["its shard read back (each block's write)"]
+    for phase in ("statistics", "prune"):
+        assert phase not in outer.phases and phase not in readback.phases
+    assert "save" in outer.phases and "save" in readback.phases and "calibrate" in outer.phases
 
 
 def test_offload_dir_plans_activations_on_disk():
@@ -469,6 +489,28 @@ def test_streaming_peak_below_model_size_and_same_weights(tmp_path, big_model, c
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     m = json.loads((tmp_path / "stream" / "lmprune.json").read_text())
     assert m["run_options"]["stream"] and m["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_streaming_parks_embeddings_and_head_while_pruning(tmp_path, tiny_model_dirs, family):
+    """The pruning pass holds no embedding or head storage; the next pass gets them back from the source shards,
+    unchanged, and a tied head shares the embedding's parameter again."""
+    from lmprune.run.streaming import ShardReader, open_streamed
+
+    loaded = open_streamed(str(tiny_model_dirs[family]), tmp_path / "staging")
+    model = loaded.model
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    events = loaded.prune_events(write=False)
+    events.block_start(0)
+    assert model.get_input_embeddings().weight.is_meta and model.get_output_embeddings().weight.is_meta
+    events.block_done(BlockDone(0, None, [], 0.0, 0.0))
+    loaded.read_events()
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    source = ShardReader(tiny_model_dirs[family])
+    assert torch.equal(embed, source.get("model.embed_tokens.weight"))
+    assert (head is embed) == tied
+    if not tied:
+        assert torch.equal(head, source.get("lm_head.weight"))
 
 
 def test_streaming_refuses_zero_shot_before_anything_runs(tmp_path, tiny_model_dirs, calib_file, capsys):

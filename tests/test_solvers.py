@@ -67,6 +67,26 @@ def test_sparsegpt_exact_counts_and_dead_inputs():
     assert (torch.count_nonzero(row.weight, dim=1) == round(0.3 * w.shape[1])).all()
 
 
+def test_sparsegpt_factorisation_in_place_is_the_out_of_place_one_bit_for_bit():
+    """The CPU factorisation of ``(H + λI)⁻¹`` runs in the damped copy's own buffer; it must give exactly what the
+    three out-of-place steps give, in the same layout, also when float rounding left ``H`` slightly asymmetric
+    (only its lower triangle is read), and report an indefinite matrix the same way."""
+    from lmprune.solvers.sparsegpt import _factor_of_inverse
+
+    _, gram, _ = planted(inp=300)
+    h = gram.damped(0.01, torch.float64)
+    h += 1e-9 * torch.randn(h.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    lower = torch.linalg.cholesky(h)
+    expected = torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True).float()
+    buffer = h.clone()
+    upper, info = _factor_of_inverse(buffer)
+    assert int(info) == 0 and upper.data_ptr() == buffer.data_ptr()  # no second in x in float64 matrix
+    got = upper.float()
+    assert torch.equal(got, expected) and got.stride() == expected.stride()
+    indefinite = -torch.eye(8, dtype=torch.float64)
+    assert int(_factor_of_inverse(indefinite)[1]) != 0
+
+
 def test_wanda_is_per_row_and_scores_use_norms():
     w, gram, _ = planted()
     res = get_solver("wanda").function()(w, gram, parse_pattern("unstructured"), 0.5)

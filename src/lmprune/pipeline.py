@@ -236,7 +236,7 @@ def prune(loaded: LoadedModel, config: PruneConfig, progress: bool = True,
         pruner = LayerPruner.build(config.solver_name, config.refine, config.pattern_obj, alloc.targets, settings)
         options = _engine_options(config, progress, prune_blocks=frozenset(blocks), start_block=begin.block)
         result = run_engine(model, adapter, store, pruner, _strategy(settings), options,
-                            EventChain(loaded.prune_events() if world.is_main else loaded.read_events(), clock,
+                            EventChain(loaded.prune_events(write=world.is_main), clock,
                                        saving))
     elapsed = time.perf_counter() - started
     records = begin.records + result.records

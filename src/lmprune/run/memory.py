@@ -188,7 +188,8 @@ def plan_memory(
 
     ``text_tokens`` maps a stream text (the calibration source under "calib", evaluation datasets by name) to
     its token count, for the tokenisation transients; absent texts are left out of the plan. A streamed job
-    plans the non-block weights plus one block, each block written as its own shard. With ``world_size`` ranks
+    plans the non-block weights plus one block, each block written as its own shard; its embeddings and head are
+    not held while the blocks are pruned (statistics and prune phases). With ``world_size`` ranks
     the plan is one rank's: its share of the calibration windows (the largest), the whole block, its Gram
     matrices and one solve (SparseLLM's FFN problem gathers every rank's tokens on each).
     """
@@ -242,9 +243,12 @@ def plan_memory(
     plan.add("runtime (Python, torch, transformers)", runtime_bytes() if runtime is None else runtime)
     block_bytes = block_params * width
     if stream:
-        plan.add("non-block weights (embeddings, norm, head)", weights - len(blocks) * block_bytes)
-        plan.add("one block's weights (+ its shard read back)", 2 * block_bytes,
-                 ("statistics", "prune", "save", "reload"))
+        outer = _embeddings_and_head(model) * width  # parked while the blocks are pruned
+        plan.add("embeddings and head (not held while pruning)", outer,
+                 tuple(p for p in plan.PHASES if p not in ("statistics", "prune")))
+        plan.add("other non-block weights (norms)", weights - len(blocks) * block_bytes - outer)
+        plan.add("one block's weights", block_bytes, ("statistics", "prune", "save", "reload"))
+        plan.add("its shard read back (each block's write)", block_bytes, ("save", "reload"))
     else:
         plan.add("model weights", weights)
         kind = "gguf" if source_kind in ("gguf", "alias") else "dir"
@@ -285,6 +289,12 @@ def plan_memory(
         plan.add("serialisation buffer", weights, "save")
         plan.add("reload check copy (+ loader transient)", weights + LOAD_TRANSIENT["dir"] * n_params * 4, "reload")
     return plan
+
+
+def _embeddings_and_head(model: torch.nn.Module) -> int:
+    """Parameters of the input embeddings and the head (a tied head's counted once)."""
+    modules = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+    return sum(p.numel() for p in {id(p): p for m in modules for p in m.parameters()}.values())
 
 
 class InsufficientMemory(ConfigError):

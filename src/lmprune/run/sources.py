@@ -29,8 +29,8 @@ class LoadedModel:
         """Events for a pass over the original blocks (OWL's statistics, a dense evaluation)."""
         return None
 
-    def prune_events(self) -> BlockEvents | None:
-        """Events for the pruning pass (streaming loads and writes each block there)."""
+    def prune_events(self, write: bool = True) -> BlockEvents | None:
+        """Events for the pruning pass (streaming loads each block there and, with ``write``, writes it out)."""
         return None
 
     def matrix_infos(self, adapter: FamilyAdapter, blocks: list[int]) -> list[MatrixInfo]:

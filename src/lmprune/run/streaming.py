@@ -3,8 +3,10 @@
 The model is built with every decoder block on PyTorch's ``meta`` device (shapes, no storage); embeddings,
 final norm and head are real. Engine events load block ``i``'s weights before the engine touches it; after a
 pruning pass they write it as its own output shard, after any other pass (OWL's statistics, an evaluation)
-they drop it, and either way the block returns to ``meta``. Peak memory is one block, the activations and the
-non-block weights, whatever the depth. AlphaPruning reads one matrix at a time from the shards.
+they drop it, and either way the block returns to ``meta``. The input embeddings and the head are not read while
+the blocks are pruned (block 0's inputs are captured before): they go to ``meta`` for the pruning pass and are
+read back from the source shards before any later pass or the final write, unchanged. Peak memory is one block,
+the activations and the norms, whatever the depth. AlphaPruning reads one matrix at a time from the shards.
 
 An interrupted run resumes like an in-memory one (:mod:`lmprune.run.checkpoint`): the blocks finished before the
 interruption are already output shards in the staging directory, so the checkpoint holds only the next block's
@@ -125,6 +127,8 @@ class BlockStream:
         known = remembered(model)  # declared by an adapter file
         self.blocks_path = known.blocks_path if known else find_blocks_path(model)
         self.blocks = model.get_submodule(self.blocks_path)
+        self.blocks_dtype = next(model.parameters()).dtype
+        self._parked: list[tuple[nn.Module, str, str, bool]] = []  # (module, attribute, tensor name, grad)
         self.load(0)  # the structure is discovered on block 0's real weights (the FFN is checked numerically)
         try:
             self.adapter = get_adapter(model)
@@ -146,7 +150,7 @@ class BlockStream:
         """Read block ``i`` from ``reader`` (default: the source shards)."""
         reader = reader or self.reader
         block = self.blocks[i]
-        dtype = next(self.model.parameters()).dtype
+        dtype = self.blocks_dtype
         block.to_empty(device="cpu")
         prefix = self._prefix(i)
         missing = [k for k in block.state_dict() if prefix + k not in reader.weight_map]
@@ -163,6 +167,37 @@ class BlockStream:
 
     def drop(self, i: int) -> None:
         self.blocks[i].to("meta")
+
+    def _outer(self) -> dict[str, nn.Module]:
+        """The input embeddings and the head by module name (the largest non-block weights: ``vocab x hidden``)."""
+        wanted = [m for m in (self.model.get_input_embeddings(), self.model.get_output_embeddings()) if m is not None]
+        return {name: m for name, m in self.model.named_modules() if any(m is w for w in wanted)}
+
+    def park_outer(self) -> None:
+        """The parameters of the embeddings and head to ``meta`` until :meth:`restore_outer` (their buffers, such
+        as an embedding scale, stay)."""
+        if self._parked:
+            return
+        for name, module in self._outer().items():
+            for key, p in list(module.named_parameters(recurse=False)):
+                self._parked.append((module, key, f"{name}.{key}", p.requires_grad))
+                setattr(module, key, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad))
+
+    @torch.no_grad()
+    def restore_outer(self) -> None:
+        """The parked parameters read back from the source shards, unchanged; one the source does not store is a
+        tied head's, which gets the embedding's parameter back."""
+        read: dict[str, nn.Parameter] = {}
+        for module, key, full, grad in self._parked:
+            if full in self.reader.weight_map:
+                read[full] = nn.Parameter(self.reader.get(full).to(self.blocks_dtype), requires_grad=grad)
+                setattr(module, key, read[full])
+        for module, key, full, _ in self._parked:
+            if full not in read:
+                if not _tied(self.model, full) or len(read) != 1:
+                    raise ModelLoadError(f"streaming: {full} could not be read back from the source shards")
+                setattr(module, key, next(iter(read.values())))
+        self._parked = []
 
     @torch.no_grad()
     def write(self, i: int) -> None:
@@ -199,6 +234,7 @@ class BlockStream:
         self.checked += len(tensors)
 
     def finish(self) -> None:
+        self.restore_outer()
         prefix = self.adapter.blocks_path + "."
         rest = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()
                 if not k.startswith(prefix) and not _tied(self.model, k) and k in self.reader.weight_map}
@@ -224,16 +260,21 @@ class _ReadEvents(BlockEvents):
 
 
 class _PruneEvents(BlockEvents):
-    """Each block read before it is pruned and written as an output shard once it is done."""
+    """Each block read before it is pruned and, once it is done, written as an output shard (``write``: rank 0)
+    or dropped (the other ranks); the embeddings and head are parked meanwhile."""
 
-    def __init__(self, stream: BlockStream):
-        self.stream = stream
+    def __init__(self, stream: BlockStream, write: bool):
+        self.stream, self.write = stream, write
 
     def block_start(self, index: int) -> None:
+        self.stream.park_outer()
         self.stream.load(index)
 
     def block_done(self, done: BlockDone) -> None:
-        self.stream.write(done.index)
+        if self.write:
+            self.stream.write(done.index)
+        else:
+            self.stream.drop(done.index)
 
 
 class StreamedMatrix:
@@ -273,13 +314,15 @@ class StreamedModel(LoadedModel):
     streamed = True
 
     def read_events(self) -> BlockEvents:
+        self.stream.restore_outer()
         return _ReadEvents(self.stream)
 
-    def prune_events(self) -> BlockEvents:
-        return _PruneEvents(self.stream)
+    def prune_events(self, write: bool = True) -> BlockEvents:
+        return _PruneEvents(self.stream, write)
 
     def output_events(self) -> BlockEvents:
         """Events for a pass over the pruned blocks written so far (evaluation after pruning)."""
+        self.stream.restore_outer()
         return _ReadEvents(self.stream, self.stream.output_reader())
 
     def matrix_infos(self, adapter: FamilyAdapter, blocks: list[int]) -> list[StreamedMatrix]:

@@ -78,7 +78,7 @@ class Gram:
 
     def damped(self, percdamp: float, dtype: torch.dtype = torch.float32) -> Tensor:
         """``H + λI`` with ``λ = percdamp · mean(diag H)``; dead inputs get a unit diagonal."""
-        h = self.matrix.to(dtype).clone()
+        h = self.matrix.to(dtype, copy=True)  # one copy, also when the dtype changes
         dead = self.dead()
         h[dead, dead] = 1.0
         lam = percdamp * torch.mean(torch.diagonal(h))
