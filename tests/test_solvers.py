@@ -80,11 +80,11 @@ def test_sparsegpt_factorisation_in_place_is_the_out_of_place_one_bit_for_bit():
     expected = torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True).float()
     buffer = h.clone()
     upper, info = _factor_of_inverse(buffer)
-    assert int(info) == 0 and upper.data_ptr() == buffer.data_ptr()  # no second in x in float64 matrix
+    assert info == 0 and upper.data_ptr() == buffer.data_ptr()  # no second in x in float64 matrix
     got = upper.float()
     assert torch.equal(got, expected) and got.stride() == expected.stride()
     indefinite = -torch.eye(8, dtype=torch.float64)
-    assert int(_factor_of_inverse(indefinite)[1]) != 0
+    assert _factor_of_inverse(indefinite)[1] != 0
 
 
 def test_wanda_is_per_row_and_scores_use_norms():

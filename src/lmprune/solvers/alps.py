@@ -35,6 +35,7 @@ from torch import Tensor
 from ..patterns import NM, Pattern, Unstructured
 from .base import Gram, SolveResult, SolverOptions, screen_inputs, validate_options
 from .pcg import masked_pcg
+from .spd import cholesky_, cholesky_inverse_
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 #: a factor of the ρ schedule (ρ never shrinks by it)
@@ -160,17 +161,19 @@ class RidgeSolver:
         if self.mode == "inverse":
             q, lam = self.sg.eig()
             return (q / (lam + rho).unsqueeze(0)) @ q.T
+        lower, info = cholesky_(self._shifted(rho))  # in place on the CPU (:mod:`.spd`)
+        if info == 0:
+            return cholesky_inverse_(lower)
+        del lower
+        lower, info = cholesky_(self._shifted(rho).double())  # float32 round-off broke definiteness
+        if info != 0:
+            raise torch.linalg.LinAlgError(f"H̃ + ρI not positive definite at ρ = {rho:g}")
+        return cholesky_inverse_(lower).to(self.sg.h.dtype)
+
+    def _shifted(self, rho: float) -> Tensor:
         shifted = self.sg.h.clone()
         shifted.diagonal().add_(rho)
-        lower, info = torch.linalg.cholesky_ex(shifted)
-        if int(info) == 0:
-            del shifted
-            return torch.cholesky_inverse(lower)
-        del lower
-        lower = torch.linalg.cholesky(shifted.double())  # float32 round-off broke definiteness
-        dtype = shifted.dtype
-        del shifted
-        return torch.cholesky_inverse(lower).to(dtype)
+        return shifted
 
 
 def keep_mask_scaled(pattern: Pattern, b: Tensor, sparsity: float) -> Tensor:

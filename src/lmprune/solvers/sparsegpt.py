@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..patterns import NM, Pattern, Unstructured, kept_count
 from .base import Gram, SolveResult, SolverOptions, screen_inputs, validate_options
+from .spd import cholesky_, cholesky_inverse_
 
 
 class Options(SolverOptions):
@@ -41,7 +42,7 @@ def inverse_hessian_factor(gram: Gram, percdamp: float) -> tuple[Tensor, int]:
         damp = percdamp
         for retry in range(6):
             upper, info = _factor_of_inverse(gram.damped(damp, _factor_dtype(gram)))
-            if int(info) == 0:
+            if info == 0:
                 return upper.float(), retry
             del upper
             damp *= 10
@@ -54,41 +55,14 @@ def _factor_dtype(gram: Gram) -> torch.dtype:
     return torch.float64 if gram.matrix.device.type == "cpu" else torch.float32
 
 
-def _factor_of_inverse(h: Tensor) -> tuple[Tensor, Tensor]:
-    """``chol(chol⁻¹(h))`` as an upper factor, and LAPACK's ``info`` (non-zero: not positive definite).
-
-    ``h`` is consumed. On the CPU the three steps run in ``h``'s own buffer: its upper triangle is first made the
-    mirror of the lower one (which is all the factorisation reads), so that the buffer read column-major, as
-    LAPACK reads it, holds ``h`` itself and torch's ``out=`` hands LAPACK that buffer instead of a column-major
-    copy. Same calls on the same values in the same layout: bit-identical to the out-of-place steps.
-    """
-    if h.device.type == "cpu":
-        info = torch.zeros((), dtype=torch.int32)
-        f = _mirror_lower_(h).mT
-        torch.linalg.cholesky_ex(f, out=(f, info))
-        if int(info) != 0:
-            return f, info
-        torch.cholesky_inverse(f, out=f)
-        torch.linalg.cholesky_ex(f, upper=True, out=(f, info))
-        return f, info
-    lower, info = torch.linalg.cholesky_ex(h)
-    del h
-    if int(info) != 0:
+def _factor_of_inverse(h: Tensor) -> tuple[Tensor, int]:
+    """``chol(chol⁻¹(h))`` as an upper factor, and LAPACK's ``info`` (non-zero: not positive definite); ``h`` is
+    consumed, and on the CPU every step overwrites it (:mod:`.spd`)."""
+    lower, info = cholesky_(h)
+    del h  # off the CPU the factor is a new tensor: let the input go
+    if info != 0:
         return lower, info
-    hinv = torch.cholesky_inverse(lower)
-    del lower
-    return torch.linalg.cholesky_ex(hinv, upper=True)
-
-
-def _mirror_lower_(h: Tensor, panel: int = 1024) -> Tensor:
-    """``h``'s strictly upper triangle overwritten by its lower one, transposed, a panel of rows at a time."""
-    n = h.shape[0]
-    for i in range(0, n, panel):
-        j = min(i + panel, n)
-        square = h[i:j, i:j]
-        square.copy_(torch.tril(square) + torch.tril(square, -1).mT)
-        h[i:j, j:].copy_(h[j:, i:j].mT)
-    return h
+    return cholesky_(cholesky_inverse_(lower), upper=True)
 
 
 def _quota_sparsity(total_kept_before: int, total_kept_after: int, size: int) -> float:

@@ -63,6 +63,7 @@ from torch import Tensor
 
 from ..patterns import Pattern
 from .base import Gram, SolveResult, SolverOptions
+from .spd import cholesky_, cholesky_inverse_
 
 InnerSolve = Callable[[Tensor, Gram, float], SolveResult]
 
@@ -198,11 +199,11 @@ class _Subproblem:
         """Damped least-squares solution (out x in, float32); damping raised tenfold until H is PD."""
         damp = percdamp
         for _ in range(6):
-            try:
-                lower = torch.linalg.cholesky(self.gram.damped(damp, torch.float64))
+            lower, info = cholesky_(self.gram.damped(damp, torch.float64))  # in place on the CPU (:mod:`.spd`)
+            if info == 0:
                 return torch.cholesky_solve(self.cross, lower).T.float()
-            except torch.linalg.LinAlgError:
-                damp = damp * 10 if damp > 0 else 1e-6
+            del lower
+            damp = damp * 10 if damp > 0 else 1e-6
         raise torch.linalg.LinAlgError("least-squares refit: Gram matrix not positive definite")
 
 
@@ -212,11 +213,11 @@ def _spd_inverse(w_out: Tensor, beta: float, gamma: float) -> Tensor:
     a = (w.T @ w).mul_(beta)
     del w
     a.diagonal().add_(gamma)
-    lower = torch.linalg.cholesky(a)
-    del a  # at most two float64 in x in matrices alive at once (not four)
-    inverse = torch.cholesky_inverse(lower)
-    del lower
-    return inverse.float()
+    lower, info = cholesky_(a)  # in a's own buffer on the CPU (:mod:`.spd`): one float64 in x in matrix alive
+    del a
+    if info != 0:
+        raise torch.linalg.LinAlgError(f"βWᵀW + γI not positive definite (γ = {gamma:g})")
+    return cholesky_inverse_(lower).float()
 
 
 @dataclass
