@@ -87,6 +87,22 @@ def test_sparsegpt_factorisation_in_place_is_the_out_of_place_one_bit_for_bit():
     assert _factor_of_inverse(indefinite)[1] != 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_spd_inverse_in_place_matches_torch(dtype):
+    """ALPS's ridge inverses and SparseLLM's ``(βWᵀW + γI)⁻¹`` factorise and invert over their input's buffer:
+    the values and the layout are torch's out-of-place ones."""
+    from lmprune.solvers.spd import cholesky_, cholesky_inverse_
+
+    _, gram, _ = planted(inp=200)
+    a = gram.damped(0.01, dtype)
+    expected = torch.cholesky_inverse(torch.linalg.cholesky(a))
+    buffer = a.clone()
+    lower, info = cholesky_(buffer)
+    inverse = cholesky_inverse_(lower)
+    assert info == 0 and inverse.data_ptr() == buffer.data_ptr()
+    assert torch.equal(inverse, expected) and inverse.stride() == expected.stride()
+
+
 def test_wanda_is_per_row_and_scores_use_norms():
     w, gram, _ = planted()
     res = get_solver("wanda").function()(w, gram, parse_pattern("unstructured"), 0.5)
