@@ -160,6 +160,22 @@ def test_streamed_plan_leaves_out_embeddings_and_head_while_pruning():
     assert "save" in outer.phases and "save" in readback.phases and "calibrate" in outer.phases
 
 
+def test_forward_plan_counts_attention_scores_only_for_eager_attention():
+    """SDPA's fused kernel never forms the ``heads x L x L`` scores (measured: bench/scale/forward_memory.py); the
+    plan reads the attention implementation from the model's config and counts the scores only when eager."""
+    from lmprune.run.memory import _forward_bytes
+
+    cfg = _config("llama")
+    heads, L, d, ff = cfg.num_attention_heads, 128, cfg.hidden_size, cfg.intermediate_size
+    sizes = {}
+    for attn in ("sdpa", "eager"):
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn)
+        assert model.config._attn_implementation == attn
+        sizes[attn] = _forward_bytes(model, heads, L, d, ff, 4)
+    assert sizes["eager"] - sizes["sdpa"] == heads * L * L * 12
+    assert sizes["sdpa"] == 4 * (6 * L * d + 4 * L * ff)
+
+
 def test_offload_dir_plans_activations_on_disk():
     """On the CPU, --offload-dir takes the activations out of host memory (one window's input and output stay)."""
     kept = _cuda_plan(device="cpu")
