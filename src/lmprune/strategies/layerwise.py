@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -41,7 +42,7 @@ def prune_groups(ctx, stages: list[list[str]], stats: dict | None = None, expert
         def solve(rel: str):
             start = time.perf_counter()
             dense = ctx.linear(rel).weight.detach()
-            result = ctx.inner_solve(rel, dense.clone().float(), grams[rel])
+            result = ctx.inner_solve(rel, dense.to(torch.float32, copy=True), grams[rel])
             result.stats.update(stats or {})
             result.stats["owner_rank"] = ctx.world.rank
             seconds = time.perf_counter() - start
