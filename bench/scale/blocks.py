@@ -12,7 +12,8 @@ Every cell is ``ROOT/<model dir name>/<method>`` (``--root``, default ``bench/ou
 ``lmprune.json`` is skipped, so the benchmark resumes cell by cell. Each run prunes block 0 only
 (``--blocks 0``) and propagates the others dense, at ``--threads`` threads (``OMP_NUM_THREADS``). With
 ``--project TOKENS``, the table adds the whole-model time at ``TOKENS`` calibration tokens per block and the
-model's published block count: calibration passes scale with the tokens, solves do not. ``--scale-to
+model's published block count: calibration passes scale with the tokens, solves and error reports do not (runs
+made before the records carried the error reports' time show "–" there and project without them). ``--scale-to
 SHAPE,...`` adds rows for shapes that were not run, scaled from each measured cell by FLOPs (labelled as such):
 a block's passes by its parameter count, its layer-wise solves by ``Σ (in³ + out·in²)`` over its matrices
 (the inverse-Hessian factorisation and the column sweep or ADMM products).
@@ -72,6 +73,8 @@ def row(cell: Path, project_tokens: int | None) -> str | None:
     m = json.loads(path.read_text())
     shape = _shape(cell)
     solve = sum(r["time_s"] for r in m["layers"] if r["block"] == 0)
+    reports = [r["error_time_s"] for r in m["layers"] if r["block"] == 0 and "error_time_s" in r]
+    report = sum(reports) if reports else None  # runs before the records carried it: "–"
     # block 0's passes (statistics, then propagation): the run's calibration time less the later blocks, which
     # are only propagated (their wall time is one pass and a shard write, so this slightly undercounts block 0)
     calib = m["calibration_time_s"] - sum(m["block_times_s"][1:])
@@ -81,11 +84,11 @@ def row(cell: Path, project_tokens: int | None) -> str | None:
     tokens = m["calibration"]["nsamples"] * m["calibration"]["seqlen"]
     peak = f"{m['peak_rss_mb']:.0f}" + (f" (GPU {m['peak_cuda_mb']:.0f})" if m.get("peak_cuda_mb") else "")
     out = (f"| {shape.get('shape', cell.parent.name)} | {m['method']} | {tokens} | {calib:.1f} | {solve:.1f} | "
-           f"{block0:.1f} | {peak} | {plan_text(m)} | "
+           f"{'–' if report is None else f'{report:.1f}'} | {block0:.1f} | {peak} | {plan_text(m)} | "
            f"{per_block.get('bytes', 0) / 2**20:.0f} | {per_block.get('seconds', float('nan')):.1f} |")
     if project_tokens:
         blocks = FULL_BLOCKS.get(shape.get("shape", ""), m["n_blocks"])
-        whole = blocks * (calib * project_tokens / tokens + solve)
+        whole = blocks * (calib * project_tokens / tokens + solve + (report or 0.0))
         out += f" {whole / 3600:.1f} |"
     return out
 
@@ -153,9 +156,10 @@ def scaled_rows(cells: list[Path], targets: list[str], project_tokens: int) -> l
 
 
 def table(cells: list[Path], project_tokens: int | None) -> str:
-    head = ("| shape | method | calib tokens | calibration passes, block 0 (s) | solves, block 0 (s) | block 0 wall (s) "
-            "| peak RSS (MiB) | dry-run peak (MiB) | checkpoint after block 0 (MiB) | its write (s) |")
-    sep = "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    head = ("| shape | method | calib tokens | calibration passes, block 0 (s) | solves, block 0 (s) "
+            "| error reports, block 0 (s) | block 0 wall (s) | peak RSS (MiB) | dry-run peak (MiB) "
+            "| checkpoint after block 0 (MiB) | its write (s) |")
+    sep = "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     if project_tokens:
         head += f" whole model at {project_tokens} tokens, projected (h) |"
         sep += "---:|"
