@@ -293,9 +293,10 @@ def plan_memory(
 
 def _forward_bytes(model: torch.nn.Module, heads: int, seqlen: int, d: int, d_ff: int, width: int) -> float:
     """One window through one block: hidden-size and FFN-width activations in the model's dtype (gate, up, the
-    activation and the product for the FFN), plus, when the model's attention is the eager one, its score matrices
-    (scores, masked scores and probabilities in the model's dtype, and a float32 softmax below float32). Fused attention kernels (SDPA, flash) never form them: measured at LLaMA-2-7B's block
-    shape, 2048 tokens, bf16, 199 MiB with SDPA against 1409 MiB eager (``bench/scale/forward_memory.py``)."""
+    activation and the product for the FFN), plus, when the model's attention is the eager one, its score
+    matrices (scores, masked scores and probabilities in the model's dtype, and a float32 softmax below
+    float32). Fused attention kernels (SDPA, flash) never form them: at LLaMA-2-7B's block shape, 2048 tokens,
+    bf16, one window took 199 MiB with SDPA against 1409 MiB eager (``bench/scale/forward_memory.py``)."""
     eager = getattr(model.config, "_attn_implementation", None) in (None, "eager")
     per_score = 3 * width + (4 if width < 4 else 0)  # scores, masked scores, probabilities (+ a float32 softmax)
     scores = heads * seqlen * seqlen * per_score if eager else 0
