@@ -128,7 +128,7 @@ SOLVERS: Registry[Plugin] = Registry("solver", "solver_options", [
     Plugin("wanda", "lmprune.solvers.wanda", "solve", "keep the largest |W|·‖X‖ per output row, no update",
            workspace=(0, 2, 0)),
     Plugin("sparsegpt", "lmprune.solvers.sparsegpt", "solve", "OBS reconstruction, adaptive mask per 128 columns",
-           workspace=(3, 1, 0)),
+           workspace=(3, 2, 0)),
     Plugin("alps", "lmprune.solvers.alps", "solve",
            "ADMM with ρ schedule on the scaled layer error, then PCG on the support", workspace=(3, 10, 0)),
     Plugin("alps-fast", "lmprune.solvers.alps", "solve",
