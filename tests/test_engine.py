@@ -234,3 +234,31 @@ def test_gram_sums_do_not_depend_on_how_windows_are_grouped():
     assert torch.equal(one.float(), (ranks[1] + ranks[0]).float())
     reference = sum(w.double().T @ w.double() for w in windows)
     torch.testing.assert_close(one, reference, rtol=1e-6, atol=1e-2)
+
+
+def test_a_gram_matrix_is_released_once_its_last_reader_is_written(tokenizer, calib_file, monkeypatch):
+    """Memory at real shapes: when down_proj is solved, the Gram matrices of q/k/v, o and gate/up (and the
+    factorisations cached on them) are gone, and so is up_proj's result."""
+    import gc
+    import weakref
+
+    from lmprune.layer_pruner import LayerPruner
+
+    alive_at_call: list[int] = []
+    seen: list[weakref.ref] = []
+    solve = LayerPruner.solve
+
+    def spy(self, weight, gram, target):
+        gc.collect()
+        alive_at_call.append(len({id(r()) for r in seen if r() is not None}))  # distinct Gram objects
+        seen.append(weakref.ref(gram))
+        return solve(self, weight, gram, target)
+
+    monkeypatch.setattr(LayerPruner, "solve", spy)
+    config = build_config(method="sparsegpt", sparsity=0.5, calib=str(calib_file), nsamples=2, seqlen=16,
+                          blocks="0")
+    report = api.prune(make_model("llama"), tokenizer, config, progress=False)
+    names = [r["name"].rsplit(".", 1)[-1] for r in report["layers"]]
+    assert names[-1] == "down_proj" and len(alive_at_call) == 7
+    # q/k/v share one Gram (alive while k and v are solved), then o's, gate/up's; none is left at down_proj
+    assert alive_at_call == [0, 1, 1, 0, 0, 1, 0]

@@ -8,6 +8,7 @@ group is solved before the next group's Gram matrix is collected, so later matri
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -48,12 +49,19 @@ def prune_groups(ctx, stages: list[list[str]], stats: dict | None = None, expert
             seconds = time.perf_counter() - start
             return result, seconds, ctx.layer_error(rel, dense, result, grams[rel])
 
-        # each matrix by one owner rank (all of them by this process in a single one), shared with every rank
+        # each matrix by one owner rank (all of them by this process in a single one), shared with every rank;
+        # a Gram matrix and its cached factorisations go as soon as the last matrix reading it is committed, and a
+        # result once it is written, so neither q/k/v's nor gate/up's are held through down_proj's solve
+        readers = Counter(id(g) for g in grams.values())
         for rel, (result, seconds, error) in ctx.world.spread(stage, [solve_cost(ctx.linear(r)) for r in stage],
                                                                solve):
             ctx.commit(rel, result, error, seconds)
-        for g in {id(g): g for g in grams.values()}.values():
-            g.release()
+            del result, error  # not held through the next matrix's solve
+            gram = grams.pop(rel)
+            readers[id(gram)] -= 1
+            if readers[id(gram)] == 0:
+                gram.release()
+            del gram
 
 
 def prune_block(ctx, options: Options) -> None:
