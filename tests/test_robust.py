@@ -171,7 +171,7 @@ def test_forward_plan_counts_attention_scores_only_for_eager_attention():
     for attn in ("sdpa", "eager"):
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn)
         assert model.config._attn_implementation == attn
-        sizes[attn] = _forward_bytes(model, heads, L, d, ff, 4)
+        sizes[attn] = _forward_bytes(model.config._attn_implementation, heads, L, d, ff, 4)
     assert sizes["eager"] - sizes["sdpa"] == heads * L * L * 12
     assert sizes["sdpa"] == 4 * (6 * L * d + 4 * L * ff)
 

@@ -50,13 +50,7 @@ def block_forward_peak(d: int, dff: int, heads: int, seqlen: int, dtype: torch.d
 def planned_mib(d: int, dff: int, heads: int, seqlen: int, width: int, attn: str) -> float:
     from lmprune.run.memory import _forward_bytes
 
-    class _Config:
-        _attn_implementation = attn
-
-    class _Model:
-        config = _Config()
-
-    return _forward_bytes(_Model(), heads, seqlen, d, dff, width) / 2**20
+    return _forward_bytes(attn, heads, seqlen, d, dff, width) / 2**20
 
 
 def main() -> None:

@@ -145,6 +145,13 @@ def find_blocks_path(model: nn.Module) -> str:
     return candidates[0][0]
 
 
+def embeddings_and_head(model: nn.Module) -> dict[str, nn.Module]:
+    """The input embeddings and the output head by module name, as the model itself names them
+    (``get_input_embeddings`` / ``get_output_embeddings``): its largest non-block weights, ``vocab x hidden``."""
+    wanted = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+    return {name: m for name, m in model.named_modules() if any(m is w for w in wanted)}
+
+
 # ----------------------------------------------------------------------------------------------- block calls
 
 

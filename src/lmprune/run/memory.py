@@ -230,7 +230,7 @@ def plan_memory(
         grams += 4.0 * sum(i * i for i in gram_sizes)  # the FFN's own Gram matrices beside the attention's
     n_rank = -(-n // max(1, world_size))  # the largest share of the windows
     activations = 2.0 * n_rank * seqlen * d * width
-    forward = _forward_bytes(model, heads, seqlen, d, d_ff, width)
+    forward = _forward_bytes(getattr(model.config, "_attn_implementation", None), heads, seqlen, d, d_ff, width)
 
     on_device = config.device != "cpu"
     where = "device" if on_device else "host"
@@ -291,13 +291,13 @@ def plan_memory(
     return plan
 
 
-def _forward_bytes(model: torch.nn.Module, heads: int, seqlen: int, d: int, d_ff: int, width: int) -> float:
+def _forward_bytes(attn: str | None, heads: int, seqlen: int, d: int, d_ff: int, width: int) -> float:
     """One window through one block: hidden-size and FFN-width activations in the model's dtype (gate, up, the
-    activation and the product for the FFN), plus, when the model's attention is the eager one, its score
-    matrices (scores, masked scores and probabilities in the model's dtype, and a float32 softmax below
-    float32). Fused attention kernels (SDPA, flash) never form them: at LLaMA-2-7B's block shape, 2048 tokens,
+    activation and the product for the FFN), plus, when the attention implementation ``attn`` (the model
+    config's ``_attn_implementation``) is the eager one, its score matrices (scores, masked scores and
+    probabilities in the model's dtype, and a float32 softmax below float32). Fused attention kernels (SDPA, flash) never form them: at LLaMA-2-7B's block shape, 2048 tokens,
     bf16, one window took 199 MiB with SDPA against 1409 MiB eager (``bench/scale/forward_memory.py``)."""
-    eager = getattr(model.config, "_attn_implementation", None) in (None, "eager")
+    eager = attn in (None, "eager")
     per_score = 3 * width + (4 if width < 4 else 0)  # scores, masked scores, probabilities (+ a float32 softmax)
     scores = heads * seqlen * seqlen * per_score if eager else 0
     return float(scores + width * (6 * seqlen * d + 4 * seqlen * d_ff))
@@ -305,7 +305,9 @@ def _forward_bytes(model: torch.nn.Module, heads: int, seqlen: int, d: int, d_ff
 
 def _embeddings_and_head(model: torch.nn.Module) -> int:
     """Parameters of the input embeddings and the head (a tied head's counted once)."""
-    modules = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+    from ..models.discovery import embeddings_and_head
+
+    modules = embeddings_and_head(model).values()
     return sum(p.numel() for p in {id(p): p for m in modules for p in m.parameters()}.values())
 
 

@@ -32,7 +32,7 @@ from ..config import ConfigError
 from ..engine import BlockDone, BlockEvents
 from ..models.adapters import FamilyAdapter, get_adapter
 from ..models.declared import use_adapter_file
-from ..models.discovery import declare, find_blocks_path, remembered, structure_of
+from ..models.discovery import declare, embeddings_and_head, find_blocks_path, remembered, structure_of
 from ..models.loading import ModelLoadError, _dir_fingerprint, _dtype_arg, declared_dtype, ensure_pad_token, resolve
 from ..report.manifest import write_json
 from .rundir import disk_space
@@ -127,7 +127,7 @@ class BlockStream:
         known = remembered(model)  # declared by an adapter file
         self.blocks_path = known.blocks_path if known else find_blocks_path(model)
         self.blocks = model.get_submodule(self.blocks_path)
-        self.blocks_dtype = next(model.parameters()).dtype
+        self.dtype = next(model.parameters()).dtype  # the run's: blocks and parked weights are read in it
         self._parked: list[tuple[nn.Module, str, str, bool]] = []  # (module, attribute, tensor name, grad)
         self.load(0)  # the structure is discovered on block 0's real weights (the FFN is checked numerically)
         try:
@@ -150,7 +150,6 @@ class BlockStream:
         """Read block ``i`` from ``reader`` (default: the source shards)."""
         reader = reader or self.reader
         block = self.blocks[i]
-        dtype = self.blocks_dtype
         block.to_empty(device="cpu")
         prefix = self._prefix(i)
         missing = [k for k in block.state_dict() if prefix + k not in reader.weight_map]
@@ -160,7 +159,7 @@ class BlockStream:
                 f"{prefix + missing[0]}: it stores these weights in another layout, which transformers converts "
                 "when it loads the whole model (such as per-expert matrices it merges into 3-D parameters); "
                 "prune this model without --stream")
-        block.load_state_dict({k: reader.get(prefix + k).to(dtype) for k in block.state_dict()})
+        block.load_state_dict({k: reader.get(prefix + k).to(self.dtype) for k in block.state_dict()})
         for name, p in block.named_parameters():
             if p.is_floating_point() and not torch.isfinite(p).all():
                 raise ModelLoadError(f"model weight {prefix}{name} contains NaN or Inf")
@@ -168,17 +167,12 @@ class BlockStream:
     def drop(self, i: int) -> None:
         self.blocks[i].to("meta")
 
-    def _outer(self) -> dict[str, nn.Module]:
-        """The input embeddings and the head by module name (the largest non-block weights: ``vocab x hidden``)."""
-        wanted = [m for m in (self.model.get_input_embeddings(), self.model.get_output_embeddings()) if m is not None]
-        return {name: m for name, m in self.model.named_modules() if any(m is w for w in wanted)}
-
     def park_outer(self) -> None:
         """The parameters of the embeddings and head to ``meta`` until :meth:`restore_outer` (their buffers, such
         as an embedding scale, stay)."""
         if self._parked:
             return
-        for name, module in self._outer().items():
+        for name, module in embeddings_and_head(self.model).items():
             for key, p in list(module.named_parameters(recurse=False)):
                 self._parked.append((module, key, f"{name}.{key}", p.requires_grad))
                 setattr(module, key, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad))
@@ -190,7 +184,7 @@ class BlockStream:
         read: dict[str, nn.Parameter] = {}
         for module, key, full, grad in self._parked:
             if full in self.reader.weight_map:
-                read[full] = nn.Parameter(self.reader.get(full).to(self.blocks_dtype), requires_grad=grad)
+                read[full] = nn.Parameter(self.reader.get(full).to(self.dtype), requires_grad=grad)
                 setattr(module, key, read[full])
         for module, key, full, _ in self._parked:
             if full not in read:
