@@ -40,6 +40,8 @@ CASES = {
     "sparsegpt-owl": ["--method", "sparsegpt", "--allocation", "owl", "--sparsity", "0.6"],
     "wanda-alpha": ["--method", "wanda", "--allocation", "alpha", "--sparsity", "0.6"],
     "sparsegpt-2of4": ["--method", "sparsegpt", "--pattern", "2:4"],
+    # streamed, the activations in files: each rank its own folder under the one --offload-dir
+    "sparsegpt-stream": ["--method", "sparsegpt", "--stream", "--offload-dir", "{root}/offload"],
 }
 
 
@@ -54,6 +56,7 @@ def _model(root: Path, tokenizer, layers: int, seed: int) -> Path:
 
 
 def _argv(model: Path, out: Path, calib: Path, extra: list[str]) -> list[str]:
+    extra = [e.format(root=out.parent) for e in extra]
     argv = ["prune", "--quiet", "--model", str(model), "--out", str(out), "--nsamples", str(NSAMPLES),
             "--seqlen", str(SEQLEN), "--calib", str(calib), *extra]
     if "--sparsity" not in extra:
@@ -71,6 +74,7 @@ def _torchrun(nproc: int) -> list[str]:
 def runs(tmp_path_factory, tokenizer, calib_file):
     """Every case pruned by one process (in this one) and by two (one torchrun launch for all)."""
     root = tmp_path_factory.mktemp("dist")
+    (root / "offload").mkdir()
     models = {2: _model(root, tokenizer, 2, 0), 4: _model(root, tokenizer, 4, 1)}
     jobs, pairs = [], {}
     for name, extra in CASES.items():
@@ -135,6 +139,9 @@ def test_two_ranks_match_one(runs, name):
     assert abs(m1["achieved_sparsity"] - m2["achieved_sparsity"]) < 1e-3
     # both ranks solved matrices (and measured their errors): the records say which
     assert {layer["stats"]["owner_rank"] for layer in m2["layers"]} == {0, 1}
+    if "stream" in name:
+        assert m1["run_options"]["stream"] and m2["run_options"]["stream"]
+        assert not list((one.parent / "offload").iterdir())  # every rank's activation files are gone
     assert all(layer["error_time_s"] > 0 for layer in m2["layers"])
     if "owl" in name or "alpha" in name:
         t1 = {m["name"]: m["target"] for m in m1["allocation_detail"]["matrices"]}
@@ -218,3 +225,74 @@ def test_killed_rank_resumes_to_the_same_weights(runs, calib_file):
     assert ref.keys() == got.keys()
     for k in ref:
         assert torch.equal(ref[k], got[k]), k
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_nodes(nodes: list[Path], argv: list[str], env: dict, port: int) -> list[subprocess.Popen]:
+    """One torchrun agent per "node" (one rank each, static rendezvous on this host), each in its own working
+    directory, so a relative ``--out`` is a different folder on each: nodes without a shared file system."""
+    procs = []
+    for i, node in enumerate(nodes):
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={i}",
+                  "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}"]
+        procs.append(subprocess.Popen([*launch, "-m", "lmprune", *argv], cwd=node, env=env, start_new_session=True,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def test_two_nodes_without_a_shared_file_system_resume(runs, calib_file):
+    """``torchrun --nnodes 2``, each node writing ``--out`` to its own disk: rank 0 keeps the run directory and the
+    checkpoint state, rank 1 only its own windows; killed after block 1 on both nodes, the same two commands
+    resume it to the weights of the one-node 2-rank run, and rank 1's node keeps nothing afterwards."""
+    nodes = [runs["root"] / "node0", runs["root"] / "node1"]
+    for node in nodes:
+        node.mkdir()
+    argv = _argv(runs["models"][4], Path("run"), calib_file, ["--method", "sparsegpt"])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1",
+           "LMPRUNE_DIST_TIMEOUT": "120"}
+    procs = _two_nodes(nodes, argv, {**env, HOLD_ENV: "1"}, _free_port())
+    try:
+        wait_for_hold(procs[0], nodes[0] / "run", 1, timeout=240)
+        assert list((staging_dir(nodes[1] / "run") / "checkpoint").glob("inputs_0001_rank1"))
+    finally:
+        for p in procs:  # both nodes go down (torchrun starts its workers in sessions of their own)
+            tree = [*psutil.Process(p.pid).children(recursive=True), psutil.Process(p.pid)]
+            for q in tree:
+                q.kill()
+            psutil.wait_procs(tree, timeout=60)
+            p.wait(60)
+            p.stderr.close()
+    assert _state(nodes[0] / "run")["done_block"] == 1 and not _state(nodes[1] / "run")
+
+    # rank 1 started where its checkpoint is not (another node, say): it refuses in one line, and both end
+    import shutil
+
+    kept = runs["root"] / "node1-kept"
+    shutil.move(nodes[1], kept)
+    nodes[1].mkdir()
+    procs = _two_nodes(nodes, argv, env, _free_port())
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert all(p.returncode != 0 for p in procs)
+    assert "lmprune: error: rank 1: its checkpointed inputs .run.partial/checkpoint/inputs_0001_rank1 are missing" \
+        in errs[1]
+    assert _state(nodes[0] / "run")["done_block"] == 1  # nothing already computed was lost
+    nodes[1].rmdir()
+    shutil.move(kept, nodes[1])
+
+    procs = _two_nodes(nodes, argv, env, _free_port())
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(errs)[-6000:]
+    m = _manifest(nodes[0] / "run")
+    assert m["resumed_from_block"] == 2 and m["world_size"] == 2
+    ref, got = _weights(runs["resume_ref"]), _weights(nodes[0] / "run")
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+    assert not list(nodes[1].iterdir())  # rank 1's checkpointed windows were removed with the run's end

@@ -338,7 +338,7 @@ def run(job: Job) -> dict[str, Any]:
         rundir.check_out_dir(out, job.model, job.config, job.overwrite)
         checkpoint = open_checkpoint(out, _fingerprint(job, world), job.overwrite, job.resume,
                                      store_blocks=not job.stream, world=world)
-        release.go()  # the other ranks may read the checkpoint now
+        release.go(checkpoint.state())  # the other ranks start from rank 0's checkpoint state
         manifest: dict[str, Any] = {"lmprune_version": __version__, "created": now_iso()}
         if job.invocation:
             manifest["invocation"] = job.invocation
@@ -396,8 +396,8 @@ class _Release:
     def __init__(self, world: distributed.World):
         self.world, self.sent = world, False
 
-    def go(self) -> None:
-        self.world.broadcast_object(_GO)
+    def go(self, state: dict[str, Any] | None) -> None:
+        self.world.broadcast_object((_GO, state))
         self.sent = True
 
     def __enter__(self) -> "_Release":
@@ -405,20 +405,23 @@ class _Release:
 
     def __exit__(self, *exc) -> None:
         if not self.sent:
-            self.world.broadcast_object("stop")
+            self.world.broadcast_object(("stop", None))
 
 
 def _follow(job: Job, world: distributed.World) -> dict[str, Any]:
     """A rank other than 0: prune its share of the windows alongside rank 0, writing no run directory."""
-    if world.broadcast_object(None) != _GO:
+    signal, state = world.broadcast_object(None)
+    if signal != _GO:
         return {}
     out = Path(job.out)
     checkpoint = open_checkpoint(out, _fingerprint(job, world), job.overwrite, job.resume,
                                  store_blocks=not job.stream, world=world)
+    checkpoint.follow(state)
     loaded = load(job, rundir.staging_dir(out))
     checkpoint.fingerprint["model_sha256"] = loaded.source.sha256
     prune(loaded, job.config, False, checkpoint)
     world.all_gather_object(peak_rss_mb())
+    checkpoint.drop_own()
     return {}
 
 

@@ -71,7 +71,7 @@ def open_checkpoint(
     discards an interrupted run, ``resume=True`` requires one, ``None`` resumes one when there is one. An
     interrupted run of a different configuration is refused, naming the difference."""
     checkpoint = Checkpoint(staging_dir(out), fingerprint, store_blocks, world)
-    if not world.is_main:  # rank 0 has applied the resume choice; the others read its checkpoint
+    if not world.is_main:  # rank 0 applies the resume choice and hands its state over (Checkpoint.follow)
         return checkpoint
     if overwrite or resume is False:
         clear(checkpoint.staging, keep=(LOCK_FILE,))
@@ -97,9 +97,18 @@ class Checkpoint:
         self.dir = self.staging / CHECKPOINT
         self.fingerprint = json.loads(json.dumps(fingerprint, default=str))
         self._state: dict[str, Any] | None = None
+        #: a rank other than 0: rank 0's state.json as it read it (see :meth:`follow`)
+        self._leader: str = "null"
 
     # reading ---------------------------------------------------------------------------------------------
+    def follow(self, state: dict[str, Any] | None) -> None:
+        """A rank other than 0 takes rank 0's checkpoint state as its own: its node may not share rank 0's file
+        system, so ``state.json`` is read by rank 0 alone; each rank reads only its own windows."""
+        self._leader = json.dumps(state)
+
     def state(self) -> dict[str, Any] | None:
+        if not self.world.is_main:
+            return json.loads(self._leader)
         path = self.dir / STATE
         if not path.is_file():
             return None
@@ -137,13 +146,14 @@ class Checkpoint:
 
     @torch.no_grad()
     def restore(self, model: nn.Module, adapter: FamilyAdapter, store: ActivationStore) -> int:
-        """Load the finished blocks into ``model`` (unless they are stored elsewhere) and the next block's inputs
-        into ``store``, window by window; returns the index of the next block."""
+        """Load the finished blocks into ``model`` (rank 0, unless they are stored elsewhere) and the next block's
+        inputs into ``store``, window by window; returns the index of the next block."""
         state = self.state()
         assert state is not None, "nothing to restore"
         self._state = state
         blocks = adapter.blocks(model)
-        for i in state["saved_blocks"] if self.store_blocks else []:
+        # rank 0 alone writes the model: the others need only the next block's inputs (and rank 0 alone saved)
+        for i in state["saved_blocks"] if self.store_blocks and self.world.is_main else []:
             tensors = load_file(str(self.dir / f"block_{i:04d}.safetensors"))
             block = blocks[i]
             ref = block.state_dict()
@@ -151,7 +161,14 @@ class Checkpoint:
                 raise ConfigError(f"checkpoint block {i} does not fit the model; re-run with --no-resume")
             block.load_state_dict({k: v.to(ref[k].dtype) for k, v in tensors.items()})
         done = int(state["done_block"])
+        if done + 1 == len(blocks):  # every block was finished: no inputs are needed (a follower drops its own)
+            return done + 1
         folder = self.dir / self._inputs(done)
+        if not folder.is_dir():
+            raise ConfigError(
+                f"rank {self.world.rank}: its checkpointed inputs {folder} are missing; a distributed run resumes "
+                "where every rank finds its own checkpoint (the same --out, each node with its earlier --node-rank), "
+                "or pass --no-resume to start over")
         windows = state["windows"]
         for k in range(int(windows[self.world.rank] if isinstance(windows, list) else windows)):
             store.append(load_file(str(folder / _window_name(k)))["window"])
@@ -221,6 +238,20 @@ class Checkpoint:
                 "resume from the last finished block (see checkpoint/state.json), or pass --no-resume to "
                 "start over.\n"
             )
+
+    def drop_own(self) -> None:
+        """A rank other than 0, its blocks done: remove its checkpointed inputs, and the checkpoint and staging
+        folders if that leaves them empty. Rank 0 discards the rest at the run's end; where the ranks do not share
+        a file system, nobody else would remove these."""
+        own = f"_rank{self.world.rank}"
+        for folder in self.dir.glob("inputs_*"):
+            if folder.name.removesuffix(".tmp").endswith(own):
+                shutil.rmtree(folder, ignore_errors=True)
+        for folder in (self.dir, self.staging):
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (rank 0's files on a shared file system), or gone
+                pass
 
     def discard(self) -> None:
         """Forget the checkpoint (at the end of a run, or for --no-resume/--overwrite)."""
