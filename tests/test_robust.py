@@ -130,15 +130,47 @@ def test_offload_plans_activations_on_the_host():
 def test_gram_sums_are_planned_in_float64_during_the_statistics_pass():
     """The engine sums Gram matrices in float64 (engine.add_gram_) and solves with float32 copies: the plan
     holds the sums in the statistics phase and the copies, beside the solver's workspace, in the prune phase."""
-    plan = _cuda_plan(device="cpu")
-    parts = {c.name: c for c in plan.components}
-    sums, grams = parts["Gram sums of one block (float64)"], parts["Gram matrices of one block (float32)"]
+    plan = _cuda_plan(device="cpu", sequential=True)
+    parts = {c.name.split(" (")[0]: c for c in plan.components}
+    sums, grams = parts["Gram sums of one block"], parts["Gram matrices held at the largest solve"]
     assert sums.phases == ("statistics",) and grams.phases == ("prune",)
     d, ff = 64, _config("llama").intermediate_size
+    # sequential: one input group's Gram matrix at a time, the largest down_proj's (it reads ff inputs)
+    assert grams.bytes == 4 * (ff * ff + ff) and "mlp.down_proj" in grams.name
     held = 3 * (d * d + d) + ff * ff + ff  # q/k/v, o and gate/up read d inputs; down_proj reads ff
-    assert grams.bytes == 4 * held
-    assert sums.bytes == 8 * held + 4 * (ff * ff + ff) + 4 * ff * ff
+    assert _cuda_plan(device="cpu").phase_total("statistics") - plan.phase_total("statistics") == 8 * (held - ff * ff - ff)
+    assert sums.bytes == 8 * (ff * ff + ff) + 4 * (ff * ff + ff) + 4 * ff * ff
     assert all("statistics" in c.phases for c in plan.components if c.name.startswith("calibration activations"))
+
+
+def test_plan_follows_the_gram_release_in_one_process_and_the_held_results_on_ranks():
+    """At LLaMA-2-7B's shapes, SparseGPT's largest solve is down_proj. In one process q/k/v's, o's and gate/up's
+    Gram matrices are released before it (strategies.layerwise); on two ranks every rank solves all it owns before
+    the broadcasts, so all of the block's Gram matrices are held, and a rank owning several matrices holds its
+    earlier results (float32 weights and masks) through its later solves."""
+    from transformers import LlamaConfig
+
+    from lmprune.config import Job
+    from lmprune.run.memory import plan_memory
+
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=32,
+                      vocab_size=32000)
+    d, ff = 4096, 11008
+
+    def parts(method: str, world: int) -> dict:
+        config = build_config(method=method, sparsity=0.5, calib="c4", nsamples=4, seqlen=2048, device="cpu")
+        plan = plan_memory(Job(model="7b", out="x", config=config, stream=True), cfg, runtime=0.0, world_size=world)
+        return {c.name.split(" (")[0]: c for c in plan.components}
+
+    one, two = parts("sparsegpt", 1), parts("sparsegpt", 2)
+    g1, g2 = one["Gram matrices held at the largest solve"], two["Gram matrices held at the largest solve"]
+    assert "mlp.down_proj" in g1.name and "mlp.down_proj" in g2.name
+    assert g1.bytes == 4 * (ff * ff + ff) and g2.bytes == 4 * (3 * (d * d + d) + ff * ff + ff)
+    assert "results held until their broadcast" not in two  # down_proj is solved on a rank of its own
+    # Wanda's workspace is small: the peak solve is on the rank owning the rest, after some of its results
+    results = parts("wanda", 2)["results held until their broadcast"]
+    assert results.bytes > 0 and results.bytes % (5 * d) == 0
+    assert "results held until their broadcast" not in parts("wanda", 1)
 
 
 def test_streamed_plan_leaves_out_embeddings_and_head_while_pruning():

@@ -225,9 +225,14 @@ def plan_memory(
     grams = 4.0 * sum(held)
     # float64 sums, the float32 copy of one of them while it is rounded, and add_gram_'s float32 product panel
     gram_sums = 8.0 * sum(held) + 4.0 * max(held) + 4.0 * max(min(GRAM_ROWS, i) * i for i in gram_sizes)
-    work = max(_solver_workspace(config, lin.out_features, lin.in_features, tokens, d_ff) for lin in linears.values())
-    if block_method_of(config.method) != "layerwise":
+    layerwise = block_method_of(config.method) == "layerwise"
+    if layerwise:
+        peak = _largest_solve(config, adapter.groups, linears, tokens, d_ff, world_size)
+    else:
+        work = max(_solver_workspace(config, lin.out_features, lin.in_features, tokens, d_ff)
+                   for lin in linears.values())
         grams += 4.0 * sum(i * i for i in gram_sizes)  # the FFN's own Gram matrices beside the attention's
+        peak = _Solve("the FFN problem", grams, work, 0.0)
     n_rank = -(-n // max(1, world_size))  # the largest share of the windows
     activations = 2.0 * n_rank * seqlen * d * width
     forward = _forward_bytes(getattr(model.config, "_attn_implementation", None), heads, seqlen, d, d_ff, width)
@@ -270,10 +275,11 @@ def plan_memory(
         plan.add(act_name, activations, prune, where)
     plan.add("block forward intermediates (one window)", forward, prune, where)
     plan.add("Gram sums of one block (float64)", gram_sums, "statistics", where)
-    plan.add("Gram matrices of one block (float32)", grams, "prune", where)
-    label = config.solver_name if block_method_of(config.method) == "layerwise" else config.method
-    plan.add(f"solver workspace ({label})",
-             work, "prune", where)
+    plan.add(f"Gram matrices held at the largest solve ({peak.role}, float32)", peak.grams, "prune", where)
+    plan.add(f"solver workspace ({config.solver_name if layerwise else config.method}, {peak.role})", peak.work,
+             "prune", where)
+    if peak.results:
+        plan.add("results held until their broadcast (float32 weights and masks)", peak.results, "prune", where)
     if on_device:
         plan.add("one block's weights", block_params * width, ("statistics", "prune"), "device")
         plan.add("CUDA context", CUDA_CONTEXT, ("statistics", "prune", "eval"), "device")
@@ -289,6 +295,54 @@ def plan_memory(
         plan.add("serialisation buffer", weights, "save")
         plan.add("reload check copy (+ loader transient)", weights + LOAD_TRANSIENT["dir"] * n_params * 4, "reload")
     return plan
+
+
+@dataclass
+class _Solve:
+    """What one rank holds while it solves one matrix (``role``): bytes of Gram matrices, workspace, results."""
+
+    role: str
+    grams: float
+    work: float
+    results: float
+
+    @property
+    def total(self) -> float:
+        return self.grams + self.work + self.results
+
+
+def _largest_solve(config: PruneConfig, groups, linears: dict, tokens: int, d_ff: int, world_size: int) -> _Solve:
+    """The solve of the layer-wise method at which one rank holds the most, as ``strategies.layerwise`` runs it.
+
+    Its Gram matrices are collected for a stage (the whole block, or one input group with ``sequential``). In one
+    process each matrix is solved and committed in turn, and a group's Gram matrix is released once its last
+    matrix is: while ``down_proj`` is solved only its own is held. With several ranks each solves all the
+    matrices it owns (``assign_owners`` by ``solve_cost``) before the results are broadcast in order, so every
+    Gram matrix of the stage is held through every solve, and so are the rank's earlier results (float32 weights
+    and boolean masks)."""
+    from ..distributed import assign_owners
+    from ..strategies.layerwise import solve_cost
+
+    groups = [[r for r in g if r in linears] for g in groups]
+    groups = [g for g in groups if g]
+    stages = [[g] for g in groups] if config.sequential else [groups]
+    best = _Solve("", 0.0, 0.0, 0.0)
+    for stage in stages:
+        roles = [r for g in stage for r in g]
+        last_reader = [roles.index(g[-1]) for g in stage]
+        gram = [4.0 * (linears[g[0]].in_features ** 2 + linears[g[0]].in_features) for g in stage]
+        owners = assign_owners([solve_cost(linears[r]) for r in roles], world_size)
+        held = [0.0] * world_size
+        for p, role in enumerate(roles):
+            lin, rank = linears[role], owners[p]
+            alive = sum(b for b, last in zip(gram, last_reader) if world_size > 1 or last >= p)
+            here = _Solve(role, alive, _solver_workspace(config, lin.out_features, lin.in_features, tokens, d_ff),
+                          held[rank])
+            if here.total > best.total:
+                best = here
+            if world_size > 1:
+                held[rank] += 5.0 * lin.out_features * lin.in_features
+    return best
 
 
 def _forward_bytes(attn: str | None, heads: int, seqlen: int, d: int, d_ff: int, width: int) -> float:
