@@ -4,7 +4,8 @@ A run under ``torchrun`` (or ``lmprune prune --nproc N``, which launches it) is 
 
 * every rank samples the same calibration windows and keeps its contiguous share (:meth:`World.shard`);
 * every rank holds the current block, propagates its share of the activations through it, and contributes its
-  partial sums (Gram matrices ``Σxxᵀ``, ``Σx``, token counts, ``Σx²`` norms) through :meth:`World.all_reduce_`;
+  partial sums (Gram matrices ``Σxxᵀ``, ``Σx``, token counts, ``Σx²`` norms) through :meth:`World.all_reduce_`,
+  or through :meth:`World.reduce_` to the one rank that solves every matrix reading a Gram matrix;
 * each matrix (or SparseLLM feed-forward problem) is solved by one owner rank, assigned by estimated cost so the
   ranks finish together (:func:`assign_owners`); the result is broadcast (:meth:`World.spread`), so every rank
   writes the same weights and records the same layer records;
@@ -72,9 +73,17 @@ class World:
         """This rank's contiguous share of ``n`` calibration windows."""
         return slice(*shard_bounds(n, self.size, self.rank))
 
+    def owners(self, costs: Sequence[float]) -> list[int]:
+        """The owner rank of each of the items with these ``costs`` (:func:`assign_owners`), as :meth:`spread`
+        assigns them."""
+        return assign_owners(costs, self.size)
+
     # collectives (identity here) -----------------------------------------------------------------------------
     def all_reduce_(self, tensors: Sequence[Tensor]) -> None:
         """Sum each tensor over the ranks, in place."""
+
+    def reduce_(self, tensors: Sequence[Tensor], dst: int) -> None:
+        """Sum each tensor over the ranks into rank ``dst``'s copy, in place (the others' are left partial)."""
 
     def gather_rows(self, x: Tensor) -> Tensor:
         """The ranks' ``tokens x features`` tensors concatenated in rank order (the single-process order)."""
@@ -126,6 +135,15 @@ class TorchWorld(World):
             if moved is not t:
                 t.copy_(moved)
 
+    def reduce_(self, tensors: Sequence[Tensor], dst: int) -> None:
+        import torch.distributed as dist
+
+        for t in tensors:
+            moved = self._dev(t)
+            dist.reduce(moved, dst)
+            if moved is not t and self.rank == dst:
+                t.copy_(moved)
+
     def gather_rows(self, x: Tensor) -> Tensor:
         parts = self.all_gather_object(x.cpu())
         return torch.cat(parts).to(x.device)
@@ -151,7 +169,7 @@ class TorchWorld(World):
 
     def spread(self, keys, costs, solve, share=None):
         share = share or self.share_result
-        owners = assign_owners(costs, self.size)
+        owners = self.owners(costs)
         mine = {i: solve(k) for i, (k, o) in enumerate(zip(keys, owners)) if o == self.rank}
         for i, k in enumerate(keys):
             yield k, share(mine.pop(i, None), owners[i])

@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -206,9 +206,14 @@ class BlockContext:
         return {r: g[0] for g in self.groups for r in g if r in rels}
 
     @torch.no_grad()
-    def collect_grams(self, rels: Iterable[str], expert_min_tokens: int = 1) -> dict[str, Gram]:
+    def collect_grams(self, rels: Iterable[str], expert_min_tokens: int = 1,
+                      owners: Mapping[str, int] | None = None) -> dict[str, Gram | None]:
         """One pass through the block; ``H = Σ xxᵀ`` of each linear's input, summed in float64 over windows and
         ranks (:func:`add_gram_`) and rounded once to float32.
+
+        ``owners`` (the rank that solves each of ``rels``) limits each Gram matrix to the ranks whose matrices
+        read it: summed into that rank alone when there is one, else over all ranks; the other ranks get None
+        for it. Without ``owners`` every rank gets every Gram matrix.
 
         Linears of one input group share a single :class:`Gram` object (and its cached factorisations). An
         expert's matrices get the Gram matrix of the tokens routed to it; an expert that received fewer than
@@ -234,24 +239,36 @@ class BlockContext:
 
         with self._hooks(leaders, add):
             self._run_inputs()
+        needed = {lead: {owners[r] for r in rels if group_of[r] == lead} if owners else set(range(self.world.size))
+                  for lead in leaders}
         if self.world.size > 1:
             for lead in leaders:
                 count = torch.tensor([acc[lead][2]], dtype=torch.float64, device=acc[lead][0].device)
-                self.world.all_reduce_([acc[lead][0], acc[lead][1], count])
+                if len(needed[lead]) == 1:
+                    self.world.all_reduce_([count])
+                    self.world.reduce_(acc[lead][:2], next(iter(needed[lead])))
+                else:
+                    self.world.all_reduce_([acc[lead][0], acc[lead][1], count])
                 acc[lead][2] = int(count.item())
         self.expert_notes = {}
-        grams = {}
+        grams: dict[str, Gram | None] = {}
         for lead in leaders:
             h, s, n = acc.pop(lead)
-            h, s = h.float(), s.float()  # one rounding to float32, after all windows and ranks are summed
             if self.adapter.is_expert(lead):
                 fallback = n < expert_min_tokens
                 for r in (r for r in rels if group_of[r] == lead):
                     self.expert_notes[r] = {"routed_tokens": n, "fallback": "magnitude" if fallback else ""}
-                if fallback:
-                    h = torch.eye(h.shape[0], device=h.device)
-                    s, n = torch.zeros_like(s), 0
-            grams[lead] = Gram(h, n, s, shared_by=sum(group_of[r] == lead for r in rels))
+            else:
+                fallback = False
+            if self.world.rank not in needed[lead]:
+                grams[lead] = None
+                continue
+            h, s = h.float(), s.float()  # one rounding to float32, after all windows and ranks are summed
+            if fallback:
+                h = torch.eye(h.shape[0], device=h.device)
+                s, n = torch.zeros_like(s), 0
+            mine = [r for r in rels if group_of[r] == lead and (not owners or owners[r] == self.world.rank)]
+            grams[lead] = Gram(h, n, s, shared_by=len(mine))  # the readers this rank solves
         return {r: grams[group_of[r]] for r in rels}
 
     @torch.no_grad()

@@ -316,10 +316,10 @@ def _largest_solve(config: PruneConfig, groups, linears: dict, tokens: int, d_ff
 
     Its Gram matrices are collected for a stage (the whole block, or one input group with ``sequential``). In one
     process each matrix is solved and committed in turn, and a group's Gram matrix is released once its last
-    matrix is: while ``down_proj`` is solved only its own is held. With several ranks each solves all the
-    matrices it owns (``assign_owners`` by ``solve_cost``) before the results are broadcast in order, so every
-    Gram matrix of the stage is held through every solve, and so are the rank's earlier results (float32 weights
-    and boolean masks)."""
+    matrix is: while ``down_proj`` is solved only its own is held. With several ranks a rank receives only the
+    Gram matrices of the groups it solves a matrix of (``assign_owners`` by ``solve_cost``), and solves all its
+    matrices before the results are broadcast in order, so it holds those Gram matrices through all its solves,
+    and its earlier results (float32 weights and boolean masks) through its later ones."""
     from ..distributed import assign_owners
     from ..strategies.layerwise import solve_cost
 
@@ -331,11 +331,14 @@ def _largest_solve(config: PruneConfig, groups, linears: dict, tokens: int, d_ff
         roles = [r for g in stage for r in g]
         last_reader = [roles.index(g[-1]) for g in stage]
         gram = [4.0 * (linears[g[0]].in_features ** 2 + linears[g[0]].in_features) for g in stage]
-        owners = assign_owners([solve_cost(linears[r]) for r in roles], world_size)
+        owners = dict(zip(roles, assign_owners([solve_cost(linears[r]) for r in roles], world_size)))
         held = [0.0] * world_size
         for p, role in enumerate(roles):
-            lin, rank = linears[role], owners[p]
-            alive = sum(b for b, last in zip(gram, last_reader) if world_size > 1 or last >= p)
+            lin, rank = linears[role], owners[role]
+            if world_size == 1:
+                alive = sum(b for b, last in zip(gram, last_reader) if last >= p)
+            else:
+                alive = sum(b for b, g in zip(gram, stage) if any(owners[r] == rank for r in g))
             here = _Solve(role, alive, _solver_workspace(config, lin.out_features, lin.in_features, tokens, d_ff),
                           held[rank])
             if here.total > best.total:

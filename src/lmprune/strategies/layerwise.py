@@ -38,7 +38,9 @@ def prune_groups(ctx, stages: list[list[str]], stats: dict | None = None, expert
     ``stats`` are added to each result's statistics. Each matrix is solved, and its error measured, by one
     owner rank."""
     for stage in stages:
-        grams = ctx.collect_grams(stage, expert_min_tokens)
+        costs = [solve_cost(ctx.linear(r)) for r in stage]
+        # a rank receives only the Gram matrices its own matrices read
+        grams = ctx.collect_grams(stage, expert_min_tokens, dict(zip(stage, ctx.world.owners(costs))))
 
         def solve(rel: str):
             start = time.perf_counter()
@@ -52,12 +54,13 @@ def prune_groups(ctx, stages: list[list[str]], stats: dict | None = None, expert
         # each matrix by one owner rank (all of them by this process in a single one), shared with every rank;
         # a Gram matrix and its cached factorisations go as soon as the last matrix reading it is committed, and a
         # result once it is written, so neither q/k/v's nor gate/up's are held through down_proj's solve
-        readers = Counter(id(g) for g in grams.values())
-        for rel, (result, seconds, error) in ctx.world.spread(stage, [solve_cost(ctx.linear(r)) for r in stage],
-                                                               solve):
+        readers = Counter(id(g) for g in grams.values() if g is not None)
+        for rel, (result, seconds, error) in ctx.world.spread(stage, costs, solve):
             ctx.commit(rel, result, error, seconds)
             del result, error  # not held through the next matrix's solve
             gram = grams.pop(rel)
+            if gram is None:
+                continue
             readers[id(gram)] -= 1
             if readers[id(gram)] == 0:
                 gram.release()
