@@ -262,3 +262,29 @@ def test_a_gram_matrix_is_released_once_its_last_reader_is_written(tokenizer, ca
     assert names[-1] == "down_proj" and len(alive_at_call) == 7
     # q/k/v share one Gram (alive while k and v are solved), then o's, gate/up's; none is left at down_proj
     assert alive_at_call == [0, 1, 1, 0, 0, 1, 0]
+
+
+def test_a_rank_receives_only_the_gram_matrices_its_matrices_read(tokenizer, calib_file, monkeypatch):
+    """With owners, ``collect_grams`` hands a rank only the Gram matrices of the groups it solves a matrix of (the
+    others' partial sums are reduced into their owner and dropped here); the one it keeps counts only its own
+    readers. Seen from rank 1 of 2 (identity collectives) owning o_proj alone."""
+    from lmprune.distributed import World
+    from lmprune.strategies import layerwise
+
+    seen: list[dict] = []
+    original = layerwise.prune_groups
+
+    def spy(ctx, stages, stats=None, expert_min_tokens=1):
+        stage = stages[0]
+        real, ctx.world = ctx.world, World(rank=1, size=2)
+        got = ctx.collect_grams(stage, 1, {r: int(r.endswith("o_proj")) for r in stage})
+        ctx.world = real
+        seen.append({r.rsplit(".", 1)[-1]: None if g is None else g.shared_by for r, g in got.items()})
+        return original(ctx, stages, stats, expert_min_tokens)
+
+    monkeypatch.setattr(layerwise, "prune_groups", spy)
+    config = build_config(method="sparsegpt", sparsity=0.5, calib=str(calib_file), nsamples=2, seqlen=16,
+                          blocks="0")
+    api.prune(make_model("llama"), tokenizer, config, progress=False)
+    assert seen == [{"q_proj": None, "k_proj": None, "v_proj": None, "o_proj": 1, "gate_proj": None,
+                     "up_proj": None, "down_proj": None}]
