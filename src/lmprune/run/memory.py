@@ -227,7 +227,7 @@ def plan_memory(
     gram_sums = 8.0 * sum(held) + 4.0 * max(held) + 4.0 * max(min(GRAM_ROWS, i) * i for i in gram_sizes)
     layerwise = block_method_of(config.method) == "layerwise"
     if layerwise:
-        peak = _largest_solve(config, adapter.groups, linears, tokens, d_ff, world_size)
+        peak = _largest_solve(config, adapter.groups, linears, tokens, d_ff, world_size, width)
     else:
         work = max(_solver_workspace(config, lin.out_features, lin.in_features, tokens, d_ff)
                    for lin in linears.values())
@@ -279,7 +279,7 @@ def plan_memory(
     plan.add(f"solver workspace ({config.solver_name if layerwise else config.method}, {peak.role})", peak.work,
              "prune", where)
     if peak.results:
-        plan.add("results held until their broadcast (float32 weights and masks)", peak.results, "prune", where)
+        plan.add("results held until their broadcast (pruned weights)", peak.results, "prune", where)
     if on_device:
         plan.add("one block's weights", block_params * width, ("statistics", "prune"), "device")
         plan.add("CUDA context", CUDA_CONTEXT, ("statistics", "prune", "eval"), "device")
@@ -311,7 +311,8 @@ class _Solve:
         return self.grams + self.work + self.results
 
 
-def _largest_solve(config: PruneConfig, groups, linears: dict, tokens: int, d_ff: int, world_size: int) -> _Solve:
+def _largest_solve(config: PruneConfig, groups, linears: dict, tokens: int, d_ff: int, world_size: int,
+                   width: int) -> _Solve:
     """The solve of the layer-wise method at which one rank holds the most, as ``strategies.layerwise`` runs it.
 
     Its Gram matrices are collected for a stage (the whole block, or one input group with ``sequential``). In one
@@ -319,7 +320,7 @@ def _largest_solve(config: PruneConfig, groups, linears: dict, tokens: int, d_ff
     matrix is: while ``down_proj`` is solved only its own is held. With several ranks a rank receives only the
     Gram matrices of the groups it solves a matrix of (``assign_owners`` by ``solve_cost``), and solves all its
     matrices before the results are broadcast in order, so it holds those Gram matrices through all its solves,
-    and its earlier results (float32 weights and boolean masks) through its later ones."""
+    and its earlier results (weights in the model's dtype, ``width`` bytes) through its later ones."""
     from ..distributed import assign_owners
     from ..strategies.layerwise import solve_cost
 
@@ -344,7 +345,7 @@ def _largest_solve(config: PruneConfig, groups, linears: dict, tokens: int, d_ff
             if here.total > best.total:
                 best = here
             if world_size > 1:
-                held[rank] += 5.0 * lin.out_features * lin.in_features
+                held[rank] += float(width) * lin.out_features * lin.in_features
     return best
 
 

@@ -96,10 +96,12 @@ class Gram:
 
 @dataclass
 class SolveResult:
-    """A pruned weight (same shape and dtype as the input), its support, and solver statistics."""
+    """A pruned weight (same shape and dtype as the input), its support, and solver statistics.
+
+    Once a strategy has measured the result, what it commits (and broadcasts) drops the mask (None)."""
 
     weight: Tensor
-    mask: Tensor
+    mask: Tensor | None
     stats: dict[str, Any] = field(default_factory=dict)
     pattern: Pattern | None = None  # set when the solver used a different comparison group than requested
 

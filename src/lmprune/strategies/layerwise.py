@@ -13,6 +13,8 @@ from collections import Counter
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..solvers.base import SolveResult
+
 
 class Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -49,7 +51,10 @@ def prune_groups(ctx, stages: list[list[str]], stats: dict | None = None, expert
             result.stats.update(stats or {})
             result.stats["owner_rank"] = ctx.world.rank
             seconds = time.perf_counter() - start
-            return result, seconds, ctx.layer_error(rel, dense, result, grams[rel])
+            error = ctx.layer_error(rel, dense, result, grams[rel])
+            # held until the commit and broadcast to the other ranks: the weight as the linear will store it (a
+            # bf16 model's in 2 bytes, not 5 with the float32 weight and its mask, which the commit does not read)
+            return SolveResult(result.weight.to(dense.dtype), None, result.stats, result.pattern), seconds, error
 
         # each matrix by one owner rank (all of them by this process in a single one), shared with every rank;
         # a Gram matrix and its cached factorisations go as soon as the last matrix reading it is committed, and a
