@@ -35,23 +35,8 @@ from .layer_pruner import LayerPruner
 from .models.adapters import FamilyAdapter
 from .models.discovery import call_blocks
 from .models.experts import ExpertMatrix, tap_experts
+from .gram_sum import GramSum
 from .solvers.base import Gram, SolveResult, reconstruction_error
-
-
-#: rows of ``xᵀx`` computed at once by :func:`add_gram_` (bounds its float32 temporary to ``rows x in``)
-GRAM_ROWS = 2048
-
-
-def add_gram_(h: Tensor, x: Tensor) -> None:
-    """``h += xᵀx`` for one window's rows ``x`` (tokens x in, float32) into the float64 sum ``h``.
-
-    The window's product is computed in float32, as before; the running sum is float64. A sum of float32
-    terms is exact in float64 unless they span more than 2²⁹ in magnitude, so the total does not depend on the
-    order windows are added in: one process adding windows 0..n-1 and ranks adding their shares then each
-    other's reach the same bits, and the Gram matrices of 1 and of N ranks agree exactly.
-    """
-    for lo in range(0, h.shape[0], GRAM_ROWS):
-        h[lo:lo + GRAM_ROWS].add_(x[:, lo:lo + GRAM_ROWS].T @ x)
 
 
 def _windows(x: Tensor) -> Iterable[Tensor]:
@@ -209,7 +194,7 @@ class BlockContext:
     def collect_grams(self, rels: Iterable[str], expert_min_tokens: int = 1,
                       owners: Mapping[str, int] | None = None) -> dict[str, Gram | None]:
         """One pass through the block; ``H = Σ xxᵀ`` of each linear's input, summed in float64 over windows and
-        ranks (:func:`add_gram_`) and rounded once to float32.
+        ranks (:class:`~lmprune.gram_sum.GramSum`, lower triangle) and rounded once to float32.
 
         ``owners`` (the rank that solves each of ``rels``) limits each Gram matrix to the ranks whose matrices
         read it: summed into that rank alone when there is one, else over all ranks; the other ranks get None
@@ -227,13 +212,12 @@ class BlockContext:
         f64 = torch.float64
         for lead in leaders:
             d = self._linears[lead].in_features
-            acc[lead] = [torch.zeros(d, d, dtype=f64, device=self.device),
-                         torch.zeros(d, dtype=f64, device=self.device), 0]
+            acc[lead] = [GramSum(d, self.device), torch.zeros(d, dtype=f64, device=self.device), 0]
 
         def add(rel: str, x: Tensor, _out: Tensor) -> None:
             h, s, _ = acc[rel]
             for window in _windows(x):
-                add_gram_(h, window)
+                h.add_(window)
                 s.add_(window.sum(0))
                 acc[rel][2] += window.shape[0]
 
@@ -243,12 +227,13 @@ class BlockContext:
                   for lead in leaders}
         if self.world.size > 1:
             for lead in leaders:
-                count = torch.tensor([acc[lead][2]], dtype=torch.float64, device=acc[lead][0].device)
+                h, s = acc[lead][:2]
+                count = torch.tensor([acc[lead][2]], dtype=torch.float64, device=s.device)
                 if len(needed[lead]) == 1:
                     self.world.all_reduce_([count])
-                    self.world.reduce_(acc[lead][:2], next(iter(needed[lead])))
+                    self.world.reduce_([*h.panels, s], next(iter(needed[lead])))
                 else:
-                    self.world.all_reduce_([acc[lead][0], acc[lead][1], count])
+                    self.world.all_reduce_([*h.panels, s, count])
                 acc[lead][2] = int(count.item())
         self.expert_notes = {}
         grams: dict[str, Gram | None] = {}
@@ -263,7 +248,7 @@ class BlockContext:
             if self.world.rank not in needed[lead]:
                 grams[lead] = None
                 continue
-            h, s = h.float(), s.float()  # one rounding to float32, after all windows and ranks are summed
+            h, s = h.rounded(), s.float()  # one rounding to float32, after all windows and ranks are summed
             if fallback:
                 h = torch.eye(h.shape[0], device=h.device)
                 s, n = torch.zeros_like(s), 0
@@ -274,7 +259,7 @@ class BlockContext:
     @torch.no_grad()
     def collect_input_norms(self, rels: Iterable[str]) -> dict[str, Tensor]:
         """One pass through the block; ``‖X_j‖₂`` of each linear's input (one per input group), summed in float64
-        like the Gram matrices (see :func:`add_gram_`) and returned in float32. An
+        like the Gram matrices (see :mod:`~lmprune.gram_sum`) and returned in float32. An
         expert that no token was routed to gets unit norms (its matrices are then judged by magnitude)."""
         rels = list(rels)
         group_of = self._leaders(rels)

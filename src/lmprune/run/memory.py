@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, Job, PruneConfig
-from ..engine import GRAM_ROWS
+from ..gram_sum import GRAM_ROWS, lower_words
 from ..registry import BLOCK_METHODS, REFINERS, SOLVERS, block_method_of
 
 MiB = 2**20
@@ -223,8 +223,11 @@ def plan_memory(
     gram_sizes = [linears[r].in_features for r in leaders]
     held = [max(i * i + i for i in gram_sizes)] if config.sequential else [i * i + i for i in gram_sizes]
     grams = 4.0 * sum(held)
-    # float64 sums, the float32 copy of one of them while it is rounded, and add_gram_'s float32 product panel
-    gram_sums = 8.0 * sum(held) + 4.0 * max(held) + 4.0 * max(min(GRAM_ROWS, i) * i for i in gram_sizes)
+    # float64 lower-triangle sums (gram_sum.GramSum) and Σx, the float32 matrix of one of them while it is rounded,
+    # and one window's float32 product panel
+    sums = [lower_words(i) + i for i in gram_sizes]
+    gram_sums = (8.0 * (max(sums) if config.sequential else sum(sums)) + 4.0 * max(held)
+                 + 4.0 * max(min(GRAM_ROWS, i) * i for i in gram_sizes))
     layerwise = block_method_of(config.method) == "layerwise"
     if layerwise:
         peak = _largest_solve(config, adapter.groups, linears, tokens, d_ff, world_size, width)
