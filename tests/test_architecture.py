@@ -12,8 +12,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "lmprune"
 #: Each module's layer; a module may import its own layer and those below, never one above.
 LAYERS = [
     ("errors", "patterns"),
-    ("registry", "config", "activations", "distributed", "solvers", "refiners", "allocation", "data", "models", "evaluation",
-     "report"),
+    ("registry", "config", "activations", "gram_sum", "distributed", "solvers", "refiners", "allocation", "data", "models",
+     "evaluation", "report"),
     ("layer_pruner", "engine", "strategies"),
     ("run",),
     ("pipeline",),
