@@ -101,7 +101,8 @@ def main() -> None:
     print(json.dumps({
         "shape": [args.out, args.inp], "solver": args.solver, "refiner": args.refiner, "dtype": args.dtype,
         "threads": args.threads, "tokens": args.tokens,
-        "solve_s": round(solve_s, 2), "of_which_factorisation_s": factor_s, "solve_peak_above_base_mib": round(solve_mem.above_base_mib, 1),
+        "solve_s": round(solve_s, 2), "of_which_factorisation_s": factor_s,
+        "solve_peak_above_base_mib": round(solve_mem.above_base_mib, 1),
         "error_s": round(err_s, 2), "error_peak_above_base_mib": round(err_mem.above_base_mib, 1),
         "planned_workspace_mib": round(planned, 1), "rel_error": rel,
     }), flush=True)

@@ -31,11 +31,11 @@ from tqdm.auto import tqdm
 
 from .activations import ActivationStore, trim_host_memory
 from .distributed import SINGLE, World
+from .gram_sum import GramSum
 from .layer_pruner import LayerPruner
 from .models.adapters import FamilyAdapter
 from .models.discovery import call_blocks
 from .models.experts import ExpertMatrix, tap_experts
-from .gram_sum import GramSum
 from .solvers.base import Gram, SolveResult, reconstruction_error
 
 
@@ -223,8 +223,10 @@ class BlockContext:
 
         with self._hooks(leaders, add):
             self._run_inputs()
-        needed = {lead: {owners[r] for r in rels if group_of[r] == lead} if owners else set(range(self.world.size))
-                  for lead in leaders}
+        members = {lead: [r for r in rels if group_of[r] == lead] for lead in leaders}
+        mine = {lead: [r for r in m if not owners or owners[r] == self.world.rank] for lead, m in members.items()}
+        needed = {lead: {owners[r] for r in m} if owners else set(range(self.world.size))
+                  for lead, m in members.items()}
         if self.world.size > 1:
             for lead in leaders:
                 h, s = acc[lead][:2]
@@ -241,19 +243,18 @@ class BlockContext:
             h, s, n = acc.pop(lead)
             if self.adapter.is_expert(lead):
                 fallback = n < expert_min_tokens
-                for r in (r for r in rels if group_of[r] == lead):
+                for r in members[lead]:
                     self.expert_notes[r] = {"routed_tokens": n, "fallback": "magnitude" if fallback else ""}
             else:
                 fallback = False
-            if self.world.rank not in needed[lead]:
+            if not mine[lead]:  # no matrix of this rank reads it
                 grams[lead] = None
                 continue
             h, s = h.rounded(), s.float()  # one rounding to float32, after all windows and ranks are summed
             if fallback:
                 h = torch.eye(h.shape[0], device=h.device)
                 s, n = torch.zeros_like(s), 0
-            mine = [r for r in rels if group_of[r] == lead and (not owners or owners[r] == self.world.rank)]
-            grams[lead] = Gram(h, n, s, shared_by=len(mine))  # the readers this rank solves
+            grams[lead] = Gram(h, n, s, shared_by=len(mine[lead]))  # the readers this rank solves
         return {r: grams[group_of[r]] for r in rels}
 
     @torch.no_grad()

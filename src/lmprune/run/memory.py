@@ -222,7 +222,6 @@ def plan_memory(
     leaders = [r for g in adapter.groups for r in g[:1] if r in linears]
     gram_sizes = [linears[r].in_features for r in leaders]
     held = [max(i * i + i for i in gram_sizes)] if config.sequential else [i * i + i for i in gram_sizes]
-    grams = 4.0 * sum(held)
     # float64 lower-triangle sums (gram_sum.GramSum) and Σx, the float32 matrix of one of them while it is rounded,
     # and one window's float32 product panel
     sums = [lower_words(i) + i for i in gram_sizes]
@@ -234,7 +233,8 @@ def plan_memory(
     else:
         work = max(_solver_workspace(config, lin.out_features, lin.in_features, tokens, d_ff)
                    for lin in linears.values())
-        grams += 4.0 * sum(i * i for i in gram_sizes)  # the FFN's own Gram matrices beside the attention's
+        # every Gram matrix of the block, and the FFN's own beside the attention's
+        grams = 4.0 * sum(held) + 4.0 * sum(i * i for i in gram_sizes)
         peak = _Solve("the FFN problem", grams, work, 0.0)
     n_rank = -(-n // max(1, world_size))  # the largest share of the windows
     activations = 2.0 * n_rank * seqlen * d * width
@@ -356,8 +356,9 @@ def _forward_bytes(attn: str | None, heads: int, seqlen: int, d: int, d_ff: int,
     """One window through one block: hidden-size and FFN-width activations in the model's dtype (gate, up, the
     activation and the product for the FFN), plus, when the attention implementation ``attn`` (the model
     config's ``_attn_implementation``) is the eager one, its score matrices (scores, masked scores and
-    probabilities in the model's dtype, and a float32 softmax below float32). Fused attention kernels (SDPA, flash) never form them: at LLaMA-2-7B's block shape, 2048 tokens,
-    bf16, one window took 199 MiB with SDPA against 1409 MiB eager (``bench/scale/forward_memory.py``)."""
+    probabilities in the model's dtype, and a float32 softmax below float32). Fused attention kernels (SDPA,
+    flash) never form them: at LLaMA-2-7B's block shape, 2048 tokens, bf16, one window took 199 MiB with SDPA
+    against 1409 MiB eager (``bench/scale/forward_memory.py``)."""
     eager = attn in (None, "eager")
     per_score = 3 * width + (4 if width < 4 else 0)  # scores, masked scores, probabilities (+ a float32 softmax)
     scores = heads * seqlen * seqlen * per_score if eager else 0
