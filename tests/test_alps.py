@@ -195,6 +195,41 @@ def test_ridge_modes_agree_and_eigendecomposition_is_shared():
     assert torch.allclose(a.weight, c.weight, atol=1e-8)
 
 
+@pytest.mark.parametrize("rows", [7, 512])
+def test_scaled_gram_by_panels_has_the_bits_of_the_whole_float64_copy(rows):
+    _, gram = planted(out=8, inp=1100, tokens=1500, seed=15)
+    gram.matrix[:, 3] = 0  # a dead input: unit diagonal before damping
+    gram.matrix[3, :] = 0
+    gram = Gram(gram.matrix, gram.n_tokens)
+    h, d = alps.scaled_damped(gram, 0.01, torch.float32, rows=rows)
+    whole = gram.damped(0.01, torch.float64)
+    d64 = torch.diagonal(whole).sqrt()
+    assert torch.equal(h, whole.div_(d64.unsqueeze(1)).div_(d64.unsqueeze(0)).float())
+    assert torch.equal(d, d64.float())
+
+
+def test_pcg_iterates_in_x0_storage_with_the_same_bits():
+    w, gram = planted(seed=16)
+    sg = alps.scaled_gram(gram, 0.01, "float32", "float32")
+    b0 = sg.d.unsqueeze(1) * w.T
+    g = sg.h @ b0
+    mask = alps.keep_mask_scaled(parse_pattern("unstructured"), b0, 0.6)
+    x0 = b0 * mask
+    copied = masked_pcg(sg.h, g, mask, x0.double(), iters=4)  # another dtype: x0 is copied, not overwritten
+    in_place = masked_pcg(sg.h, g, mask, x0, iters=4)
+    assert in_place.x.data_ptr() == x0.data_ptr()
+    assert torch.equal(in_place.x, copied.x) and in_place.objective == copied.objective
+
+
+def test_inverses_are_released_before_pcg_unless_another_matrix_reads_them():
+    pattern = parse_pattern("unstructured")
+    for shared_by, kept in ((1, 0), (3, 1)):
+        w, gram = planted(seed=17)
+        gram.shared_by = shared_by
+        alps.solve(w, gram, pattern, 0.6, schedule=False, max_iter=3)
+        assert len(alps.scaled_gram(gram, 0.01, "float32", "float32").inverses) == kept
+
+
 @pytest.mark.parametrize("warm", ["wanda", "sparsegpt"])
 def test_warm_starts(warm):
     w, gram = planted(seed=8)

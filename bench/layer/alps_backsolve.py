@@ -72,7 +72,7 @@ def main() -> None:
             t_exact = time.perf_counter() - t
             for k in counts:
                 t = time.perf_counter()
-                res = masked_pcg(sg.h, g, mask, x0, iters=k, track_objective=False)
+                res = masked_pcg(sg.h, g, mask, x0.clone(), iters=k, track_objective=False)  # x0 is overwritten
                 secs = time.perf_counter() - t
                 pruned = (res.x / sg.d.unsqueeze(1)).T
                 e = reconstruction_error(w, pruned, gram, dtype=torch.float64)[1]

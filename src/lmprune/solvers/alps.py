@@ -110,13 +110,34 @@ def scaled_gram(gram: Gram, percdamp: float, eigh_dtype: str, dtype: str) -> Sca
     """The damped, unit-diagonal Gram matrix, computed once per ``gram`` (and its eigendecomposition once)."""
 
     def compute() -> ScaledGram:
-        h = gram.damped(percdamp, torch.float64)
-        d = torch.diagonal(h).sqrt()
-        h.div_(d.unsqueeze(1)).div_(d.unsqueeze(0))  # in place: one float64 copy of H, not three
-        wd = _DTYPES[dtype]
-        return ScaledGram(h.to(wd), d.to(wd), _DTYPES[eigh_dtype], shared_by=gram.shared_by)
+        h, d = scaled_damped(gram, percdamp, _DTYPES[dtype])
+        return ScaledGram(h, d, _DTYPES[eigh_dtype], shared_by=gram.shared_by)
 
     return gram.cached(f"alps_scaled_{percdamp}_{eigh_dtype}_{dtype}", compute)
+
+
+def scaled_damped(gram: Gram, percdamp: float, dtype: torch.dtype, rows: int = 512) -> tuple[Tensor, Tensor]:
+    """``H̃ = D⁻¹(H + λI)D⁻¹`` and ``d = sqrt(diag(H + λI))`` in ``dtype``, from ``gram.damped(percdamp)``'s
+    float64 values, computed a float64 row panel at a time: the arithmetic is elementwise, so the result has the
+    bits of the whole float64 copy, without holding it (two ``in x in`` float64 words at ``in`` = 28672: 6 GiB)."""
+    h = gram.matrix
+    n = h.shape[0]
+    diag = torch.diagonal(h).to(torch.float64)
+    diag[gram.dead()] = 1.0
+    # λ as damped() takes it, the mean over the diagonal of an n x n matrix: a strided view, whose sum runs in
+    # another order than a contiguous vector's (the last bits differ)
+    strided = torch.zeros(2 * n, dtype=torch.float64, device=h.device)
+    strided[::2] = diag
+    damped_diag = diag.add_(percdamp * torch.mean(strided[::2]))
+    del strided
+    d = damped_diag.sqrt()
+    out = torch.empty(n, n, dtype=dtype, device=h.device)
+    for lo in range(0, n, rows):
+        hi = min(lo + rows, n)
+        panel = h[lo:hi].to(torch.float64)
+        torch.diagonal(panel, offset=lo).copy_(damped_diag[lo:hi])
+        out[lo:hi] = panel.div_(d[lo:hi].unsqueeze(1)).div_(d.unsqueeze(0))
+    return out, d.to(dtype)
 
 
 class RidgeSolver:
@@ -147,6 +168,13 @@ class RidgeSolver:
             self._m = None  # the old inverse is released before the new one is built (unless cached)
             self._m, self._rho = self._shared_inverse(rho), rho
         return torch.mm(self._m, rhs, out=out)
+
+    def release(self) -> None:
+        """Drop the current inverse, and the cached ones when no other matrix reads this Gram (before PCG,
+        which needs none: an ``in x in`` matrix less at its peak)."""
+        self._m, self._rho = None, None
+        if self.sg.shared_by <= 1:
+            self.sg.inverses.clear()
 
     def _shared_inverse(self, rho: float) -> Tensor:
         key = (self.mode, rho)
@@ -201,24 +229,46 @@ def _nm_keep_by_rank(scores: Tensor, n: int, m: int) -> Tensor:
     return keep.view_as(scores)
 
 
+def _scaled_weight(weight: Tensor, gram: Gram, d: Tensor, out: Tensor | None = None) -> Tensor:
+    """``B0 = D Ŵᵀ`` (``in x out``, ``d``'s dtype, into ``out`` if given), dead inputs' columns of ``Ŵ`` zeroed."""
+    if out is None:
+        out = torch.empty(weight.shape[1], weight.shape[0], dtype=d.dtype, device=d.device)
+    out.copy_(weight.detach().T)
+    out[gram.dead()] = 0
+    return out.mul_(d.unsqueeze(1))
+
+
+@dataclass
+class StartPoint:
+    """The feasible start ``D⁰`` (``in x out``): ``B0`` on ``keep``, or, for a SparseGPT warm start, its own
+    values (``values``). Held as a mask where it can be, as ADMM's restarts rebuild it (an ``in x out`` float
+    tensor less through the iterations)."""
+
+    keep: Tensor
+    values: Tensor | None = None
+
+    def into(self, out: Tensor, weight: Tensor, gram: Gram, d: Tensor) -> Tensor:
+        if self.values is not None:
+            return out.copy_(self.values)
+        return _scaled_weight(weight, gram, d, out=out).mul_(self.keep)
+
+
 def _initial_point(
     weight: Tensor, gram: Gram, pattern: Pattern, sparsity: float, b0: Tensor, d: Tensor, warm_start: str,
     percdamp: float,
-) -> tuple[Tensor, Tensor]:
+) -> StartPoint:
     """Feasible start ``D⁰`` (``in x out``) and its support."""
     if warm_start == "magnitude":
-        keep = keep_mask_scaled(pattern, b0, sparsity)
-        return b0 * keep, keep
+        return StartPoint(keep_mask_scaled(pattern, b0, sparsity))
     if warm_start == "wanda":
         from . import wanda
 
         # the pattern's own comparison group, so the start is feasible (Wanda's default is per output row)
-        keep = wanda.solve(weight, gram, pattern, sparsity, per_row=False).mask.T
-        return b0 * keep, keep
+        return StartPoint(wanda.solve(weight, gram, pattern, sparsity, per_row=False).mask.T)
     from . import sparsegpt
 
     res = sparsegpt.solve(weight, gram, pattern, sparsity, percdamp=percdamp)
-    return d.unsqueeze(1) * res.weight.to(b0.dtype).T, res.mask.T
+    return StartPoint(res.mask.T, d.unsqueeze(1) * res.weight.to(b0.dtype).T)
 
 
 def _rel_error(b: Tensor, hb: Tensor, g: Tensor, r0: float) -> float:
@@ -245,26 +295,26 @@ def solve(
     if zero is not None:
         return zero
     start = time.perf_counter()
-    wd = _DTYPES[opt.dtype]
     sg = scaled_gram(gram, opt.percdamp, opt.eigh_dtype, opt.dtype)
     had_eig = sg.q is not None
 
-    w = weight.detach().to(wd).clone()
-    w[:, gram.dead()] = 0
-    b0 = (sg.d.unsqueeze(1) * w.T).contiguous()
-    del w
+    b0 = _scaled_weight(weight, gram, sg.d)
     g = sg.h @ b0
     r0 = float((b0 * g).sum())
     ridge = RidgeSolver(sg, opt.ridge)
-    d_init, keep = _initial_point(weight, gram, pattern, sparsity, b0, sg.d, opt.warm_start, opt.percdamp)
+    start_point = _initial_point(weight, gram, pattern, sparsity, b0, sg.d, opt.warm_start, opt.percdamp)
+    del b0  # read again only by a restart, which rebuilds it from the weight
+    keep = start_point.keep
     k = max(int(keep.sum()), 1)
     if k == keep.numel():  # nothing to prune (the schedule would only shrink ρ until max_iter)
         full = torch.ones_like(weight, dtype=torch.bool)
         return SolveResult(weight.detach().clone(), full, {"iterations": 0, "time_s": time.perf_counter() - start})
 
     rho = opt.rho0
-    b, dvar, v = b0.clone(), d_init.clone(), torch.zeros_like(b0)
-    rhs = torch.empty_like(b0)  # fresh allocations of in x out tensors cost page faults: reuse buffers
+    # the ADMM state, four in x out tensors updated in place: B is only ever written by the ridge solve, and the
+    # ridge's right-hand side is formed in D's storage, which the projection overwrites next
+    dvar = start_point.into(torch.empty_like(g), weight, gram, sg.d)
+    b, v = torch.empty_like(g), torch.zeros_like(g)
     prev_keep = keep
     growing = opt.grow_from_start
     history: list[dict] = []
@@ -273,7 +323,7 @@ def solve(
     last_keep = keep
     it = 0
     for it in range(1, opt.max_iter + 1):
-        b = ridge(torch.add(g, dvar, alpha=rho, out=rhs).sub_(v), rho, out=b)
+        b = ridge(torch.add(g, dvar, alpha=rho, out=dvar).sub_(v), rho, out=b)
         u = v.div_(rho).add_(b)  # u = B + V/ρ, in V's storage
         keep = keep_mask_scaled(pattern, u, sparsity)
         torch.mul(u, keep, out=dvar)
@@ -309,7 +359,8 @@ def solve(
                 rho *= opt.growth[2]
             else:
                 rho /= 5
-                b, dvar, v = b0.clone(), d_init.clone(), torch.zeros_like(b0)
+                start_point.into(dvar, weight, gram, sg.d)
+                v.zero_()
         elif growing:
             stop = True
         else:
@@ -321,19 +372,21 @@ def solve(
     admm_s = time.perf_counter() - start - eigh_s
 
     if it == 0:  # no ADMM iteration: polish the initial point
-        mask, x0 = keep, d_init
+        mask, x0 = keep, dvar
     else:
         mask = keep_mask_scaled(pattern, b, sparsity)
-        x0 = b * mask
-    # the ADMM state (about seven in x out tensors) is done with: PCG allocates its own six
-    del b, b0, dvar, v, rhs, d_init, keep, prev_keep, last_keep
+        x0 = b.mul_(mask)
+    del b, dvar, v, keep, prev_keep, last_keep
+    ridge.release()
+    # PCG's iterate is x0's storage (it allocates three more in x out tensors)
     pcg = masked_pcg(sg.h, g, mask, x0, iters=opt.pcg_iters, track_objective=True if opt.pcg_track else "ends")
-    x = pcg.x * mask
+    del g, x0
+    x = pcg.x.mul_(mask)
     # r0 = 0: the weight produces no output on these inputs (all zero, or only on dead inputs): nothing to lose
     scaled = lambda obj: (2 * obj + r0) / r0 if r0 > 0 else 0.0  # noqa: E731
     err_before = scaled(pcg.objective[0]) if pcg.objective else None
     err_after = scaled(pcg.objective[-1]) if pcg.objective else None
-    pruned = (x / sg.d.unsqueeze(1)).T
+    pruned = x.div_(sg.d.unsqueeze(1)).T
     mask_w = mask.T.contiguous()
     total = time.perf_counter() - start
     stats = {

@@ -44,20 +44,23 @@ def masked_pcg(
 ) -> PCGResult:
     """Minimise ``½ tr(XᵀHX) − ⟨G, X⟩`` over ``X`` supported on ``mask`` by ``iters`` steps of batched PCG.
 
-    ``h``: ``n x n`` symmetric positive definite; ``g``, ``mask``, ``x0``: ``n x c``. Stops early once every
+    ``h``: ``n x n`` symmetric positive definite; ``g``, ``mask``, ``x0``: ``n x c``; ``x0``, when of ``g``'s
+    dtype, is overwritten (it becomes the iterate: one ``n x c`` tensor less). Stops early once every
     column's masked residual norm is at most ``rtol`` times its masked right-hand side norm.
     ``track_objective``: record ``f`` after every step (True), only at the start and the end ("ends"), or
     not at all (False).
     """
-    m = mask.to(g.dtype)
-    x = torch.zeros_like(g) if x0 is None else x0.to(g.dtype) * m
-    r = (g - h @ x).mul_(m)
+    hp = torch.empty_like(g)  # H @ P, reused: fresh large tensors cost page faults
+    if x0 is None:
+        x = torch.zeros_like(g)
+    else:
+        x = x0.mul_(mask) if x0.dtype == g.dtype else x0.to(g.dtype) * mask
+    r = torch.sub(g, torch.mm(h, x, out=hp)).mul_(mask)
     z = r if inv_diag is None else r * inv_diag.unsqueeze(1)
     p = z.clone()
-    hp, tmp = torch.empty_like(g), torch.empty_like(g)  # reused: fresh large tensors cost page faults
     rz = torch.linalg.vecdot(r, z, dim=0)
     tiny = torch.finfo(g.dtype).tiny
-    goal = rtol * (g * m).norm(dim=0) if rtol > 0 else None
+    goal = rtol * (g * mask).norm(dim=0) if rtol > 0 else None
 
     def objective_now() -> float:
         return quadratic_objective(x, g, r)
@@ -70,8 +73,8 @@ def masked_pcg(
         torch.mm(h, p, out=hp)
         curv = torch.linalg.vecdot(p, hp, dim=0)
         alpha = torch.where(curv > tiny, rz / curv.clamp_min(tiny), torch.zeros_like(rz))
-        x.add_(torch.mul(p, alpha, out=tmp))
-        r.sub_(hp.mul_(m).mul_(alpha))
+        r.sub_(hp.mul_(mask).mul_(alpha))
+        x.add_(torch.mul(p, alpha, out=hp))  # hp is free again: no buffer of its own for αP
         z = r if inv_diag is None else torch.mul(r, inv_diag.unsqueeze(1), out=z)
         rz_new = torch.linalg.vecdot(r, z, dim=0)
         beta = torch.where(rz > tiny, rz_new / rz.clamp_min(tiny), torch.zeros_like(rz))
