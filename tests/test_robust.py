@@ -176,8 +176,9 @@ def test_plan_follows_the_gram_release_in_one_process_and_the_held_results_on_ra
 
 
 def test_streamed_plan_leaves_out_embeddings_and_head_while_pruning():
-    """A streamed run parks its embeddings and head while the blocks are pruned, and holds a block's shard read
-    back only while it writes it: neither is in the statistics or prune phases, both are in the save phase."""
+    """A streamed run parks its embeddings and head while the blocks are pruned, and holds a written tensor read
+    back only while it writes a shard: neither is in the statistics or prune phases, both are in the save phase.
+    Shards are read back a tensor at a time, so the read-back is the largest tensor (here the embedding)."""
     from lmprune.config import Job
     from lmprune.run.memory import plan_memory
 
@@ -188,7 +189,8 @@ def test_streamed_plan_leaves_out_embeddings_and_head_while_pruning():
     outer = parts["embeddings and head (not held while pruning)"]
     tied = 1 if cfg.tie_word_embeddings else 2
     assert outer.bytes == 4 * tied * cfg.vocab_size * cfg.hidden_size
-    readback = parts["its shard read back (each block's write)"]
+    readback = parts["the largest tensor read back (each shard's write)"]
+    assert readback.bytes == 4 * cfg.vocab_size * cfg.hidden_size
     for phase in ("statistics", "prune"):
         assert phase not in outer.phases and phase not in readback.phases
     assert "save" in outer.phases and "save" in readback.phases and "calibrate" in outer.phases
@@ -722,3 +724,38 @@ def test_sparsellm_plan_counts_its_chunk_temporaries_up_to_chunk_tokens():
 
     assert work(8192) - work(8192, chunk_tokens=1024) == 4.0 * method.chunk_workspace * (4096 - 1024) * 11008
     assert work(16384) - work(8192) == 4.0 * c * 8192 * 11008  # past one chunk only the auxiliaries grow
+
+
+def test_written_shards_are_read_back_a_tensor_at_a_time_and_compared(tmp_path, monkeypatch):
+    """Each written shard is verified tensor by tensor, the file reopened for each (a mapping left open keeps
+    every page read so far resident: 2 GB of embeddings and head at 8B shape); a difference stops the run."""
+    import contextlib
+
+    from lmprune.run import streaming
+
+    stream = object.__new__(streaming.BlockStream)
+    stream.staging, stream.weight_map, stream.total, stream.checked = tmp_path, {}, 0, 0
+    reads_per_open: list[list[str]] = []
+    corrupt: set[str] = set()
+    real_open = streaming.safe_open
+
+    @contextlib.contextmanager
+    def counting_open(path, framework):
+        reads: list[str] = []
+        reads_per_open.append(reads)
+        with real_open(path, framework=framework) as f:
+            class Reader:
+                def get_tensor(self, key):
+                    reads.append(key)
+                    t = f.get_tensor(key)
+                    return t + 1 if key in corrupt else t
+            yield Reader()
+
+    monkeypatch.setattr(streaming, "safe_open", counting_open)
+    tensors = {"a": torch.randn(8, 4), "b": torch.randn(3), "c": torch.randn(2, 2).to(torch.bfloat16)}
+    stream._write(tensors, "shard-1.safetensors")
+    assert reads_per_open == [["a"], ["b"], ["c"]]
+    assert stream.weight_map == dict.fromkeys(tensors, "shard-1.safetensors") and stream.checked == 3
+    corrupt.add("b")
+    with pytest.raises(RuntimeError, match="written tensor b does not read back identically"):
+        stream._write(tensors, "shard-2.safetensors")

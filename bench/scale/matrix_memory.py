@@ -92,6 +92,8 @@ def main() -> None:
         result = pruner.solve(dense.clone().float(), gram, args.sparsity)
         new = result.weight.to(dense.dtype)
         solve_s = time.perf_counter() - start
+    stats = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in result.stats.items()
+             if k in ("iterations", "pcg_iterations", "admm_s", "pcg_s")}
     del result
     gram.release()
     with PeakRSS() as err_mem:
@@ -104,7 +106,7 @@ def main() -> None:
         "solve_s": round(solve_s, 2), "of_which_factorisation_s": factor_s,
         "solve_peak_above_base_mib": round(solve_mem.above_base_mib, 1),
         "error_s": round(err_s, 2), "error_peak_above_base_mib": round(err_mem.above_base_mib, 1),
-        "planned_workspace_mib": round(planned, 1), "rel_error": rel,
+        "planned_workspace_mib": round(planned, 1), "rel_error": rel, "solver_stats": stats,
     }), flush=True)
 
 

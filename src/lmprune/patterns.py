@@ -46,9 +46,8 @@ class PatternCheck:
 
 def _keep_top_k(scores: Tensor, k: int) -> Tensor:
     """Boolean mask with exactly ``k`` True entries at the largest ``scores`` (last dim)."""
-    mask = torch.zeros_like(scores, dtype=torch.bool)
     if k <= 0:
-        return mask
+        return torch.zeros_like(scores, dtype=torch.bool)
     if k >= scores.shape[-1]:
         return torch.ones_like(scores, dtype=torch.bool)
     if scores.numel() == scores.shape[-1] >= _BRACKET_MIN:
@@ -56,7 +55,7 @@ def _keep_top_k(scores: Tensor, k: int) -> Tensor:
         if found is not None:
             return found.reshape(scores.shape)
     idx = torch.topk(scores, k, dim=-1, sorted=False).indices
-    return mask.scatter_(-1, idx, True)
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
 
 
 _BRACKET_MIN = 1 << 18

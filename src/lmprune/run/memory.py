@@ -256,7 +256,9 @@ def plan_memory(
                  tuple(p for p in plan.PHASES if p not in ("statistics", "prune")))
         plan.add("other non-block weights (norms)", weights - len(blocks) * block_bytes - outer)
         plan.add("one block's weights", block_bytes, ("statistics", "prune", "save", "reload"))
-        plan.add("its shard read back (each block's write)", block_bytes, ("save", "reload"))
+        # each written shard is read back a tensor at a time: the embedding or head, or a block's largest matrix
+        plan.add("the largest tensor read back (each shard's write)",
+                 max(p.numel() for p in model.parameters()) * width, ("save", "reload"))
     else:
         plan.add("model weights", weights)
         kind = "gguf" if source_kind in ("gguf", "alias") else "dir"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..config import ConfigError
@@ -219,10 +219,14 @@ class BlockStream:
         self.staging.mkdir(parents=True, exist_ok=True)
         with disk_space(self.staging, sum(v.numel() * v.element_size() for v in tensors.values()), shard):
             save_file(tensors, str(self.staging / shard), metadata={"format": "pt"})
-        back = load_file(str(self.staging / shard))
         for k, v in tensors.items():
-            if not torch.equal(back[k], v):
+            # one tensor at a time, the file reopened for each: a mapping left open keeps every page read so far
+            # resident, and the last shard (embeddings and head) is 2–4 GB at 8B–70B shapes
+            with safe_open(str(self.staging / shard), framework="pt") as f:
+                back = f.get_tensor(k)
+            if not torch.equal(back, v):
                 raise RuntimeError(f"written tensor {k} does not read back identically")
+            del back
             self.weight_map[k] = shard
             self.total += v.numel() * v.element_size()
         self.checked += len(tensors)
