@@ -70,6 +70,7 @@ def open_streamed(spec: str, staging: Path, dtype: str = "float32", trust_remote
                   adapter: Path | None = None) -> "StreamedModel":
     """The model of ``spec`` with real non-block weights and every block on ``meta``; finished blocks are written
     as shards into ``staging``."""
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     source = resolve(spec)
@@ -90,15 +91,22 @@ def open_streamed(spec: str, staging: Path, dtype: str = "float32", trust_remote
     shallow.num_hidden_layers = 0
     if hasattr(shallow, "layer_types") and shallow.layer_types is not None:
         shallow.layer_types = []
-    model = AutoModelForCausalLM.from_config(shallow, dtype=want, trust_remote_code=trust_remote_code)
+    # parameters on meta (buffers such as rotary frequencies built as usual), then each source tensor assigned in
+    # place of its parameter: the non-block weights are held once, not once randomly initialised and once read
+    # (an 8B shape's embeddings and head are 2 GB; loading them peaked 4.9 GB above the process's start)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(shallow, dtype=want, trust_remote_code=trust_remote_code)
     parent, _, leaf = blocks_path.rpartition(".")
     setattr(model.get_submodule(parent), leaf, full.get_submodule(blocks_path))
     for module in model.modules():
         if getattr(module, "config", None) is shallow:
             module.config = config
     prefix = blocks_path + "."
-    state = {n: reader.get(n) for n in reader.names() if not n.startswith(prefix)}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    state = {n: reader.get(n).to(want) for n in reader.names() if not n.startswith(prefix)}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    del state
+    if any(_tied(model, m) for m in missing):
+        model.tie_weights()  # the head is the embedding's parameter again, now that it was assigned
     missing = [m for m in missing if not m.startswith(prefix) and not _tied(model, m)]
     if missing or unexpected:
         raise ModelLoadError(f"streaming {spec}: weights missing {missing[:3]} or unexpected {unexpected[:3]}")
