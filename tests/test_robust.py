@@ -759,3 +759,24 @@ def test_written_shards_are_read_back_a_tensor_at_a_time_and_compared(tmp_path, 
     corrupt.add("b")
     with pytest.raises(RuntimeError, match="written tensor b does not read back identically"):
         stream._write(tensors, "shard-2.safetensors")
+
+
+@pytest.mark.parametrize("fam", ["llama", "qwen2"])
+def test_streamed_open_assigns_the_source_tensors_and_reties_the_head(fam, tiny_model_dirs, tmp_path):
+    """The non-block parameters are created on meta and the source tensors assigned to them (no random
+    initialisation beside them); nothing is left on meta but the blocks, and a tied head (qwen2's) is the
+    embedding's parameter again."""
+    from lmprune.run.streaming import open_streamed
+
+    source = load_file(str(tiny_model_dirs[fam] / "model.safetensors"))
+    streamed = open_streamed(str(tiny_model_dirs[fam]), tmp_path / "staging", dtype="float32")
+    model, prefix = streamed.model, streamed.stream.blocks_path + "."
+    outer = {n: p for n, p in model.named_parameters(remove_duplicate=False) if not n.startswith(prefix)}
+    assert outer and all(not p.is_meta for p in outer.values())
+    assert all(not b.is_meta for n, b in model.named_buffers() if not n.startswith(prefix))
+    for name, p in outer.items():
+        if name in source:
+            assert torch.equal(p, source[name]), name
+    tied = bool(model.config.tie_word_embeddings)
+    assert tied == (fam == "qwen2")
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
