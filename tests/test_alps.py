@@ -202,6 +202,10 @@ def test_scaled_gram_by_panels_has_the_bits_of_the_whole_float64_copy(rows):
     gram.matrix[3, :] = 0
     gram = Gram(gram.matrix, gram.n_tokens)
     h, d = alps.scaled_damped(gram, 0.01, torch.float32, rows=rows)
+    reference = gram.matrix.double()  # λ as a mean over the whole matrix's diagonal, as the damping was first written
+    reference[3, 3] = 1.0
+    reference = torch.diagonal(reference) + 0.01 * torch.mean(torch.diagonal(reference))
+    assert torch.equal(gram.damped_diagonal(0.01, torch.float64), reference)
     whole = gram.damped(0.01, torch.float64)
     d64 = torch.diagonal(whole).sqrt()
     assert torch.equal(h, whole.div_(d64.unsqueeze(1)).div_(d64.unsqueeze(0)).float())

@@ -118,18 +118,12 @@ def scaled_gram(gram: Gram, percdamp: float, eigh_dtype: str, dtype: str) -> Sca
 
 def scaled_damped(gram: Gram, percdamp: float, dtype: torch.dtype, rows: int = 512) -> tuple[Tensor, Tensor]:
     """``H̃ = D⁻¹(H + λI)D⁻¹`` and ``d = sqrt(diag(H + λI))`` in ``dtype``, from ``gram.damped(percdamp)``'s
-    float64 values, computed a float64 row panel at a time: the arithmetic is elementwise, so the result has the
-    bits of the whole float64 copy, without holding it (two ``in x in`` float64 words at ``in`` = 28672: 6 GiB)."""
+    float64 values (its diagonal from :meth:`Gram.damped_diagonal`), computed a float64 row panel at a time: the
+    arithmetic is elementwise, so the result has the bits of the whole float64 copy, without holding it (two
+    ``in x in`` float64 words at ``in`` = 28672: 6 GiB)."""
     h = gram.matrix
     n = h.shape[0]
-    diag = torch.diagonal(h).to(torch.float64)
-    diag[gram.dead()] = 1.0
-    # λ as damped() takes it, the mean over the diagonal of an n x n matrix: a strided view, whose sum runs in
-    # another order than a contiguous vector's (the last bits differ)
-    strided = torch.zeros(2 * n, dtype=torch.float64, device=h.device)
-    strided[::2] = diag
-    damped_diag = diag.add_(percdamp * torch.mean(strided[::2]))
-    del strided
+    damped_diag = gram.damped_diagonal(percdamp, torch.float64)
     d = damped_diag.sqrt()
     out = torch.empty(n, n, dtype=dtype, device=h.device)
     for lo in range(0, n, rows):

@@ -79,11 +79,18 @@ class Gram:
     def damped(self, percdamp: float, dtype: torch.dtype = torch.float32) -> Tensor:
         """``H + λI`` with ``λ = percdamp · mean(diag H)``; dead inputs get a unit diagonal."""
         h = self.matrix.to(dtype, copy=True)  # one copy, also when the dtype changes
-        dead = self.dead()
-        h[dead, dead] = 1.0
-        lam = percdamp * torch.mean(torch.diagonal(h))
-        h.diagonal().add_(lam)
+        h.diagonal().copy_(self.damped_diagonal(percdamp, dtype))
         return h
+
+    def damped_diagonal(self, percdamp: float, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The diagonal of :meth:`damped`, without the matrix."""
+        n = self.matrix.shape[0]
+        # kept as a strided view, as a matrix's diagonal is: a contiguous vector's mean sums in another order, and
+        # its last bit would differ
+        diag = torch.zeros(2 * n, dtype=dtype, device=self.matrix.device)[::2]
+        diag.copy_(torch.diagonal(self.matrix))
+        diag[self.dead()] = 1.0
+        return diag.add_(percdamp * torch.mean(diag))
 
     def cached(self, key: str, compute: Callable[[], Any]) -> Any:
         if key not in self._cache:
