@@ -161,3 +161,32 @@ def test_options_validate():
     assert Options(rounds=2).rounds == 2
     with pytest.raises(Exception):
         Options(delta=1.0)
+
+
+@pytest.mark.parametrize("s_update", ["gauss-newton", "gradient"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_row_blocked_s_update_gives_the_whole_chunks_bits(monkeypatch, s_update, threads):
+    """The s-update runs on row blocks of a token chunk to bound its temporaries; being element-wise, it must give
+    the bits of one whole-chunk update (1024 tokens in one chunk: two blocks of 512; odd d_ff)."""
+    import lmprune.solvers.sparsellm as sl
+
+    pattern = parse_pattern("unstructured")
+    x = _inputs(3)
+    torch.manual_seed(7)
+    up, gate, down = torch.randn(37, D) / D**0.5, torch.randn(37, D) / D**0.5, torch.randn(D, 37) / 37**0.5
+    y = _swiglu_out(x, up, gate, down)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        runs = []
+        for rows in (sl._ELEMENTWISE_ROWS, 10**9):
+            monkeypatch.setattr(sl, "_ELEMENTWISE_ROWS", rows)
+            out = prune_ffn_swiglu(FFNData.swiglu(x, y, up, gate, down), pattern, 0.6, _inner(pattern), rounds=3,
+                                   s_update=s_update, chunk_tokens=T)
+            runs.append(out)
+    finally:
+        torch.set_num_threads(before)
+    blocked, whole = runs
+    assert blocked.stats["objective"] == whole.stats["objective"]
+    for role in ("up", "gate", "down"):
+        assert torch.equal(blocked.results[role].weight, whole.results[role].weight)

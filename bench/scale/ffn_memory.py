@@ -4,8 +4,9 @@ Builds a random SwiGLU problem (``--tokens`` × ``--d`` correlated inputs, ``--d
 lmprune's SparseLLM FFN solver on it with the run's default options and the SparseGPT inner solver, and samples
 the process's RSS every 5 ms. Printed as one JSON line: the peak above the baseline (the inputs and weights
 built before the solve), the innermost lmprune frames of the main thread when each new peak was reached (the
-last one is where the solve peaks), the time, and the plan's workspace for the same shape
-(``run.memory._solver_workspace``) for comparison.
+last one is where the solve peaks), the time, the plan's workspace for the same shape
+(``run.memory._solver_workspace``) for comparison, and a SHA-256 of the pruned matrices (to show that a memory
+change left the result's bits alone).
 
     python bench/scale/ffn_memory.py --d 1024 --dff 2752 --tokens 2048 [--rounds 2] [--threads 1]
 """
@@ -13,6 +14,7 @@ last one is where the solve peaks), the time, and the plan's workspace for the s
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import threading
@@ -58,6 +60,14 @@ class PeakWhere:
         self.worker.join()
 
 
+def _digest(results) -> str:
+    h = hashlib.sha256()
+    for role in sorted(results):
+        h.update(role.encode())
+        h.update(results[role].weight.float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--d", type=int, required=True)
@@ -65,6 +75,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--rounds", type=int, default=None, help="default: the run's")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--chunk-tokens", type=int, default=None,
+                    help="default: the run's (a shape scaled down from a real one keeps its T / chunk ratio)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -84,9 +96,11 @@ def main() -> None:
     opts = StrategyOptions().model_dump(exclude={"sequential_attention", "single_round_blocks", "preset"})
     if args.rounds is not None:
         opts["rounds"] = args.rounds
+    if args.chunk_tokens is not None:
+        opts["chunk_tokens"] = args.chunk_tokens
     pruner = LayerPruner.build("sparsegpt", "none", parse_pattern("unstructured"), {}, {})
     inner = lambda weight, gram, target: pruner.solve(weight, gram, target)  # noqa: E731
-    config = PruneConfig(method="sparsellm", sparsity=0.5)
+    config = PruneConfig(method="sparsellm", sparsity=0.5, method_options={"chunk_tokens": opts["chunk_tokens"]})
     planned = max(_solver_workspace(config, o, i, args.tokens, args.dff)
                   for o, i in ((args.dff, args.d), (args.d, args.dff))) / 2**20
     with PeakWhere(threading.get_ident()) as mem:
@@ -96,10 +110,11 @@ def main() -> None:
         seconds = time.perf_counter() - start
     words = {"D^2": args.d**2, "D*F": args.d * args.dff, "F^2": args.dff**2, "T*F": args.tokens * args.dff}
     print(json.dumps({
-        "d": args.d, "dff": args.dff, "tokens": args.tokens, "rounds": opts["rounds"], "threads": args.threads,
+        "d": args.d, "dff": args.dff, "tokens": args.tokens, "rounds": opts["rounds"], "chunk_tokens": opts["chunk_tokens"],
+        "threads": args.threads,
         "seconds": round(seconds, 1), "peak_above_base_mib": round((mem.peak - mem.base) / 2**20, 1),
         "planned_workspace_mib": round(planned, 1), "float32_word_counts": words,
-        "best_round": str(out.stats["best_round"]), "peaks": mem.marks[-6:],
+        "best_round": str(out.stats["best_round"]), "peaks": mem.marks[-6:], "weights_sha256": _digest(out.results),
     }), flush=True)
 
 

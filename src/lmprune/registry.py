@@ -149,9 +149,11 @@ SOLVERS: Registry[Plugin] = Registry("solver", "solver_options", [
 BLOCK_METHODS: Registry[Plugin] = Registry("block method", "method_options", [
     Plugin("layerwise", "lmprune.strategies.layerwise", "prune_block",
            "every matrix by the solver, Gram matrices from one pass of the block (or per input group)"),
+    # sparsellm: fitted (with SparseGPT inside) on five FFN shapes, one with the 70B's proportions, after its
+    # measuring and updating passes were split and its s-update blocked by rows (bench/RESULTS.md, issue 18)
     Plugin("sparsellm", "lmprune.strategies.sparsellm", "prune_block",
            "attention by the solver, then the feed-forward part jointly through auxiliary variables (SparseLLM)",
-           options_attr="StrategyOptions", workspace=(1, 20, 4), chunk_workspace=16),
+           options_attr="StrategyOptions", workspace=(1, 25, 4), chunk_workspace=3),
 ])
 
 REFINERS: Registry[Plugin] = Registry("refiner", "refine_options", [

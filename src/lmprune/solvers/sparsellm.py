@@ -31,7 +31,9 @@ round) the result is the candidate with the smallest true FFN error ``‖Y − F
 refit is exactly the plain layer-wise inner solver (fc2/down pruned from its dense weights on the dense
 activations), so the result is never worse than that. Non-finite values never reach the weights: a non-finite solver result is discarded, and a round
 producing non-finite auxiliaries ends the loop with the best round standing. All work on T x d_ff arrays
-runs in one fused pass per round over token chunks of ``chunk_tokens``.
+runs in two passes per round over token chunks of ``chunk_tokens``: one measures the round's weights (objective,
+FFN error, the down refit's moments), the next updates the auxiliaries and gathers the next round's moments,
+so that the two rounds' ``F × F`` float64 moments and the refit's solve are never alive together.
 
 **The reference configuration** (``preset="paper"``, i.e. ``--method-opt preset=paper``) runs the algorithm of
 the authors' code (BaiTheBest/SparseLLM) instead of lmprune's additions: no ``refit_down`` candidate, the last
@@ -143,6 +145,11 @@ class FFNPruneResult:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+#: Rows per block of the element-wise s-update: a multiple of 128, so that the blocks (and their halves, for
+#: two threads) start on vector boundaries and every element takes the same code path as in the whole chunk.
+_ELEMENTWISE_ROWS = 512
+
+
 def _chunks(n: int, size: int) -> Iterator[slice]:
     for i in range(0, n, size):
         yield slice(i, min(i + size, n))
@@ -153,7 +160,7 @@ def _finite(*tensors: Tensor) -> bool:
 
 
 def _sq(t: Tensor) -> float:
-    return float(t.double().pow(2).sum())
+    return float(t.double().pow_(2).sum())
 
 
 class _Moments:
@@ -262,36 +269,42 @@ class _ReluFFN:
     def aux(self) -> tuple[Tensor, ...]:
         return self.z, self.p
 
-    def sweep(self, w: dict[str, Tensor], update: bool, refit: bool) -> _Sweep:
+    def measure(self, w: dict[str, Tensor], refit: bool) -> _Sweep:
         x, y, z, p, b1, b2 = self.x, self.y, self.z, self.p, self.b1, self.b2
         al, be, ga = self.alpha, self.beta, self.gamma
         w1, w2 = w["fc1"].float(), w["fc2"].float()
-        dev = x.device
-        ref = _Moments(w1.shape[0], y.shape[1], dev) if refit else None
-        if update:
-            self.next = None  # spent: free its float64 matrices before the inverse's
-            a_inv = _spd_inverse(w2, be, ga)
-            self.next = self._fresh(dev)
+        ref = _Moments(w1.shape[0], y.shape[1], x.device) if refit else None
         obj = err = 0.0
         for sl in _chunks(x.shape[0], self.ch):
-            xc, tc = x[sl], y[sl] - b2
-            m = xc @ w1.T + b1
+            tc = y[sl] - b2
+            m = x[sl] @ w1.T + b1
             act = torch.relu(m)
             err += _sq(tc - act @ w2.T)
             if ref is not None:
                 ref.add(act, tc)
             zc, pc = z[sl], p[sl]
             obj += al * _sq(zc - m) + ga * _sq(pc - torch.relu(zc)) + be * _sq(tc - pc @ w2.T)
-            if update:
-                pc = (be * (tc @ w2) + ga * torch.relu(zc)) @ a_inv
-                zp = ((ga * pc + al * m) / (ga + al)).clamp_min(0)
-                zn = m.clamp_max(0)
-                keep_pos = ga * (pc - zp).pow(2) + al * (zp - m).pow(2) <= ga * pc.pow(2) + al * (zn - m).pow(2)
-                zc = torch.where(keep_pos, zp, zn)
-                p[sl], z[sl] = pc, zc
-                self.next["fc1"].add(xc, zc - b1)
-                self.next["fc2"].add(pc, tc)
         return _Sweep(obj, err, ref)
+
+    def update(self, w: dict[str, Tensor]) -> None:
+        x, y, z, p, b1, b2 = self.x, self.y, self.z, self.p, self.b1, self.b2
+        al, be, ga = self.alpha, self.beta, self.gamma
+        w1, w2 = w["fc1"].float(), w["fc2"].float()
+        self.next = None  # spent: free its float64 matrices before the inverse's
+        a_inv = _spd_inverse(w2, be, ga)
+        self.next = self._fresh(x.device)
+        for sl in _chunks(x.shape[0], self.ch):
+            xc, tc = x[sl], y[sl] - b2
+            m = xc @ w1.T + b1
+            zc = z[sl]
+            pc = (be * (tc @ w2) + ga * torch.relu(zc)) @ a_inv
+            zp = ((ga * pc + al * m) / (ga + al)).clamp_min(0)
+            zn = m.clamp_max(0)
+            keep_pos = ga * (pc - zp).pow(2) + al * (zp - m).pow(2) <= ga * pc.pow(2) + al * (zn - m).pow(2)
+            zc = torch.where(keep_pos, zp, zn)
+            p[sl], z[sl] = pc, zc
+            self.next["fc1"].add(xc, zc - b1)
+            self.next["fc2"].add(pc, tc)
 
 
 def _silu_grad(s: Tensor) -> Tensor:
@@ -376,15 +389,11 @@ class _SwiGLUFFN:
     def aux(self) -> tuple[Tensor, ...]:
         return self.z, self.s, self.p
 
-    def sweep(self, w: dict[str, Tensor], update: bool, refit: bool) -> _Sweep:
+    def measure(self, w: dict[str, Tensor], refit: bool) -> _Sweep:
         x, y, z, s, p = self.x, self.y, self.z, self.s, self.p
         al, be, ga = self.alpha, self.beta, self.gamma
         wu, wg, wd = w["up"].float(), w["gate"].float(), w["down"].float()
         ref = _Moments(wu.shape[0], y.shape[1], x.device) if refit else None
-        if update:
-            self.next = None  # spent: free its float64 matrices before the inverse's
-            a_inv = _spd_inverse(wd, be, ga)
-            self.next = self._fresh(x.device)
         obj = err = 0.0
         for sl in _chunks(x.shape[0], self.ch):
             xc, yc = x[sl], y[sl]
@@ -393,21 +402,39 @@ class _SwiGLUFFN:
             err += _sq(yc - act @ wd.T)
             if ref is not None:
                 ref.add(act, yc)
+            del act
             zc, sc, pc = z[sl], s[sl], p[sl]
-            sig = F.silu(sc)
-            obj += al * (_sq(zc - m) + _sq(sc - n)) + ga * _sq(pc - sig * zc) + be * _sq(yc - pc @ wd.T)
-            if update:
-                pc = (be * (yc @ wd) + ga * sig * zc) @ a_inv
-                zc = (al * m + ga * sig * pc) / (al + ga * sig.pow(2))
-                if self.s_update == "gradient":
-                    sc = _s_gradient(sc, n, zc, pc, al, ga, self.s_steps, self.s_lr)
-                else:
-                    sc = _s_steps(sc, n, zc, pc, al, ga, self.s_steps)
-                p[sl], z[sl], s[sl] = pc, zc, sc
-                self.next["up"].add(xc, zc)
-                self.next["gate"].add(xc, sc)
-                self.next["down"].add(pc, yc)
+            obj += al * (_sq(zc - m) + _sq(sc - n)) + ga * _sq(pc - F.silu(sc) * zc) + be * _sq(yc - pc @ wd.T)
         return _Sweep(obj, err, ref)
+
+    def _s_update(self, s: Tensor, n: Tensor, z: Tensor, p: Tensor) -> Tensor:
+        if self.s_update == "gradient":
+            return _s_gradient(s, n, z, p, self.alpha, self.gamma, self.s_steps, self.s_lr)
+        return _s_steps(s, n, z, p, self.alpha, self.gamma, self.s_steps)
+
+    def update(self, w: dict[str, Tensor]) -> None:
+        x, y, z, s, p = self.x, self.y, self.z, self.s, self.p
+        al, be, ga = self.alpha, self.beta, self.gamma
+        wu, wg, wd = w["up"].float(), w["gate"].float(), w["down"].float()
+        self.next = None  # spent: free its float64 matrices before the inverse's
+        a_inv = _spd_inverse(wd, be, ga)
+        self.next = self._fresh(x.device)
+        for sl in _chunks(x.shape[0], self.ch):
+            xc, yc = x[sl], y[sl]
+            m, n = xc @ wu.T, xc @ wg.T
+            zc, sc = z[sl], s[sl]
+            sig = F.silu(sc)
+            pc = (be * (yc @ wd) + ga * sig * zc) @ a_inv
+            zc = (al * m + ga * sig * pc) / (al + ga * sig.pow(2))
+            del m, sig
+            p[sl], z[sl] = pc, zc
+            zc, pc = z[sl], p[sl]  # the stored copies: the chunk's own are freed
+            # element-wise, so row blocks give the whole chunk's bits with a fraction of its temporaries
+            for rows in _chunks(sc.shape[0], _ELEMENTWISE_ROWS):
+                sc[rows] = self._s_update(sc[rows], n[rows], zc[rows], pc[rows])
+            self.next["up"].add(xc, zc)
+            self.next["gate"].add(xc, sc)
+            self.next["down"].add(pc, yc)
 
 
 def _prune(
@@ -460,10 +487,10 @@ def _run(ffn, targets: dict[str, float], inner: InnerSolve, opt: "Options") -> F
             res[k], was_kept = _prune(subs[k], starts[k], targets[k], inner, res[k], keep_better)
             kept.append(was_kept)
         stats["kept_previous"].append(kept)
-        del subs, starts  # the old moments' float64 matrices, before the sweep builds the next ones
+        del subs, starts
+        ffn.next = None  # the spent moments' float64 matrices, before the refit's and the next round's
         weights = {k: v.weight for k, v in res.items()}
-        last = r == rounds - 1
-        sweep = ffn.sweep(weights, update=not last, refit=refit_down)
+        sweep = ffn.measure(weights, refit=refit_down)
         stats["objective"].append(sweep.objective)
         stats["ffn_error"].append(sweep.error)
         if best is None or select == "last" or sweep.error < best[0]:
@@ -473,7 +500,10 @@ def _run(ffn, targets: dict[str, float], inner: InnerSolve, opt: "Options") -> F
             stats["refit_down_error"].append(cand_err)
             if cand_err < best[0]:
                 best = (cand_err, {**res, ffn.down: cand}, f"{r}+refit_down")
-        del sweep, weights  # the refit moments: not kept into the next round's solves
+        del sweep  # the refit moments, before the update builds the next round's
+        if r < rounds - 1:
+            ffn.update(weights)
+        del weights
         stats["round_s"].append(time.perf_counter() - t0)
         if not _finite(*ffn.aux()):
             stats["stopped"] = f"round {r}: non-finite auxiliary variables"
