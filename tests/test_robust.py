@@ -709,7 +709,8 @@ def test_ranks_on_one_machine_must_fit_together(monkeypatch):
 
 def test_sparsellm_plan_counts_its_chunk_temporaries_up_to_chunk_tokens():
     """SparseLLM's sweep holds temporaries per token chunk: the plan counts them for ``min(tokens, chunk_tokens)``
-    tokens, while its auxiliaries grow with every token."""
+    tokens, while its auxiliaries grow with every token -- unless ``--offload-dir`` keeps them in files, one
+    chunk of each in memory."""
     from lmprune.registry import BLOCK_METHODS
     from lmprune.run.memory import _solver_workspace
 
@@ -717,13 +718,17 @@ def test_sparsellm_plan_counts_its_chunk_temporaries_up_to_chunk_tokens():
     a, b, c = method.workspace
     assert method.chunk_workspace > 0
 
-    def work(tokens: int, **options) -> float:
+    def work(tokens: int, offload_dir=None, **options) -> float:
         config = build_config(method="sparsellm", sparsity=0.5, calib="c4", nsamples=4, seqlen=2048,
-                              method_options=options)
+                              method_options=options, offload_dir=offload_dir)
         return _solver_workspace(config, 4096, 11008, tokens, 11008)
 
     assert work(8192) - work(8192, chunk_tokens=1024) == 4.0 * method.chunk_workspace * (4096 - 1024) * 11008
-    assert work(16384) - work(8192) == 4.0 * c * 8192 * 11008  # past one chunk only the auxiliaries grow
+    # past one chunk only the auxiliaries (and the inputs and targets) grow, unless they are in files
+    assert work(16384) - work(8192) == 4.0 * (c + method.token_rows) * 8192 * 11008
+    offloaded = dict(offload_dir="/tmp/acts")
+    assert work(16384, **offloaded) - work(8192, **offloaded) == 4.0 * c * 8192 * 11008
+    assert work(8192) - work(8192, **offloaded) == 4.0 * method.token_rows * (8192 - 4096) * 11008
 
 
 def test_written_shards_are_read_back_a_tensor_at_a_time_and_compared(tmp_path, monkeypatch):

@@ -190,3 +190,50 @@ def test_row_blocked_s_update_gives_the_whole_chunks_bits(monkeypatch, s_update,
     assert blocked.stats["objective"] == whole.stats["objective"]
     for role in ("up", "gate", "down"):
         assert torch.equal(blocked.results[role].weight, whole.results[role].weight)
+
+
+@pytest.mark.parametrize("kind", ["relu", "swiglu"])
+def test_auxiliaries_in_files_give_the_bits_of_memory(tmp_path, kind):
+    """With ``aux_dir`` the auxiliaries live in files, one token chunk in memory at a time (four chunks here);
+    every round, statistic and weight is the same as with them in memory, and no file is left behind."""
+    pattern = parse_pattern("unstructured")
+    x = _inputs(5)
+    if kind == "relu":
+        w1, b1, w2, b2 = _relu_ffn(5)
+        data, prune = FFNData.relu(x, _relu_out(x, w1, b1, w2, b2), w1, b1, w2, b2), prune_ffn_relu
+    else:
+        up, gate, down = _swiglu_ffn(5)
+        data, prune = FFNData.swiglu(x, _swiglu_out(x, up, gate, down), up, gate, down), prune_ffn_swiglu
+    runs = [prune(data, pattern, 0.7, _inner(pattern), aux_dir=d, rounds=3, chunk_tokens=256)
+            for d in (None, str(tmp_path))]
+    memory, files = runs
+    for key in ("objective", "ffn_error", "refit_down_error", "best_round", "aux_mb"):
+        assert files.stats[key] == memory.stats[key], key
+    for role in memory.results:
+        assert torch.equal(files.results[role].weight, memory.results[role].weight)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_token_rows_read_and_write_by_row_ranges(tmp_path):
+    """In memory, reading gives a view and writing a copy returns the stored rows; in a file, rows come back as
+    written, a range past what was written is an error, and a value of the wrong size is refused."""
+    from lmprune.activations import TokenRows
+
+    value = torch.randn(10, 3)
+    mem = TokenRows(10, 3)
+    held = mem.write(slice(2, 5), value[2:5])
+    assert torch.equal(mem.read(slice(2, 5)), value[2:5]) and held.data_ptr() == mem.read(slice(2, 5)).data_ptr()
+    mem.read(slice(2, 5))[0, 0] = 7.0
+    assert float(mem.read(slice(2, 3))[0, 0]) == 7.0
+    disk = TokenRows(10, 3, directory=tmp_path)
+    assert list(tmp_path.iterdir()) == []  # unlinked at once: nothing left behind a kill
+    disk.write(slice(0, 10), value)
+    disk.write(slice(4, 6), value[:2] * 2)
+    assert torch.equal(disk.read(slice(4, 6)), value[:2] * 2) and torch.equal(disk.read(slice(7, 10)), value[7:])
+    with pytest.raises(ValueError, match="does not fill rows"):
+        disk.write(slice(0, 2), value[:3])
+    fresh = TokenRows(10, 3, directory=tmp_path)
+    fresh.write(slice(0, 4), value[:4])
+    with pytest.raises(OSError, match="never written"):
+        fresh.read(slice(6, 10))
+    disk.close(), fresh.close(), mem.close()

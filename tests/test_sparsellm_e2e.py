@@ -115,3 +115,31 @@ def test_sparsellm_with_alps_inner(tokenizer, calib_file):
     assert len(mlp) == 3
     assert all(r["stats"]["sparsellm_ffn_rel_error"] <= r["stats"]["sparsellm_layerwise_ffn_rel_error"] * (1 + 1e-6)
                for r in mlp)
+
+
+@pytest.mark.parametrize("fam", ["llama", "opt"])
+def test_offload_dir_keeps_the_ffn_problem_in_files_with_the_same_weights(fam, tokenizer, calib_file, tmp_path,
+                                                                            monkeypatch):
+    """With ``--offload-dir`` the FFN problem's auxiliaries go to files in the run's activation folder and its
+    ``tokens x d_ff`` arrays are formed a token chunk at a time (three chunks here); the weights are those of
+    the run in memory."""
+    seen = []
+    original = strategy.prune_ffn_swiglu if fam == "llama" else strategy.prune_ffn_relu
+
+    def spy(*args, aux_dir=None, **kw):
+        seen.append(aux_dir)
+        return original(*args, aux_dir=aux_dir, **kw)
+
+    monkeypatch.setattr(strategy, "prune_ffn_swiglu" if fam == "llama" else "prune_ffn_relu", spy)
+    states = []
+    for offload in (None, str(tmp_path / "acts")):
+        model = make_model(fam)
+        config = _config(calib_file, method_options={**FAST, "chunk_tokens": 16}, offload_dir=offload)
+        report = api.prune(model, tokenizer, config, progress=False)
+        assert report["pattern_ok"]
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+    half = len(seen) // 2
+    assert half > 0 and seen[:half] == [None] * half
+    assert all(d is not None and d.startswith(str(tmp_path / "acts")) for d in seen[half:])
+    memory, files = states
+    assert all(torch.equal(memory[k], files[k]) for k in memory)

@@ -8,7 +8,7 @@ last one is where the solve peaks), the time, the plan's workspace for the same 
 (``run.memory._solver_workspace``) for comparison, and a SHA-256 of the pruned matrices (to show that a memory
 change left the result's bits alone).
 
-    python bench/scale/ffn_memory.py --d 1024 --dff 2752 --tokens 2048 [--rounds 2] [--threads 1]
+    python bench/scale/ffn_memory.py --d 1024 --dff 2752 --tokens 2048 [--rounds 2] [--threads 1] [--aux-dir DIR]
 """
 
 from __future__ import annotations
@@ -75,6 +75,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--rounds", type=int, default=None, help="default: the run's")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--aux-dir", default=None,
+                    help="keep the auxiliaries in files in this folder (what a run with --offload-dir does)")
     ap.add_argument("--chunk-tokens", type=int, default=None,
                     help="default: the run's (a shape scaled down from a real one keeps its T / chunk ratio)")
     args = ap.parse_args()
@@ -100,17 +102,19 @@ def main() -> None:
         opts["chunk_tokens"] = args.chunk_tokens
     pruner = LayerPruner.build("sparsegpt", "none", parse_pattern("unstructured"), {}, {})
     inner = lambda weight, gram, target: pruner.solve(weight, gram, target)  # noqa: E731
-    config = PruneConfig(method="sparsellm", sparsity=0.5, method_options={"chunk_tokens": opts["chunk_tokens"]})
+    config = PruneConfig(method="sparsellm", sparsity=0.5, method_options={"chunk_tokens": opts["chunk_tokens"]},
+                         offload_dir=args.aux_dir)
     planned = max(_solver_workspace(config, o, i, args.tokens, args.dff)
                   for o, i in ((args.dff, args.d), (args.d, args.dff))) / 2**20
     with PeakWhere(threading.get_ident()) as mem:
         start = time.perf_counter()
         out = prune_ffn_swiglu(FFNData.swiglu(x, y, w["up"], w["gate"], w["down"]), parse_pattern("unstructured"),
-                               0.5, inner, **opts)
+                               0.5, inner, aux_dir=args.aux_dir, **opts)
         seconds = time.perf_counter() - start
     words = {"D^2": args.d**2, "D*F": args.d * args.dff, "F^2": args.dff**2, "T*F": args.tokens * args.dff}
     print(json.dumps({
         "d": args.d, "dff": args.dff, "tokens": args.tokens, "rounds": opts["rounds"], "chunk_tokens": opts["chunk_tokens"],
+        "aux_in_files": args.aux_dir is not None,
         "threads": args.threads,
         "seconds": round(seconds, 1), "peak_above_base_mib": round((mem.peak - mem.base) / 2**20, 1),
         "planned_workspace_mib": round(planned, 1), "float32_word_counts": words,

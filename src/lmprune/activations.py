@@ -97,6 +97,72 @@ class WindowFile(Sequence[Tensor]):
             pass
 
 
+class TokenRows:
+    """A ``tokens x features`` float32 array that is read and written by row ranges (token chunks): one tensor in
+    memory, or -- with ``directory`` -- one file in it, only the rows being worked on in memory.
+
+    :meth:`read` gives the rows (in memory: a view, so changing it changes the array; from the file: a fresh
+    tensor on ``device``); :meth:`write` stores rows and returns what now holds them (in memory: the view, so a
+    caller can drop its own copy; from the file: the tensor it was given). The file is removed on :meth:`close`.
+    """
+
+    def __init__(self, rows: int, cols: int, device: str | torch.device = "cpu",
+                 directory: str | os.PathLike | None = None):
+        self.shape = (rows, cols)
+        self.device = torch.device(device)
+        self._data: Tensor | None = None
+        self._file = None
+        if directory is None:
+            self._data = torch.empty(rows, cols, device=self.device)
+        else:
+            fd, name = tempfile.mkstemp(prefix="rows-", suffix=".f32", dir=directory)
+            os.unlink(name)  # the open descriptor keeps it until close, and nothing is left behind a kill
+            self._file = os.fdopen(fd, "w+b", buffering=0)
+
+    @property
+    def in_memory(self) -> bool:
+        return self._data is not None
+
+    def _span(self, rows: slice) -> tuple[int, int]:
+        start, stop, _ = rows.indices(self.shape[0])
+        return start * self.shape[1] * 4, (stop - start) * self.shape[1] * 4
+
+    def read(self, rows: slice) -> Tensor:
+        if self._data is not None:
+            return self._data[rows]
+        offset, nbytes = self._span(rows)
+        buf = torch.empty(nbytes // 4, dtype=torch.float32)
+        raw = memoryview(buf.numpy()).cast("B")
+        got = 0
+        while got < nbytes:
+            n = os.preadv(self._file.fileno(), [raw[got:]], offset + got)
+            if n <= 0:
+                raise OSError(f"token rows {rows.start}:{rows.stop} were never written (read {got} of {nbytes} bytes)")
+            got += n
+        return buf.view(-1, self.shape[1]).to(self.device)
+
+    def write(self, rows: slice, value: Tensor) -> Tensor:
+        if self._data is not None:
+            held = self._data[rows]
+            if held.data_ptr() != value.data_ptr():
+                held.copy_(value)
+            return held
+        offset, nbytes = self._span(rows)
+        host = value.detach().to("cpu", torch.float32).contiguous()
+        if host.numel() * 4 != nbytes:
+            raise ValueError(f"{tuple(value.shape)} does not fill rows {rows.start}:{rows.stop} of {self.shape}")
+        raw = memoryview(host.numpy()).cast("B")
+        done = 0
+        while done < nbytes:
+            done += os.pwrite(self._file.fileno(), raw[done:], offset + done)
+        return value
+
+    def close(self) -> None:
+        self._data = None
+        if self._file is not None and not self._file.closed:
+            self._file.close()
+
+
 PLACES = ("device", "host", "files")
 
 
@@ -144,6 +210,11 @@ class ActivationStore:
 
     def _new(self):
         return [] if self._tmp is None else WindowFile(self._tmp.name)
+
+    @property
+    def directory(self) -> str | None:
+        """The store's own temporary folder for a ``files`` store (removed with it), else None."""
+        return None if self._tmp is None else self._tmp.name
 
     # filling ----------------------------------------------------------------------------------------------
     def append(self, window: Tensor) -> None:

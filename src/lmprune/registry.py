@@ -57,6 +57,9 @@ class Plugin:
     #: Further float32 words per ``chunk · d_ff``, ``chunk = min(tokens, chunk_tokens)``, for a block method that
     #: sweeps the tokens in chunks of its ``chunk_tokens`` option (SparseLLM's temporaries).
     chunk_workspace: int = 0
+    #: ``tokens x d_ff`` float32 arrays a block method keeps through its solve (SparseLLM's auxiliaries): in
+    #: memory, or with ``--offload-dir`` in files there, one token chunk of each in memory at a time.
+    token_rows: int = 0
 
     def load(self):
         return importlib.import_module(self.module)
@@ -150,10 +153,11 @@ BLOCK_METHODS: Registry[Plugin] = Registry("block method", "method_options", [
     Plugin("layerwise", "lmprune.strategies.layerwise", "prune_block",
            "every matrix by the solver, Gram matrices from one pass of the block (or per input group)"),
     # sparsellm: fitted (with SparseGPT inside) on five FFN shapes, one with the 70B's proportions, after its
-    # measuring and updating passes were split and its s-update blocked by rows (bench/RESULTS.md, issue 18)
+    # measuring and updating passes were split and its s-update blocked by rows (bench/RESULTS.md, issue 18);
+    # beside its three auxiliaries, one tokens · d_ff word covers the FFN's inputs and targets (2 · tokens · d)
     Plugin("sparsellm", "lmprune.strategies.sparsellm", "prune_block",
            "attention by the solver, then the feed-forward part jointly through auxiliary variables (SparseLLM)",
-           options_attr="StrategyOptions", workspace=(1, 25, 4), chunk_workspace=3),
+           options_attr="StrategyOptions", workspace=(1, 25, 1), chunk_workspace=3, token_rows=3),
 ])
 
 REFINERS: Registry[Plugin] = Registry("refiner", "refine_options", [

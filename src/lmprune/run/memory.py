@@ -174,10 +174,18 @@ def _solver_workspace(config: PruneConfig, out: int, inp: int, tokens: int, d_ff
     for plugin in (SOLVERS.get(config.solver_name), REFINERS.get(config.refine), method):
         a, b, c = plugin.workspace
         words += a * inp * inp + b * out * inp + c * tokens * d_ff
-    if method.chunk_workspace:
-        chunk = BLOCK_METHODS.options(method.name, config.block_method_options).chunk_tokens
-        words += method.chunk_workspace * min(tokens, chunk) * d_ff
+    if method.chunk_workspace or method.token_rows:
+        chunk = min(tokens, BLOCK_METHODS.options(method.name, config.block_method_options).chunk_tokens)
+        words += method.chunk_workspace * chunk * d_ff
+        words += method.token_rows * (chunk if config.offload_dir is not None else tokens) * d_ff
     return 4.0 * words
+
+
+def _token_rows_on_disk(config: PruneConfig, tokens: int, d_ff: int) -> float:
+    """Bytes of a block method's ``tokens x d_ff`` arrays kept in files under ``--offload-dir``."""
+    if config.offload_dir is None:
+        return 0.0
+    return 4.0 * BLOCK_METHODS.get(block_method_of(config.method)).token_rows * tokens * d_ff
 
 
 def plan_memory(
@@ -271,6 +279,8 @@ def plan_memory(
     act_name = f"{ACTIVATIONS} (2 x {n_rank} x {seqlen} x {d})"
     if config.offload_dir is not None:
         plan.add(f"{act_name}, on disk", activations, prune, "disk")
+        if rows_on_disk := _token_rows_on_disk(config, tokens, d_ff):
+            plan.add(f"{config.method}'s tokens x {d_ff} arrays, on disk", rows_on_disk, "prune", "disk")
         plan.add(f"one window's input and output (from {config.offload_dir})", 2.0 * seqlen * d * width, prune,
                  where)
     elif on_device and config.offload_activations:

@@ -33,7 +33,9 @@ activations), so the result is never worse than that. Non-finite values never re
 producing non-finite auxiliaries ends the loop with the best round standing. All work on T x d_ff arrays
 runs in two passes per round over token chunks of ``chunk_tokens``: one measures the round's weights (objective,
 FFN error, the down refit's moments), the next updates the auxiliaries and gathers the next round's moments,
-so that the two rounds' ``F × F`` float64 moments and the refit's solve are never alive together.
+so that the two rounds' ``F × F`` float64 moments and the refit's solve are never alive together. The auxiliaries
+(``tokens × d_ff`` each, the problem's only arrays that grow with the tokens beside ``X`` and ``Y``) are kept in
+memory, or with ``aux_dir`` in files there, one token chunk of each in memory at a time; the numbers are the same.
 
 **The reference configuration** (``preset="paper"``, i.e. ``--method-opt preset=paper``) runs the algorithm of
 the authors' code (BaiTheBest/SparseLLM) instead of lmprune's additions: no ``refit_down`` candidate, the last
@@ -63,6 +65,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor
 
+from ..activations import TokenRows
 from ..patterns import Pattern
 from .base import Gram, SolveResult, SolverOptions
 from .spd import cholesky_, cholesky_inverse_
@@ -234,13 +237,31 @@ class _Sweep:
     refit: _Moments | None
 
 
-class _ReluFFN:
+class _AuxState:
+    """The auxiliaries of an FFN problem, ``tokens x d_ff`` each, kept as :class:`TokenRows` (in memory, or in
+    files under ``aux_dir`` with one token chunk in memory at a time)."""
+
+    aux: tuple[TokenRows, ...] = ()
+    ch: int
+
+    def aux_finite(self) -> bool:
+        return all(_finite(a.read(sl)) for a in self.aux for sl in _chunks(a.shape[0], self.ch))
+
+    def aux_mb(self) -> float:
+        return sum(a.shape[0] * a.shape[1] for a in self.aux) * 4 / 2**20
+
+    def close(self) -> None:
+        for a in self.aux:
+            a.close()
+
+
+class _ReluFFN(_AuxState):
     """State of the ReLU problem: data, auxiliaries ``z``, ``p`` and the moments for the next weight step."""
 
     roles = ("fc1", "fc2")
     down = "fc2"
 
-    def __init__(self, data: "FFNData", opt: "Options"):
+    def __init__(self, data: "FFNData", opt: "Options", aux_dir: str | None = None):
         x, y, chunk = data.x, data.y, opt.chunk_tokens
         w1, w2, b1, b2 = data.weights["fc1"], data.weights["fc2"], data.biases.get("fc1"), data.biases.get("fc2")
         self.x, self.y, self.ch = x, y, chunk
@@ -249,14 +270,15 @@ class _ReluFFN:
         self.b1 = torch.zeros(w1.shape[0], device=dev) if b1 is None else b1.detach().float()
         self.b2 = torch.zeros(w2.shape[0], device=dev) if b2 is None else b2.detach().float()
         self.dense = {"fc1": w1.detach().float(), "fc2": w2.detach().float()}
-        self.z = torch.empty(x.shape[0], w1.shape[0], device=dev)
+        self.z, self.p = (TokenRows(x.shape[0], w1.shape[0], dev, aux_dir) for _ in range(2))
+        self.aux = (self.z, self.p)
         self.gx = _Moments(x.shape[1], 0, dev)
         self.next = self._fresh(dev)
         for sl in _chunks(x.shape[0], chunk):
-            self.z[sl] = x[sl] @ self.dense["fc1"].T + self.b1
+            zc = self.z.write(sl, x[sl] @ self.dense["fc1"].T + self.b1)
             self.gx.add(x[sl], x[sl][:, :0])
-            self.next["fc2"].add(torch.relu(self.z[sl]), y[sl] - self.b2)
-        self.p = torch.relu(self.z)
+            pc = self.p.write(sl, torch.relu(zc))
+            self.next["fc2"].add(pc, y[sl] - self.b2)
         self.gram_x = self.gx.subproblem().gram
 
     def _fresh(self, dev) -> dict[str, _Moments]:
@@ -265,9 +287,6 @@ class _ReluFFN:
 
     def subproblems(self) -> dict[str, _Subproblem]:
         return {"fc1": self.next["fc1"].subproblem(self.gram_x), "fc2": self.next["fc2"].subproblem()}
-
-    def aux(self) -> tuple[Tensor, ...]:
-        return self.z, self.p
 
     def measure(self, w: dict[str, Tensor], refit: bool) -> _Sweep:
         x, y, z, p, b1, b2 = self.x, self.y, self.z, self.p, self.b1, self.b2
@@ -282,7 +301,7 @@ class _ReluFFN:
             err += _sq(tc - act @ w2.T)
             if ref is not None:
                 ref.add(act, tc)
-            zc, pc = z[sl], p[sl]
+            zc, pc = z.read(sl), p.read(sl)
             obj += al * _sq(zc - m) + ga * _sq(pc - torch.relu(zc)) + be * _sq(tc - pc @ w2.T)
         return _Sweep(obj, err, ref)
 
@@ -296,13 +315,14 @@ class _ReluFFN:
         for sl in _chunks(x.shape[0], self.ch):
             xc, tc = x[sl], y[sl] - b2
             m = xc @ w1.T + b1
-            zc = z[sl]
+            zc = z.read(sl)
             pc = (be * (tc @ w2) + ga * torch.relu(zc)) @ a_inv
             zp = ((ga * pc + al * m) / (ga + al)).clamp_min(0)
             zn = m.clamp_max(0)
             keep_pos = ga * (pc - zp).pow(2) + al * (zp - m).pow(2) <= ga * pc.pow(2) + al * (zn - m).pow(2)
             zc = torch.where(keep_pos, zp, zn)
-            p[sl], z[sl] = pc, zc
+            del zp, zn, keep_pos
+            pc, zc = p.write(sl, pc), z.write(sl, zc)
             self.next["fc1"].add(xc, zc - b1)
             self.next["fc2"].add(pc, tc)
 
@@ -343,13 +363,13 @@ def _s_steps(s: Tensor, n: Tensor, z: Tensor, p: Tensor, alpha: float, gamma: fl
     return s
 
 
-class _SwiGLUFFN:
+class _SwiGLUFFN(_AuxState):
     """State of the SwiGLU problem: data, auxiliaries ``z``, ``s``, ``p`` and the next weight step's moments."""
 
     roles = ("up", "gate", "down")
     down = "down"
 
-    def __init__(self, data: "FFNData", opt: "Options"):
+    def __init__(self, data: "FFNData", opt: "Options", aux_dir: str | None = None):
         x, y, chunk = data.x, data.y, opt.chunk_tokens
         self.x, self.y, self.ch, self.s_steps = x, y, chunk, opt.s_steps
         self.s_update, self.s_lr = opt.s_update, opt.s_lr
@@ -357,22 +377,22 @@ class _SwiGLUFFN:
         dev = x.device
         self.dense = {k: data.weights[k].detach().float() for k in ("up", "gate", "down")}
         dff = self.dense["up"].shape[0]
-        self.z = torch.empty(x.shape[0], dff, device=dev)
-        self.s = torch.empty_like(self.z)
-        self.p = torch.empty_like(self.z)
+        self.z, self.s, self.p = (TokenRows(x.shape[0], dff, dev, aux_dir) for _ in range(3))
+        self.aux = (self.z, self.s, self.p)
         self.gx = _Moments(x.shape[1], 0, dev)
         self.next = self._fresh(dev)
         for sl in _chunks(x.shape[0], chunk):
             xc = x[sl]
-            self.z[sl] = xc @ self.dense["up"].T
-            self.s[sl] = xc @ self.dense["gate"].T
-            self.p[sl] = F.silu(self.s[sl]) * self.z[sl]
+            zc = self.z.write(sl, xc @ self.dense["up"].T)
+            sc = self.s.write(sl, xc @ self.dense["gate"].T)
+            pc = self.p.write(sl, F.silu(sc) * zc)
             self.gx.add(xc, xc[:, :0])
-            self.next["down"].add(self.p[sl], y[sl])
+            self.next["down"].add(pc, y[sl])
+            del zc, sc, pc
         self.gram_x = self.gx.subproblem().gram
 
     def _fresh(self, dev) -> dict[str, _Moments]:
-        d, dff = self.x.shape[1], self.z.shape[1]
+        d, dff = self.x.shape[1], self.dense["up"].shape[0]
         return {
             "up": _Moments(d, dff, dev, gram=False),
             "gate": _Moments(d, dff, dev, gram=False),
@@ -385,9 +405,6 @@ class _SwiGLUFFN:
             "gate": self.next["gate"].subproblem(self.gram_x),
             "down": self.next["down"].subproblem(),
         }
-
-    def aux(self) -> tuple[Tensor, ...]:
-        return self.z, self.s, self.p
 
     def measure(self, w: dict[str, Tensor], refit: bool) -> _Sweep:
         x, y, z, s, p = self.x, self.y, self.z, self.s, self.p
@@ -403,7 +420,7 @@ class _SwiGLUFFN:
             if ref is not None:
                 ref.add(act, yc)
             del act
-            zc, sc, pc = z[sl], s[sl], p[sl]
+            zc, sc, pc = z.read(sl), s.read(sl), p.read(sl)
             obj += al * (_sq(zc - m) + _sq(sc - n)) + ga * _sq(pc - F.silu(sc) * zc) + be * _sq(yc - pc @ wd.T)
         return _Sweep(obj, err, ref)
 
@@ -422,16 +439,16 @@ class _SwiGLUFFN:
         for sl in _chunks(x.shape[0], self.ch):
             xc, yc = x[sl], y[sl]
             m, n = xc @ wu.T, xc @ wg.T
-            zc, sc = z[sl], s[sl]
+            zc, sc = z.read(sl), s.read(sl)
             sig = F.silu(sc)
             pc = (be * (yc @ wd) + ga * sig * zc) @ a_inv
             zc = (al * m + ga * sig * pc) / (al + ga * sig.pow(2))
             del m, sig
-            p[sl], z[sl] = pc, zc
-            zc, pc = z[sl], p[sl]  # the stored copies: the chunk's own are freed
+            pc, zc = p.write(sl, pc), z.write(sl, zc)  # in memory, the stored rows: the chunk's copies are freed
             # element-wise, so row blocks give the whole chunk's bits with a fraction of its temporaries
             for rows in _chunks(sc.shape[0], _ELEMENTWISE_ROWS):
                 sc[rows] = self._s_update(sc[rows], n[rows], zc[rows], pc[rows])
+            s.write(sl, sc)
             self.next["up"].add(xc, zc)
             self.next["gate"].add(xc, sc)
             self.next["down"].add(pc, yc)
@@ -466,6 +483,13 @@ def _refit_down(moments: _Moments, inner: InnerSolve, target: float,
 
 
 def _run(ffn, targets: dict[str, float], inner: InnerSolve, opt: "Options") -> FFNPruneResult:
+    try:
+        return _rounds(ffn, targets, inner, opt)
+    finally:
+        ffn.close()
+
+
+def _rounds(ffn, targets: dict[str, float], inner: InnerSolve, opt: "Options") -> FFNPruneResult:
     rounds, percdamp, refit_down, select, keep_better = (opt.rounds, opt.percdamp, opt.refit_down, opt.select,
                                                          opt.keep_better)
     stats: dict[str, Any] = {k: [] for k in ("objective", "ffn_error", "refit_down_error", "kept_previous", "round_s")}
@@ -505,12 +529,12 @@ def _run(ffn, targets: dict[str, float], inner: InnerSolve, opt: "Options") -> F
             ffn.update(weights)
         del weights
         stats["round_s"].append(time.perf_counter() - t0)
-        if not _finite(*ffn.aux()):
+        if not ffn.aux_finite():
             stats["stopped"] = f"round {r}: non-finite auxiliary variables"
             break
     err, chosen, r_best = best  # round 0 always yields a finite candidate or raised
     stats.update(best_round=r_best, final_ffn_error=err, target_norm=_sq(ffn.y),
-                 aux_mb=sum(t.numel() for t in ffn.aux()) * 4 / 2**20)
+                 aux_mb=ffn.aux_mb())
     return FFNPruneResult(chosen, stats)
 
 
@@ -554,22 +578,22 @@ def _targets(targets: dict[str, float] | float, roles: tuple[str, ...]) -> dict[
 
 
 def prune_ffn_relu(data: FFNData, pattern: Pattern, targets: dict[str, float] | float, inner: InnerSolve,
-                   **options: Any) -> FFNPruneResult:
+                   aux_dir: str | None = None, **options: Any) -> FFNPruneResult:
     """SparseLLM on ``Y ≈ ReLU(X W1ᵀ + b1) W2ᵀ + b2`` (biases fixed); returns ``fc1`` and ``fc2``.
 
     ``targets`` is one sparsity or one per role; ``inner(weight, gram, target)`` prunes one matrix into
     ``pattern``; ``options`` are :class:`Options` (the s-step options are unused: no gate)."""
     opt = Options(**options)
     check_penalties(opt.alpha, opt.beta, opt.gamma)
-    return _run(_ReluFFN(data.checked(), opt), _targets(targets, _ReluFFN.roles), inner, opt)
+    return _run(_ReluFFN(data.checked(), opt, aux_dir), _targets(targets, _ReluFFN.roles), inner, opt)
 
 
 def prune_ffn_swiglu(data: FFNData, pattern: Pattern, targets: dict[str, float] | float, inner: InnerSolve,
-                     **options: Any) -> FFNPruneResult:
+                     aux_dir: str | None = None, **options: Any) -> FFNPruneResult:
     """SparseLLM on ``Y ≈ (SiLU(X W_gateᵀ) ⊙ X W_upᵀ) W_downᵀ``; returns ``up``, ``gate``, ``down``.
 
     ``targets`` is one sparsity or one per role; ``inner(weight, gram, target)`` prunes one matrix into
     ``pattern``; ``options`` are :class:`Options`."""
     opt = Options(**options)
     check_penalties(opt.alpha, opt.beta, opt.gamma)
-    return _run(_SwiGLUFFN(data.checked(), opt), _targets(targets, _SwiGLUFFN.roles), inner, opt)
+    return _run(_SwiGLUFFN(data.checked(), opt, aux_dir), _targets(targets, _SwiGLUFFN.roles), inner, opt)

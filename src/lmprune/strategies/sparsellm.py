@@ -109,15 +109,18 @@ def prune_block(ctx, opts: StrategyOptions) -> None:
     (_, (results, ffn_stats, y_norm)), = list(spread)
     out = FFNPruneResult(results, ffn_stats)
     b1 = None if lin["up"].bias is None else lin["up"].bias.detach().float()
-    if ffn.kind == "relu":
-        act = torch.relu(x @ results["up"].weight.float().T + (0 if b1 is None else b1))
-    else:
-        act = F.silu(x @ results["gate"].weight.float().T) * (x @ results["up"].weight.float().T)
+    up, gate = results["up"].weight.float(), results["gate"].weight.float() if "gate" in results else None
+
+    def pruned_act(xc):
+        if ffn.kind == "relu":
+            return torch.relu(xc @ up.T + (0 if b1 is None else b1))
+        return F.silu(xc @ gate.T) * (xc @ up.T)
+
     seconds = (time.perf_counter() - start) / len(roles)
     summary = _summary(out, y_norm)
-    grams = {"up": Gram.from_inputs(x), "down": Gram.from_inputs(act)}
+    grams = {"up": Gram.from_inputs(x), "down": _gram_of(pruned_act, x, _rows_per_piece(ctx, solver_opts))}
     grams["gate"] = grams["up"]
-    del act, x
+    del x
     # each matrix's error report (two out · in² products) by one owner rank, the numbers shared
     costs = [float(lin[r].weight.shape[0]) * lin[r].weight.shape[1] ** 2 for r in roles]
     errors = dict(ctx.world.spread(list(roles), costs,
@@ -127,6 +130,37 @@ def prune_block(ctx, opts: StrategyOptions) -> None:
         ctx.commit(rel, results[role], errors[role], seconds)
 
 
+def _rows_per_piece(ctx, solver_opts: dict) -> int | None:
+    """With the activations in files (``--offload-dir``) the FFN's ``tokens x d_ff`` arrays are formed a token
+    chunk at a time, else (None) in one piece, as they always were."""
+    return None if ctx.store.directory is None else solver_opts["chunk_tokens"]
+
+
+def _by_rows(fn, x, rows: int | None):
+    """``fn(x)`` for a row-wise ``fn``, computed ``rows`` rows at a time (None: at once)."""
+    if rows is None:
+        return fn(x)
+    out = None
+    for i in range(0, x.shape[0], rows):
+        part = fn(x[i : i + rows])
+        if out is None:
+            out = part.new_empty(x.shape[0], *part.shape[1:])
+        out[i : i + rows] = part
+    return out
+
+
+def _gram_of(fn, x, rows: int | None) -> Gram:
+    """The Gram matrix of ``fn(x)``'s rows, summed over pieces of ``rows`` rows (None: from the whole)."""
+    if rows is None:
+        return Gram.from_inputs(fn(x))
+    h = total = None
+    for i in range(0, x.shape[0], rows):
+        a = fn(x[i : i + rows])
+        h = a.T @ a if h is None else h.add_(a.T @ a)
+        total = a.sum(0) if total is None else total.add_(a.sum(0))
+    return Gram(h, x.shape[0], total)
+
+
 def _ffn_cost(w: dict) -> float:
     return float(sum(t.shape[0] * t.shape[1] * t.shape[1] for t in w.values()))
 
@@ -134,18 +168,21 @@ def _ffn_cost(w: dict) -> float:
 def _solve_ffn(ctx, ffn, solver_opts: dict, x, w: dict, lin: dict, roles: dict):
     """The joint FFN problem: ``(results by role, solver statistics, ‖Y‖²)``."""
     inner = lambda weight, gram, target: ctx.inner_solve(ffn.up, weight, gram, target)  # noqa: E731
+    rows, aux_dir = _rows_per_piece(ctx, solver_opts), ctx.store.directory
     if ffn.kind == "relu":
         b1 = None if lin["up"].bias is None else lin["up"].bias.detach().float()
         b2 = None if lin["down"].bias is None else lin["down"].bias.detach().float()
-        y = torch.relu(x @ w["up"].T + (0 if b1 is None else b1)) @ w["down"].T + (0 if b2 is None else b2)
+        y = _by_rows(lambda xc: torch.relu(xc @ w["up"].T + (0 if b1 is None else b1)) @ w["down"].T
+                     + (0 if b2 is None else b2), x, rows)
         out = prune_ffn_relu(FFNData.relu(x, y, w["up"], b1, w["down"], b2), ctx.pattern,
-                             {"fc1": ctx.target(ffn.up), "fc2": ctx.target(ffn.down)}, inner, **solver_opts)
+                             {"fc1": ctx.target(ffn.up), "fc2": ctx.target(ffn.down)}, inner, aux_dir=aux_dir,
+                             **solver_opts)
         results = {"up": out.results["fc1"], "down": out.results["fc2"]}
     else:
-        y = (F.silu(x @ w["gate"].T) * (x @ w["up"].T)) @ w["down"].T
+        y = _by_rows(lambda xc: (F.silu(xc @ w["gate"].T) * (xc @ w["up"].T)) @ w["down"].T, x, rows)
         targets = {role: ctx.target(rel) for role, rel in roles.items()}
         out = prune_ffn_swiglu(FFNData.swiglu(x, y, w["up"], w["gate"], w["down"]), ctx.pattern, targets, inner,
-                               **solver_opts)
+                               aux_dir=aux_dir, **solver_opts)
         results = out.results
     for r in results.values():
         r.stats["owner_rank"] = ctx.world.rank
