@@ -119,10 +119,6 @@ class TokenRows:
             os.unlink(name)  # the open descriptor keeps it until close, and nothing is left behind a kill
             self._file = os.fdopen(fd, "w+b", buffering=0)
 
-    @property
-    def in_memory(self) -> bool:
-        return self._data is not None
-
     def _span(self, rows: slice) -> tuple[int, int]:
         start, stop, _ = rows.indices(self.shape[0])
         return start * self.shape[1] * 4, (stop - start) * self.shape[1] * 4

@@ -533,7 +533,8 @@ def _rounds(ffn, targets: dict[str, float], inner: InnerSolve, opt: "Options") -
             stats["stopped"] = f"round {r}: non-finite auxiliary variables"
             break
     err, chosen, r_best = best  # round 0 always yields a finite candidate or raised
-    stats.update(best_round=r_best, final_ffn_error=err, target_norm=_sq(ffn.y),
+    target_norm = sum(_sq(ffn.y[sl]) for sl in _chunks(ffn.y.shape[0], ffn.ch))  # no float64 copy of all of Y
+    stats.update(best_round=r_best, final_ffn_error=err, target_norm=target_norm,
                  aux_mb=ffn.aux_mb())
     return FFNPruneResult(chosen, stats)
 

@@ -106,7 +106,7 @@ def prune_block(ctx, opts: StrategyOptions) -> None:
     solve_opts = dict(solver_opts=solver_opts, x=x, w=w, lin=lin, roles=roles)
     # the FFN problem is solved by one owner rank (this process alone in a single one) and shared
     spread = ctx.world.spread(["ffn"], [_ffn_cost(w)], lambda _k: _solve_ffn(ctx, ffn, **solve_opts))
-    (_, (results, ffn_stats, y_norm)), = list(spread)
+    (_, (results, ffn_stats)), = list(spread)
     out = FFNPruneResult(results, ffn_stats)
     b1 = None if lin["up"].bias is None else lin["up"].bias.detach().float()
     up, gate = results["up"].weight.float(), results["gate"].weight.float() if "gate" in results else None
@@ -117,7 +117,7 @@ def prune_block(ctx, opts: StrategyOptions) -> None:
         return F.silu(xc @ gate.T) * (xc @ up.T)
 
     seconds = (time.perf_counter() - start) / len(roles)
-    summary = _summary(out, y_norm)
+    summary = _summary(out)
     grams = {"up": Gram.from_inputs(x), "down": _gram_of(pruned_act, x, _rows_per_piece(ctx, solver_opts))}
     grams["gate"] = grams["up"]
     del x
@@ -168,7 +168,7 @@ def _ffn_cost(w: dict) -> float:
 
 
 def _solve_ffn(ctx, ffn, solver_opts: dict, x, w: dict, lin: dict, roles: dict):
-    """The joint FFN problem: ``(results by role, solver statistics, ‖Y‖²)``."""
+    """The joint FFN problem: ``(results by role, solver statistics)``."""
     inner = lambda weight, gram, target: ctx.inner_solve(ffn.up, weight, gram, target)  # noqa: E731
     rows, aux_dir = _rows_per_piece(ctx, solver_opts), ctx.store.directory
     if ffn.kind == "relu":
@@ -188,13 +188,13 @@ def _solve_ffn(ctx, ffn, solver_opts: dict, x, w: dict, lin: dict, roles: dict):
         results = out.results
     for r in results.values():
         r.stats["owner_rank"] = ctx.world.rank
-    return results, out.stats, float(y.double().pow(2).sum())
+    return results, out.stats
 
 
-def _summary(out: FFNPruneResult, y_norm: float) -> dict:
+def _summary(out: FFNPruneResult) -> dict:
     """Scalar statistics of the joint FFN solve, stored with each of its matrices."""
     st = out.stats
-    scale = y_norm if y_norm > 0 else 1.0
+    scale = st["target_norm"] if st["target_norm"] > 0 else 1.0
     return {
         "sparsellm_ffn_rel_error": st["final_ffn_error"] / scale,
         "sparsellm_layerwise_ffn_rel_error": st["ffn_error"][0] / scale,
