@@ -785,3 +785,31 @@ def test_streamed_open_assigns_the_source_tensors_and_reties_the_head(fam, tiny_
     tied = bool(model.config.tie_word_embeddings)
     assert tied == (fam == "qwen2")
     assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
+
+
+def test_sparsellm_plan_puts_its_auxiliaries_on_disk_with_offload_dir():
+    """With ``--offload-dir`` SparseLLM's three ``tokens x d_ff`` auxiliaries are planned on disk and one token
+    chunk of each in memory; a per-matrix method plans no such arrays."""
+    from transformers import LlamaConfig
+
+    from lmprune.config import Job
+    from lmprune.registry import BLOCK_METHODS
+    from lmprune.run.memory import plan_memory
+
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=32,
+                      vocab_size=32000)
+    tokens, ff = 128 * 2048, 11008
+
+    def plan(method: str, offload: str | None):
+        config = build_config(method=method, sparsity=0.5, calib="c4", nsamples=128, seqlen=2048,
+                              offload_dir=offload)
+        return plan_memory(Job(model="7b", out="x", config=config, stream=True), cfg, runtime=0.0)
+
+    def disk_rows(p) -> list:
+        return [c for c in p.components if "arrays, on disk" in c.name]
+
+    memory, files = plan("sparsellm", None), plan("sparsellm", "/tmp/acts")
+    rows = BLOCK_METHODS.get("sparsellm").token_rows
+    assert [c.bytes for c in disk_rows(files)] == [4.0 * rows * tokens * ff] and disk_rows(memory) == []
+    assert memory.peak()[1] - files.peak()[1] >= 4.0 * rows * (tokens - 4096) * ff
+    assert disk_rows(plan("sparsegpt", "/tmp/acts")) == []
