@@ -237,3 +237,19 @@ def test_token_rows_read_and_write_by_row_ranges(tmp_path):
     with pytest.raises(OSError, match="never written"):
         fresh.read(slice(6, 10))
     disk.close(), fresh.close(), mem.close()
+
+
+@pytest.mark.parametrize("in_files", [False, True])
+def test_non_finite_auxiliaries_end_the_rounds_with_the_best_standing(tmp_path, in_files):
+    """A diverging gradient s-step makes the auxiliaries non-finite: the loop stops after that round (noticed as
+    the chunks are written, in memory or in files) and the weights are the best finite round's."""
+    pattern = parse_pattern("unstructured")
+    x = _inputs(2)
+    up, gate, down = _swiglu_ffn(2)
+    y = _swiglu_out(x, up, gate, down)
+    out = prune_ffn_swiglu(FFNData.swiglu(x, y, up, gate, down), pattern, 0.5, _inner(pattern), rounds=4,
+                           s_update="gradient", s_lr=1e38, chunk_tokens=256,
+                           aux_dir=str(tmp_path) if in_files else None)
+    assert out.stats["stopped"] == "round 0: non-finite auxiliary variables"
+    assert len(out.stats["objective"]) == 1
+    assert all(torch.isfinite(r.weight).all() for r in out.results.values())

@@ -97,6 +97,12 @@ class WindowFile(Sequence[Tensor]):
             pass
 
 
+def row_slices(n: int, size: int) -> Iterator[slice]:
+    """``0:size``, ``size:2·size``, ... covering ``n`` rows (the last one shorter)."""
+    for i in range(0, n, size):
+        yield slice(i, min(i + size, n))
+
+
 class TokenRows:
     """A ``tokens x features`` float32 array that is read and written by row ranges (token chunks): one tensor in
     memory, or -- with ``directory`` -- one file in it, only the rows being worked on in memory.

@@ -58,14 +58,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor
 
-from ..activations import TokenRows
+from ..activations import TokenRows, row_slices
 from ..patterns import Pattern
 from .base import Gram, SolveResult, SolverOptions
 from .spd import cholesky_, cholesky_inverse_
@@ -153,11 +153,6 @@ class FFNPruneResult:
 _ELEMENTWISE_ROWS = 512
 
 
-def _chunks(n: int, size: int) -> Iterator[slice]:
-    for i in range(0, n, size):
-        yield slice(i, min(i + size, n))
-
-
 def _finite(*tensors: Tensor) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
@@ -243,9 +238,8 @@ class _AuxState:
 
     aux: tuple[TokenRows, ...] = ()
     ch: int
-
-    def aux_finite(self) -> bool:
-        return all(_finite(a.read(sl)) for a in self.aux for sl in _chunks(a.shape[0], self.ch))
+    #: Whether every chunk written so far was finite (checked as it is written, not by reading them all back).
+    finite: bool = True
 
     def aux_mb(self) -> float:
         return sum(a.shape[0] * a.shape[1] for a in self.aux) * 4 / 2**20
@@ -274,10 +268,11 @@ class _ReluFFN(_AuxState):
         self.aux = (self.z, self.p)
         self.gx = _Moments(x.shape[1], 0, dev)
         self.next = self._fresh(dev)
-        for sl in _chunks(x.shape[0], chunk):
+        for sl in row_slices(x.shape[0], chunk):
             zc = self.z.write(sl, x[sl] @ self.dense["fc1"].T + self.b1)
             self.gx.add(x[sl], x[sl][:, :0])
             pc = self.p.write(sl, torch.relu(zc))
+            self.finite &= _finite(zc)
             self.next["fc2"].add(pc, y[sl] - self.b2)
         self.gram_x = self.gx.subproblem().gram
 
@@ -294,7 +289,7 @@ class _ReluFFN(_AuxState):
         w1, w2 = w["fc1"].float(), w["fc2"].float()
         ref = _Moments(w1.shape[0], y.shape[1], x.device) if refit else None
         obj = err = 0.0
-        for sl in _chunks(x.shape[0], self.ch):
+        for sl in row_slices(x.shape[0], self.ch):
             tc = y[sl] - b2
             m = x[sl] @ w1.T + b1
             act = torch.relu(m)
@@ -309,10 +304,10 @@ class _ReluFFN(_AuxState):
         x, y, z, p, b1, b2 = self.x, self.y, self.z, self.p, self.b1, self.b2
         al, be, ga = self.alpha, self.beta, self.gamma
         w1, w2 = w["fc1"].float(), w["fc2"].float()
-        self.next = None  # spent: free its float64 matrices before the inverse's
+        self.finite = True  # every chunk is rewritten below
         a_inv = _spd_inverse(w2, be, ga)
         self.next = self._fresh(x.device)
-        for sl in _chunks(x.shape[0], self.ch):
+        for sl in row_slices(x.shape[0], self.ch):
             xc, tc = x[sl], y[sl] - b2
             m = xc @ w1.T + b1
             zc = z.read(sl)
@@ -323,6 +318,7 @@ class _ReluFFN(_AuxState):
             zc = torch.where(keep_pos, zp, zn)
             del zp, zn, keep_pos
             pc, zc = p.write(sl, pc), z.write(sl, zc)
+            self.finite &= _finite(pc, zc)
             self.next["fc1"].add(xc, zc - b1)
             self.next["fc2"].add(pc, tc)
 
@@ -381,11 +377,12 @@ class _SwiGLUFFN(_AuxState):
         self.aux = (self.z, self.s, self.p)
         self.gx = _Moments(x.shape[1], 0, dev)
         self.next = self._fresh(dev)
-        for sl in _chunks(x.shape[0], chunk):
+        for sl in row_slices(x.shape[0], chunk):
             xc = x[sl]
             zc = self.z.write(sl, xc @ self.dense["up"].T)
             sc = self.s.write(sl, xc @ self.dense["gate"].T)
             pc = self.p.write(sl, F.silu(sc) * zc)
+            self.finite &= _finite(zc, sc, pc)
             self.gx.add(xc, xc[:, :0])
             self.next["down"].add(pc, y[sl])
             del zc, sc, pc
@@ -412,7 +409,7 @@ class _SwiGLUFFN(_AuxState):
         wu, wg, wd = w["up"].float(), w["gate"].float(), w["down"].float()
         ref = _Moments(wu.shape[0], y.shape[1], x.device) if refit else None
         obj = err = 0.0
-        for sl in _chunks(x.shape[0], self.ch):
+        for sl in row_slices(x.shape[0], self.ch):
             xc, yc = x[sl], y[sl]
             m, n = xc @ wu.T, xc @ wg.T
             act = F.silu(n) * m
@@ -433,10 +430,10 @@ class _SwiGLUFFN(_AuxState):
         x, y, z, s, p = self.x, self.y, self.z, self.s, self.p
         al, be, ga = self.alpha, self.beta, self.gamma
         wu, wg, wd = w["up"].float(), w["gate"].float(), w["down"].float()
-        self.next = None  # spent: free its float64 matrices before the inverse's
+        self.finite = True  # every chunk is rewritten below
         a_inv = _spd_inverse(wd, be, ga)
         self.next = self._fresh(x.device)
-        for sl in _chunks(x.shape[0], self.ch):
+        for sl in row_slices(x.shape[0], self.ch):
             xc, yc = x[sl], y[sl]
             m, n = xc @ wu.T, xc @ wg.T
             zc, sc = z.read(sl), s.read(sl)
@@ -446,9 +443,10 @@ class _SwiGLUFFN(_AuxState):
             del m, sig
             pc, zc = p.write(sl, pc), z.write(sl, zc)  # in memory, the stored rows: the chunk's copies are freed
             # element-wise, so row blocks give the whole chunk's bits with a fraction of its temporaries
-            for rows in _chunks(sc.shape[0], _ELEMENTWISE_ROWS):
+            for rows in row_slices(sc.shape[0], _ELEMENTWISE_ROWS):
                 sc[rows] = self._s_update(sc[rows], n[rows], zc[rows], pc[rows])
             s.write(sl, sc)
+            self.finite &= _finite(zc, sc, pc)
             self.next["up"].add(xc, zc)
             self.next["gate"].add(xc, sc)
             self.next["down"].add(pc, yc)
@@ -529,11 +527,11 @@ def _rounds(ffn, targets: dict[str, float], inner: InnerSolve, opt: "Options") -
             ffn.update(weights)
         del weights
         stats["round_s"].append(time.perf_counter() - t0)
-        if not ffn.aux_finite():
+        if not ffn.finite:
             stats["stopped"] = f"round {r}: non-finite auxiliary variables"
             break
     err, chosen, r_best = best  # round 0 always yields a finite candidate or raised
-    target_norm = sum(_sq(ffn.y[sl]) for sl in _chunks(ffn.y.shape[0], ffn.ch))  # no float64 copy of all of Y
+    target_norm = sum(_sq(ffn.y[sl]) for sl in row_slices(ffn.y.shape[0], ffn.ch))  # no float64 copy of all of Y
     stats.update(best_round=r_best, final_ffn_error=err, target_norm=target_norm,
                  aux_mb=ffn.aux_mb())
     return FFNPruneResult(chosen, stats)

@@ -34,6 +34,7 @@ from typing import Any, Literal, Union
 
 from pydantic import model_validator
 
+from ..activations import row_slices
 from ..models.adapters import UnsupportedModelError
 from ..solvers.base import Gram
 from ..solvers.sparsellm import PRESETS, FFNData, FFNPruneResult, Options, _apply_preset, prune_ffn_relu, prune_ffn_swiglu
@@ -143,11 +144,11 @@ def _by_rows(fn, x, rows: int | None):
     if rows is None:
         return fn(x)
     out = None
-    for i in range(0, x.shape[0], rows):
-        part = fn(x[i : i + rows])
+    for sl in row_slices(x.shape[0], rows):
+        part = fn(x[sl])
         if out is None:
             out = part.new_empty(x.shape[0], *part.shape[1:])
-        out[i : i + rows] = part
+        out[sl] = part
     return out
 
 
@@ -156,8 +157,8 @@ def _gram_of(fn, x, rows: int | None) -> Gram:
     if rows is None:
         return Gram.from_inputs(fn(x))
     h = total = None
-    for i in range(0, x.shape[0], rows):
-        a = fn(x[i : i + rows])
+    for sl in row_slices(x.shape[0], rows):
+        a = fn(x[sl])
         h = a.T @ a if h is None else h.add_(a.T @ a)
         total = a.sum(0) if total is None else total.add_(a.sum(0))
     return Gram(h, x.shape[0], total)
