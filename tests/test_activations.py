@@ -49,9 +49,11 @@ def test_store_propagates_window_by_window_and_cleans_up(tmp_path, place):
     directory = tmp_path / "acts" if place == "files" else None
     windows = [torch.randn(1, 5, 3) for _ in range(5)]
     with ActivationStore("cpu", place, directory) as store:
+        assert store.tokens == 0
         for w in windows:
             store.append(w)
         assert len(store) == 5 and all(torch.equal(a, b) for a, b in zip(store, windows))
+        assert store.tokens == 25
         assert [b.shape[0] for b in store.batches(2)] == [2, 2, 1]
         store.propagate(lambda x: x * 2 + 1, size=2)
         assert all(torch.equal(a, b * 2 + 1) for a, b in zip(store, windows))
@@ -74,3 +76,18 @@ def test_trim_host_memory_runs_where_glibc_exists():
 
     ran = trim_host_memory()
     assert ran is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+
+
+def test_token_rows_hold_a_tensor_without_copying_it():
+    """``TokenRows.holding`` keeps the tensor itself (reads are views of it); only 2-D float32 is accepted."""
+    from lmprune.activations import TokenRows
+
+    data = torch.randn(6, 4)
+    rows = TokenRows.holding(data)
+    assert rows.shape == (6, 4) and rows.in_memory
+    assert rows.read(slice(None)).data_ptr() == data.data_ptr()
+    rows.write(slice(1, 2), torch.zeros(1, 4))
+    assert not data[1].any()
+    for bad in (torch.randn(6, 4, dtype=torch.bfloat16), torch.randn(2, 3, 4)):
+        with pytest.raises(ValueError, match="2-D float32"):
+            TokenRows.holding(bad)

@@ -42,6 +42,9 @@ CASES = {
     "sparsegpt-2of4": ["--method", "sparsegpt", "--pattern", "2:4"],
     # streamed, the activations in files: each rank its own folder under the one --offload-dir
     "sparsegpt-stream": ["--method", "sparsegpt", "--stream", "--offload-dir", "{root}/offload"],
+    # the FFN problem's inputs gathered from both ranks into files, in token chunks of 100
+    "sparsellm-stream": ["--method", "sparsellm", "--stream", "--offload-dir", "{root}/offload",
+                         "--method-opt", "chunk_tokens=100"],
 }
 
 

@@ -709,26 +709,26 @@ def test_ranks_on_one_machine_must_fit_together(monkeypatch):
 
 def test_sparsellm_plan_counts_its_chunk_temporaries_up_to_chunk_tokens():
     """SparseLLM's sweep holds temporaries per token chunk: the plan counts them for ``min(tokens, chunk_tokens)``
-    tokens, while its auxiliaries grow with every token -- unless ``--offload-dir`` keeps them in files, one
-    chunk of each in memory."""
+    tokens, while its auxiliaries, the FFN's inputs and its targets grow with every token -- unless
+    ``--offload-dir`` keeps them in files, one chunk of each in memory."""
     from lmprune.registry import BLOCK_METHODS
-    from lmprune.run.memory import _solver_workspace
+    from lmprune.run.memory import BlockTokens, _solver_workspace
 
     method = BLOCK_METHODS.get("sparsellm")
-    a, b, c = method.workspace
-    assert method.chunk_workspace > 0
+    assert method.chunk_workspace > 0 and method.workspace[2] == 0
+    per_token = method.token_rows * 11008 + method.token_inputs * 4096  # the auxiliaries, inputs and targets
 
     def work(tokens: int, offload_dir=None, **options) -> float:
         config = build_config(method="sparsellm", sparsity=0.5, calib="c4", nsamples=4, seqlen=2048,
                               method_options=options, offload_dir=offload_dir)
-        return _solver_workspace(config, 4096, 11008, tokens, 11008)
+        return _solver_workspace(config, 4096, 11008, BlockTokens(tokens, 4096, 11008))
 
     assert work(8192) - work(8192, chunk_tokens=1024) == 4.0 * method.chunk_workspace * (4096 - 1024) * 11008
-    # past one chunk only the auxiliaries (and the inputs and targets) grow, unless they are in files
-    assert work(16384) - work(8192) == 4.0 * (c + method.token_rows) * 8192 * 11008
+    # past one chunk only the auxiliaries, inputs and targets grow, unless they are in files: then nothing does
+    assert work(16384) - work(8192) == 4.0 * per_token * 8192
     offloaded = dict(offload_dir="/tmp/acts")
-    assert work(16384, **offloaded) - work(8192, **offloaded) == 4.0 * c * 8192 * 11008
-    assert work(8192) - work(8192, **offloaded) == 4.0 * method.token_rows * (8192 - 4096) * 11008
+    assert work(16384, **offloaded) == work(8192, **offloaded)
+    assert work(8192) - work(8192, **offloaded) == 4.0 * per_token * (8192 - 4096)
 
 
 def test_written_shards_are_read_back_a_tensor_at_a_time_and_compared(tmp_path, monkeypatch):
@@ -788,8 +788,9 @@ def test_streamed_open_assigns_the_source_tensors_and_reties_the_head(fam, tiny_
 
 
 def test_sparsellm_plan_puts_its_auxiliaries_on_disk_with_offload_dir():
-    """With ``--offload-dir`` SparseLLM's three ``tokens x d_ff`` auxiliaries are planned on disk and one token
-    chunk of each in memory; a per-matrix method plans no such arrays."""
+    """With ``--offload-dir`` SparseLLM's three ``tokens x d_ff`` auxiliaries and the FFN's ``tokens x d`` inputs
+    and targets are planned on disk and one token chunk of each in memory; a per-matrix method plans no such
+    arrays."""
     from transformers import LlamaConfig
 
     from lmprune.config import Job
@@ -806,10 +807,11 @@ def test_sparsellm_plan_puts_its_auxiliaries_on_disk_with_offload_dir():
         return plan_memory(Job(model="7b", out="x", config=config, stream=True), cfg, runtime=0.0)
 
     def disk_rows(p) -> list:
-        return [c for c in p.components if "arrays, on disk" in c.name]
+        return [c for c in p.components if "token arrays" in c.name and c.name.endswith(", on disk")]
 
     memory, files = plan("sparsellm", None), plan("sparsellm", "/tmp/acts")
-    rows = BLOCK_METHODS.get("sparsellm").token_rows
-    assert [c.bytes for c in disk_rows(files)] == [4.0 * rows * tokens * ff] and disk_rows(memory) == []
-    assert memory.peak()[1] - files.peak()[1] >= 4.0 * rows * (tokens - 4096) * ff
+    method = BLOCK_METHODS.get("sparsellm")
+    per_token = method.token_rows * ff + method.token_inputs * 4096  # auxiliaries, FFN inputs and targets
+    assert [c.bytes for c in disk_rows(files)] == [4.0 * per_token * tokens] and disk_rows(memory) == []
+    assert memory.peak()[1] - files.peak()[1] >= 4.0 * per_token * (tokens - 4096)
     assert disk_rows(plan("sparsegpt", "/tmp/acts")) == []

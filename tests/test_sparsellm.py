@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -204,14 +206,51 @@ def test_auxiliaries_in_files_give_the_bits_of_memory(tmp_path, kind):
     else:
         up, gate, down = _swiglu_ffn(5)
         data, prune = FFNData.swiglu(x, _swiglu_out(x, up, gate, down), up, gate, down), prune_ffn_swiglu
-    runs = [prune(data, pattern, 0.7, _inner(pattern), aux_dir=d, rounds=3, chunk_tokens=256)
-            for d in (None, str(tmp_path))]
-    memory, files = runs
+    memory = prune(data, pattern, 0.7, _inner(pattern), rounds=3, chunk_tokens=256)
+    # the inputs and targets in files too, as the strategy hands them over with --offload-dir
+    x_file, y_file = (_file_rows(t, tmp_path) for t in (data.x, data.y))
+    data.x, data.y = x_file, y_file
+    files = prune(data, pattern, 0.7, _inner(pattern), aux_dir=str(tmp_path), rounds=3, chunk_tokens=256)
+    x_file.close(), y_file.close()
     for key in ("objective", "ffn_error", "refit_down_error", "best_round", "aux_mb"):
         assert files.stats[key] == memory.stats[key], key
     for role in memory.results:
         assert torch.equal(files.results[role].weight, memory.results[role].weight)
     assert list(tmp_path.iterdir()) == []
+
+
+def _file_rows(t, directory):
+    from lmprune.activations import TokenRows
+
+    rows = TokenRows(*t.shape, directory=directory)
+    rows.write(slice(None), t)
+    return rows
+
+
+def _open_files() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files through /proc")
+def test_non_finite_inputs_are_refused_and_release_the_auxiliaries(tmp_path):
+    """A NaN in a later token chunk of the inputs (read from a file) stops the first pass with a one-line error,
+    and the auxiliaries' files opened for it are closed."""
+    pattern = parse_pattern("unstructured")
+    x = _inputs(3)
+    up, gate, down = _swiglu_ffn(3)
+    y = _swiglu_out(x, up, gate, down)
+    x[700, 5] = float("nan")
+    x_file, y_file = _file_rows(x, tmp_path), _file_rows(y, tmp_path)
+    before = _open_files()
+    try:
+        prune_ffn_swiglu(FFNData.swiglu(x_file, y_file, up, gate, down), pattern, 0.5, _inner(pattern),
+                         aux_dir=str(tmp_path), chunk_tokens=256)
+    except ValueError as error:  # counted while the error (and so the failed solver's frames) is alive
+        assert "NaN/Inf (tokens 512:768)" in str(error)
+        assert _open_files() == before
+    else:
+        pytest.fail("non-finite inputs were accepted")
+    x_file.close(), y_file.close()
 
 
 def test_token_rows_read_and_write_by_row_ranges(tmp_path):

@@ -45,7 +45,7 @@ def test_ffn_sees_the_pruned_attention(tokenizer, calib_file, monkeypatch):
     original = strategy.prune_ffn_swiglu
 
     def spy(data, *args, **kw):
-        seen.setdefault("x", data.x.clone())
+        seen.setdefault("x", data.x.read(slice(None)).clone())
         return original(data, *args, **kw)
 
     monkeypatch.setattr(strategy, "prune_ffn_swiglu", spy)
@@ -120,15 +120,15 @@ def test_sparsellm_with_alps_inner(tokenizer, calib_file):
 @pytest.mark.parametrize("fam", ["llama", "opt"])
 def test_offload_dir_keeps_the_ffn_problem_in_files_with_the_same_weights(fam, tokenizer, calib_file, tmp_path,
                                                                             monkeypatch):
-    """With ``--offload-dir`` the FFN problem's auxiliaries go to files in the run's activation folder and its
-    ``tokens x d_ff`` arrays are formed a token chunk at a time (three chunks here); the weights are those of
-    the run in memory."""
+    """With ``--offload-dir`` the FFN problem's inputs, targets and auxiliaries go to files in the run's activation
+    folder and its ``tokens x d_ff`` arrays are formed a token chunk at a time (three chunks here); the weights
+    are those of the run in memory."""
     seen = []
     original = strategy.prune_ffn_swiglu if fam == "llama" else strategy.prune_ffn_relu
 
-    def spy(*args, aux_dir=None, **kw):
-        seen.append(aux_dir)
-        return original(*args, aux_dir=aux_dir, **kw)
+    def spy(data, *args, aux_dir=None, **kw):
+        seen.append((aux_dir, data.x.in_memory, data.y.in_memory))
+        return original(data, *args, aux_dir=aux_dir, **kw)
 
     monkeypatch.setattr(strategy, "prune_ffn_swiglu" if fam == "llama" else "prune_ffn_relu", spy)
     states = []
@@ -139,7 +139,9 @@ def test_offload_dir_keeps_the_ffn_problem_in_files_with_the_same_weights(fam, t
         assert report["pattern_ok"]
         states.append({k: v.clone() for k, v in model.state_dict().items()})
     half = len(seen) // 2
-    assert half > 0 and seen[:half] == [None] * half
-    assert all(d is not None and d.startswith(str(tmp_path / "acts")) for d in seen[half:])
+    assert half > 0 and seen[:half] == [(None, True, True)] * half
+    # with --offload-dir the inputs and targets are in files as well
+    assert all(d is not None and d.startswith(str(tmp_path / "acts")) and not x_mem and not y_mem
+               for d, x_mem, y_mem in seen[half:])
     memory, files = states
     assert all(torch.equal(memory[k], files[k]) for k in memory)

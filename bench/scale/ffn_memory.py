@@ -2,8 +2,9 @@
 
 Builds a random SwiGLU problem (``--tokens`` × ``--d`` correlated inputs, ``--dff`` × ``--d`` weights), runs
 lmprune's SparseLLM FFN solver on it with the run's default options and the SparseGPT inner solver, and samples
-the process's RSS every 5 ms. Printed as one JSON line: the peak above the baseline (the inputs and weights
-built before the solve), the innermost lmprune frames of the main thread when each new peak was reached (the
+the process's RSS every 5 ms (with ``--aux-dir`` the inputs and targets are written to files there first, as
+the block strategy keeps them with ``--offload-dir``). Printed as one JSON line: the peak above the baseline (the
+inputs, in memory or not, and the weights built before the solve), the innermost lmprune frames of the main thread when each new peak was reached (the
 last one is where the solve peaks), the time, the plan's workspace for the same shape
 (``run.memory._solver_workspace``) for comparison, and a SHA-256 of the pruned matrices (to show that a memory
 change left the result's bits alone).
@@ -76,7 +77,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None, help="default: the run's")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--aux-dir", default=None,
-                    help="keep the auxiliaries in files in this folder (what a run with --offload-dir does)")
+                    help="keep the inputs, targets and auxiliaries in files in this folder (what a run with "
+                         "--offload-dir does)")
     ap.add_argument("--chunk-tokens", type=int, default=None,
                     help="default: the run's (a shape scaled down from a real one keeps its T / chunk ratio)")
     args = ap.parse_args()
@@ -85,7 +87,8 @@ def main() -> None:
     from lmprune.config import PruneConfig
     from lmprune.layer_pruner import LayerPruner
     from lmprune.patterns import parse_pattern
-    from lmprune.run.memory import _solver_workspace
+    from lmprune.activations import TokenRows
+    from lmprune.run.memory import BlockTokens, _solver_workspace
     from lmprune.solvers.sparsellm import FFNData, prune_ffn_swiglu
     from lmprune.strategies.sparsellm import StrategyOptions
 
@@ -104,8 +107,15 @@ def main() -> None:
     inner = lambda weight, gram, target: pruner.solve(weight, gram, target)  # noqa: E731
     config = PruneConfig(method="sparsellm", sparsity=0.5, method_options={"chunk_tokens": opts["chunk_tokens"]},
                          offload_dir=args.aux_dir)
-    planned = max(_solver_workspace(config, o, i, args.tokens, args.dff)
-                  for o, i in ((args.dff, args.d), (args.d, args.dff))) / 2**20
+    sizes = BlockTokens(args.tokens, args.d, args.dff)
+    planned = max(_solver_workspace(config, o, i, sizes) for o, i in ((args.dff, args.d), (args.d, args.dff)))
+    if args.aux_dir is None:  # the inputs and targets, which the plan's workspace counts, are held before the baseline
+        planned -= 4.0 * 2 * args.tokens * args.d
+    else:  # in files, as the strategy hands them over: the chunks read are the solve's
+        x_rows, y_rows = (TokenRows(args.tokens, args.d, directory=args.aux_dir) for _ in range(2))
+        x_rows.write(slice(None), x), y_rows.write(slice(None), y)
+        x, y = x_rows, y_rows
+    planned /= 2**20
     with PeakWhere(threading.get_ident()) as mem:
         start = time.perf_counter()
         out = prune_ffn_swiglu(FFNData.swiglu(x, y, w["up"], w["gate"], w["down"]), parse_pattern("unstructured"),

@@ -67,7 +67,7 @@ def main() -> None:
     from lmprune.config import PruneConfig
     from lmprune.layer_pruner import LayerPruner
     from lmprune.patterns import parse_pattern
-    from lmprune.run.memory import _solver_workspace
+    from lmprune.run.memory import BlockTokens, _solver_workspace
     from lmprune.solvers.base import Gram, reconstruction_error
 
     g = torch.Generator().manual_seed(0)
@@ -79,7 +79,7 @@ def main() -> None:
     pruner = LayerPruner.build(args.solver, args.refiner, parse_pattern("unstructured"),
                                {}, {"solver_options": {}, "refine_options": {}})
     config = PruneConfig(method=args.solver, sparsity=args.sparsity, refine=args.refiner)
-    planned = _solver_workspace(config, args.out, args.inp, args.tokens, args.out) / 2**20
+    planned = _solver_workspace(config, args.out, args.inp, BlockTokens(args.tokens, args.inp, args.out)) / 2**20
 
     with PeakRSS() as solve_mem:
         start = time.perf_counter()

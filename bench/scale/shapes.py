@@ -40,6 +40,11 @@ SHAPES = {
     "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5,
                        rope_theta=500000.0),
+    # not a published model: LLaMA-2-7B's proportions (d_ff / d, head width) at a quarter of its width, for
+    # measurements that scale a run's token count rather than its matrices
+    "llama2-7b-quarter": dict(hidden_size=1024, intermediate_size=2752, num_hidden_layers=32, num_attention_heads=8,
+                              num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096,
+                              rms_norm_eps=1e-5),
 }
 
 

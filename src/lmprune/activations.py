@@ -19,6 +19,7 @@ stays page cache and is not charged to the process's resident memory.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -55,6 +56,11 @@ class WindowFile(Sequence[Tensor]):
         self._file.seek(self._len * self._nbytes)
         self._file.write(memoryview(raw))
         self._len += 1
+
+    @property
+    def window_shape(self) -> tuple[int, ...] | None:
+        """Every window's shape (None before the first)."""
+        return self._shape
 
     def extend(self, xs) -> None:
         for x in xs:
@@ -159,6 +165,19 @@ class TokenRows:
             done += os.pwrite(self._file.fileno(), raw[done:], offset + done)
         return value
 
+    @classmethod
+    def holding(cls, data: Tensor) -> "TokenRows":
+        """In memory around ``data`` itself (``tokens x features`` float32, not copied)."""
+        if data.ndim != 2 or data.dtype != torch.float32:
+            raise ValueError(f"token rows are a 2-D float32 tensor, got {tuple(data.shape)} {data.dtype}")
+        rows = cls(0, data.shape[1], data.device)
+        rows.shape, rows._data = tuple(data.shape), data
+        return rows
+
+    @property
+    def in_memory(self) -> bool:
+        return self._file is None
+
     def close(self) -> None:
         self._data = None
         if self._file is not None and not self._file.closed:
@@ -236,6 +255,14 @@ class ActivationStore:
     # reading ----------------------------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self._windows)
+
+    @property
+    def tokens(self) -> int:
+        """Calibration tokens held: every window's positions."""
+        if isinstance(self._windows, WindowFile):
+            shape = self._windows.window_shape
+            return 0 if shape is None else len(self._windows) * math.prod(shape[:-1])
+        return sum(math.prod(w.shape[:-1]) for w in self._windows)
 
     def __iter__(self) -> Iterator[Tensor]:
         """Every window where it is kept, one at a time."""

@@ -25,6 +25,8 @@ from typing import Any, Callable, Hashable, Iterator, Sequence, TypeVar
 import torch
 from torch import Tensor
 
+from .activations import TokenRows, row_slices
+
 K = TypeVar("K", bound=Hashable)
 R = TypeVar("R")
 
@@ -85,9 +87,12 @@ class World:
     def reduce_(self, tensors: Sequence[Tensor], dst: int) -> None:
         """Sum each tensor over the ranks into rank ``dst``'s copy, in place (the others' are left partial)."""
 
-    def gather_rows(self, x: Tensor) -> Tensor:
-        """The ranks' ``tokens x features`` tensors concatenated in rank order (the single-process order)."""
-        return x
+    def gather_token_rows(self, local: TokenRows, directory: str | None = None,
+                          rows_per_message: int = 4096) -> TokenRows:
+        """The ranks' token rows concatenated in rank order (the single-process order), in memory or (with
+        ``directory``) in a file there, sent ``rows_per_message`` rows at a time; ``local`` is closed. In one
+        process that is ``local`` itself."""
+        return local
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         return [obj]
@@ -144,9 +149,23 @@ class TorchWorld(World):
             if moved is not t and self.rank == dst:
                 t.copy_(moved)
 
-    def gather_rows(self, x: Tensor) -> Tensor:
-        parts = self.all_gather_object(x.cpu())
-        return torch.cat(parts).to(x.device)
+    def gather_token_rows(self, local, directory=None, rows_per_message=4096):
+        try:
+            counts = self.all_gather_object(local.shape[0])
+            out = TokenRows(sum(counts), local.shape[1], local.device, directory)
+            try:
+                start = 0
+                for src, count in enumerate(counts):
+                    for sl in row_slices(count, rows_per_message):
+                        part = self.share_result(local.read(sl) if self.rank == src else None, src)
+                        out.write(slice(start + sl.start, start + sl.stop), part)
+                    start += count
+            except BaseException:
+                out.close()
+                raise
+        finally:
+            local.close()
+        return out
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         import torch.distributed as dist

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .activations import ActivationStore, trim_host_memory
+from .activations import ActivationStore, TokenRows, trim_host_memory
 from .distributed import SINGLE, World
 from .gram_sum import GramSum
 from .layer_pruner import LayerPruner
@@ -283,20 +283,30 @@ class BlockContext:
         return {r: norms[group_of[r]] for r in rels}
 
     @torch.no_grad()
-    def capture(self, rels: Iterable[str], what: str = "input") -> dict[str, Tensor]:
-        """One pass through the block; each linear's inputs (or outputs) stacked as ``tokens x features`` fp32,
-        on the compute device (the callers solve on it); every rank's tokens, in window order."""
-        if what not in ("input", "output"):
-            raise ValueError("what must be 'input' or 'output'")
-        got: dict[str, list[Tensor]] = {r: [] for r in rels}
+    def capture_rows(self, rel: str, directory: str | None = None) -> TokenRows:
+        """One pass through the block; the inputs of the (non-expert) linear ``rel`` as ``tokens x features``
+        float32 rows, every rank's tokens in window order, in memory on the compute device or (``directory``) in
+        a file there, written a window (batch) at a time as the pass produces them."""
+        if self.adapter.is_expert(rel):
+            raise ValueError(f"{rel} is an expert matrix: its routed tokens are not known before the pass")
+        rows = TokenRows(self.store.tokens, self._linears[rel].in_features, self.device, directory)
+        filled = 0
 
-        def keep(rel: str, x: Tensor, out: Tensor) -> None:
-            t = x if what == "input" else out
-            got[rel].append(t.reshape(-1, t.shape[-1]).float())
+        def keep(_rel: str, x: Tensor, _out: Tensor) -> None:
+            nonlocal filled
+            t = x.reshape(-1, x.shape[-1]).float()
+            rows.write(slice(filled, filled + t.shape[0]), t)
+            filled += t.shape[0]
 
-        with self._hooks(got, keep):
-            self._run_inputs()
-        return {r: self.world.gather_rows(torch.cat(v)) for r, v in got.items()}
+        try:
+            with self._hooks([rel], keep):
+                self._run_inputs()
+            if filled != rows.shape[0]:
+                raise RuntimeError(f"{self.full_name(rel)} saw {filled} tokens, the store holds {rows.shape[0]}")
+        except BaseException:
+            rows.close()
+            raise
+        return self.world.gather_token_rows(rows, directory)
 
     def inner_solve(self, rel: str, weight: Tensor, gram: Gram, target: float | None = None) -> SolveResult:
         """The run's layer pruner on one matrix; pure, nothing written."""

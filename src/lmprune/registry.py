@@ -60,6 +60,9 @@ class Plugin:
     #: ``tokens x d_ff`` float32 arrays a block method keeps through its solve (SparseLLM's auxiliaries): in
     #: memory, or with ``--offload-dir`` in files there, one token chunk of each in memory at a time.
     token_rows: int = 0
+    #: ``tokens x d`` float32 arrays (hidden size ``d``) it keeps through its solve (SparseLLM's FFN inputs and
+    #: targets), held like :attr:`token_rows`.
+    token_inputs: int = 0
 
     def load(self):
         return importlib.import_module(self.module)
@@ -154,10 +157,11 @@ BLOCK_METHODS: Registry[Plugin] = Registry("block method", "method_options", [
            "every matrix by the solver, Gram matrices from one pass of the block (or per input group)"),
     # sparsellm: fitted (with SparseGPT inside) on five FFN shapes, one with the 70B's proportions, after its
     # measuring and updating passes were split and its s-update blocked by rows (bench/RESULTS.md, issue 18);
-    # beside its three auxiliaries, one tokens · d_ff word covers the FFN's inputs and targets (2 · tokens · d)
+    # its three auxiliaries (tokens x d_ff) and the FFN's inputs and targets (tokens x d) are counted apart:
+    # one token chunk of each with --offload-dir
     Plugin("sparsellm", "lmprune.strategies.sparsellm", "prune_block",
            "attention by the solver, then the feed-forward part jointly through auxiliary variables (SparseLLM)",
-           options_attr="StrategyOptions", workspace=(1, 25, 1), chunk_workspace=3, token_rows=3),
+           options_attr="StrategyOptions", workspace=(1, 25, 0), chunk_workspace=3, token_rows=3, token_inputs=2),
 ])
 
 REFINERS: Registry[Plugin] = Registry("refiner", "refine_options", [

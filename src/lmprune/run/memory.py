@@ -166,26 +166,38 @@ def runtime_bytes() -> float:
     return float(psutil.Process().memory_info().rss)
 
 
-def _solver_workspace(config: PruneConfig, out: int, inp: int, tokens: int, d_ff: int) -> float:
+@dataclass(frozen=True)
+class BlockTokens:
+    """The calibration tokens one block sees and its widths: hidden size ``d``, feed-forward width ``d_ff``."""
+
+    tokens: int
+    d: int
+    d_ff: int
+
+
+def _solver_workspace(config: PruneConfig, out: int, inp: int, sizes: BlockTokens) -> float:
     """float32 bytes the solver, refiner and block method hold beyond their inputs for one ``out x in`` matrix
-    (their registry entries say how much)."""
+    (their registry entries say how much), with the block method's own token arrays."""
+    tokens, d_ff = sizes.tokens, sizes.d_ff
     words = 2 * out * inp  # the engine's dense clone and the float32 copy handed to the solver
     method = BLOCK_METHODS.get(block_method_of(config.method))
     for plugin in (SOLVERS.get(config.solver_name), REFINERS.get(config.refine), method):
         a, b, c = plugin.workspace
         words += a * inp * inp + b * out * inp + c * tokens * d_ff
-    if method.chunk_workspace or method.token_rows:
+    if method.chunk_workspace or method.token_rows or method.token_inputs:
         chunk = min(tokens, BLOCK_METHODS.options(method.name, config.block_method_options).chunk_tokens)
+        held = chunk if config.offload_dir is not None else tokens  # in files: one chunk of each in memory
         words += method.chunk_workspace * chunk * d_ff
-        words += method.token_rows * (chunk if config.offload_dir is not None else tokens) * d_ff
+        words += held * (method.token_rows * d_ff + method.token_inputs * sizes.d)
     return 4.0 * words
 
 
-def _token_rows_on_disk(config: PruneConfig, tokens: int, d_ff: int) -> float:
-    """Bytes of a block method's ``tokens x d_ff`` arrays kept in files under ``--offload-dir``."""
+def _token_rows_on_disk(config: PruneConfig, sizes: BlockTokens) -> float:
+    """Bytes of a block method's token arrays kept in files under ``--offload-dir``."""
     if config.offload_dir is None:
         return 0.0
-    return 4.0 * BLOCK_METHODS.get(block_method_of(config.method)).token_rows * tokens * d_ff
+    method = BLOCK_METHODS.get(block_method_of(config.method))
+    return 4.0 * sizes.tokens * (method.token_rows * sizes.d_ff + method.token_inputs * sizes.d)
 
 
 def plan_memory(
@@ -227,6 +239,7 @@ def plan_memory(
     largest = max(blocks, key=lambda b: sum(p.numel() for p in b.parameters()))  # blocks may differ (MoE)
     linears = adapter.linears(largest)
     d_ff = max(lin.out_features for lin in linears.values())
+    sizes = BlockTokens(tokens, d, d_ff)
     leaders = [r for g in adapter.groups for r in g[:1] if r in linears]
     gram_sizes = [linears[r].in_features for r in leaders]
     held = [max(i * i + i for i in gram_sizes)] if config.sequential else [i * i + i for i in gram_sizes]
@@ -237,9 +250,9 @@ def plan_memory(
                  + 4.0 * max(min(GRAM_ROWS, i) * i for i in gram_sizes))
     layerwise = block_method_of(config.method) == "layerwise"
     if layerwise:
-        peak = _largest_solve(config, adapter.groups, linears, tokens, d_ff, world_size, width)
+        peak = _largest_solve(config, adapter.groups, linears, sizes, world_size, width)
     else:
-        work = max(_solver_workspace(config, lin.out_features, lin.in_features, tokens, d_ff)
+        work = max(_solver_workspace(config, lin.out_features, lin.in_features, sizes)
                    for lin in linears.values())
         # every Gram matrix of the block, and the FFN's own beside the attention's
         grams = 4.0 * sum(held) + 4.0 * sum(i * i for i in gram_sizes)
@@ -279,8 +292,9 @@ def plan_memory(
     act_name = f"{ACTIVATIONS} (2 x {n_rank} x {seqlen} x {d})"
     if config.offload_dir is not None:
         plan.add(f"{act_name}, on disk", activations, prune, "disk")
-        if rows_on_disk := _token_rows_on_disk(config, tokens, d_ff):
-            plan.add(f"{config.method}'s tokens x {d_ff} arrays, on disk", rows_on_disk, "prune", "disk")
+        if rows_on_disk := _token_rows_on_disk(config, sizes):
+            plan.add(f"{config.method}'s token arrays (tokens x {d_ff}, tokens x {d}), on disk", rows_on_disk,
+                     "prune", "disk")
         plan.add(f"one window's input and output (from {config.offload_dir})", 2.0 * seqlen * d * width, prune,
                  where)
     elif on_device and config.offload_activations:
@@ -326,7 +340,7 @@ class _Solve:
         return self.grams + self.work + self.results
 
 
-def _largest_solve(config: PruneConfig, groups, linears: dict, tokens: int, d_ff: int, world_size: int,
+def _largest_solve(config: PruneConfig, groups, linears: dict, sizes: BlockTokens, world_size: int,
                    width: int) -> _Solve:
     """The solve of the layer-wise method at which one rank holds the most, as ``strategies.layerwise`` runs it.
 
@@ -355,7 +369,7 @@ def _largest_solve(config: PruneConfig, groups, linears: dict, tokens: int, d_ff
                 alive = sum(b for b, last in zip(gram, last_reader) if last >= p)
             else:
                 alive = sum(b for b, g in zip(gram, stage) if any(owners[r] == rank for r in g))
-            here = _Solve(role, alive, _solver_workspace(config, lin.out_features, lin.in_features, tokens, d_ff),
+            here = _Solve(role, alive, _solver_workspace(config, lin.out_features, lin.in_features, sizes),
                           held[rank])
             if here.total > best.total:
                 best = here

@@ -35,7 +35,9 @@ runs in two passes per round over token chunks of ``chunk_tokens``: one measures
 FFN error, the down refit's moments), the next updates the auxiliaries and gathers the next round's moments,
 so that the two rounds' ``F × F`` float64 moments and the refit's solve are never alive together. The auxiliaries
 (``tokens × d_ff`` each, the problem's only arrays that grow with the tokens beside ``X`` and ``Y``) are kept in
-memory, or with ``aux_dir`` in files there, one token chunk of each in memory at a time; the numbers are the same.
+memory, or with ``aux_dir`` in files there, one token chunk of each in memory at a time; ``X`` and ``Y`` may be
+:class:`~lmprune.activations.TokenRows` in files as well (the block strategy's with ``--offload-dir``), and
+are read the same way. The numbers are the same wherever they are kept.
 
 **The reference configuration** (``preset="paper"``, i.e. ``--method-opt preset=paper``) runs the algorithm of
 the authors' code (BaiTheBest/SparseLLM) instead of lmprune's additions: no ``refit_down`` candidate, the last
@@ -248,6 +250,16 @@ class _AuxState:
         for a in self.aux:
             a.close()
 
+    def _start(self) -> None:
+        """The first pass over the tokens (:meth:`_first_pass`: the dense auxiliaries, the inputs' Gram matrix and
+        the first round's moments); the auxiliaries are released if it fails (non-finite inputs, I/O)."""
+        try:
+            self._first_pass()
+        except BaseException:
+            self.close()
+            raise
+        self.gram_x = self.gx.subproblem().gram
+
 
 class _ReluFFN(_AuxState):
     """State of the ReLU problem: data, auxiliaries ``z``, ``p`` and the moments for the next weight step."""
@@ -268,13 +280,18 @@ class _ReluFFN(_AuxState):
         self.aux = (self.z, self.p)
         self.gx = _Moments(x.shape[1], 0, dev)
         self.next = self._fresh(dev)
-        for sl in row_slices(x.shape[0], chunk):
-            zc = self.z.write(sl, x[sl] @ self.dense["fc1"].T + self.b1)
-            self.gx.add(x[sl], x[sl][:, :0])
+        self._start()
+
+    def _first_pass(self) -> None:
+        x, y = self.x, self.y
+        for sl in row_slices(x.shape[0], self.ch):
+            xc, yc = _inputs(x, y, sl)
+            zc = self.z.write(sl, xc @ self.dense["fc1"].T + self.b1)
+            self.gx.add(xc, xc[:, :0])
             pc = self.p.write(sl, torch.relu(zc))
             self.finite &= _finite(zc)
-            self.next["fc2"].add(pc, y[sl] - self.b2)
-        self.gram_x = self.gx.subproblem().gram
+            self.next["fc2"].add(pc, yc - self.b2)
+            del xc, yc, zc, pc
 
     def _fresh(self, dev) -> dict[str, _Moments]:
         d, dff = self.x.shape[1], self.dense["fc1"].shape[0]
@@ -290,8 +307,8 @@ class _ReluFFN(_AuxState):
         ref = _Moments(w1.shape[0], y.shape[1], x.device) if refit else None
         obj = err = 0.0
         for sl in row_slices(x.shape[0], self.ch):
-            tc = y[sl] - b2
-            m = x[sl] @ w1.T + b1
+            tc = y.read(sl) - b2
+            m = x.read(sl) @ w1.T + b1
             act = torch.relu(m)
             err += _sq(tc - act @ w2.T)
             if ref is not None:
@@ -308,7 +325,7 @@ class _ReluFFN(_AuxState):
         a_inv = _spd_inverse(w2, be, ga)
         self.next = self._fresh(x.device)
         for sl in row_slices(x.shape[0], self.ch):
-            xc, tc = x[sl], y[sl] - b2
+            xc, tc = x.read(sl), y.read(sl) - b2
             m = xc @ w1.T + b1
             zc = z.read(sl)
             pc = (be * (tc @ w2) + ga * torch.relu(zc)) @ a_inv
@@ -377,16 +394,19 @@ class _SwiGLUFFN(_AuxState):
         self.aux = (self.z, self.s, self.p)
         self.gx = _Moments(x.shape[1], 0, dev)
         self.next = self._fresh(dev)
-        for sl in row_slices(x.shape[0], chunk):
-            xc = x[sl]
+        self._start()
+
+    def _first_pass(self) -> None:
+        x, y = self.x, self.y
+        for sl in row_slices(x.shape[0], self.ch):
+            xc, yc = _inputs(x, y, sl)
             zc = self.z.write(sl, xc @ self.dense["up"].T)
             sc = self.s.write(sl, xc @ self.dense["gate"].T)
             pc = self.p.write(sl, F.silu(sc) * zc)
             self.finite &= _finite(zc, sc, pc)
             self.gx.add(xc, xc[:, :0])
-            self.next["down"].add(pc, y[sl])
-            del zc, sc, pc
-        self.gram_x = self.gx.subproblem().gram
+            self.next["down"].add(pc, yc)
+            del xc, yc, zc, sc, pc
 
     def _fresh(self, dev) -> dict[str, _Moments]:
         d, dff = self.x.shape[1], self.dense["up"].shape[0]
@@ -410,7 +430,7 @@ class _SwiGLUFFN(_AuxState):
         ref = _Moments(wu.shape[0], y.shape[1], x.device) if refit else None
         obj = err = 0.0
         for sl in row_slices(x.shape[0], self.ch):
-            xc, yc = x[sl], y[sl]
+            xc, yc = x.read(sl), y.read(sl)
             m, n = xc @ wu.T, xc @ wg.T
             act = F.silu(n) * m
             err += _sq(yc - act @ wd.T)
@@ -434,7 +454,7 @@ class _SwiGLUFFN(_AuxState):
         a_inv = _spd_inverse(wd, be, ga)
         self.next = self._fresh(x.device)
         for sl in row_slices(x.shape[0], self.ch):
-            xc, yc = x[sl], y[sl]
+            xc, yc = x.read(sl), y.read(sl)
             m, n = xc @ wu.T, xc @ wg.T
             zc, sc = z.read(sl), s.read(sl)
             sig = F.silu(sc)
@@ -531,30 +551,34 @@ def _rounds(ffn, targets: dict[str, float], inner: InnerSolve, opt: "Options") -
             stats["stopped"] = f"round {r}: non-finite auxiliary variables"
             break
     err, chosen, r_best = best  # round 0 always yields a finite candidate or raised
-    target_norm = sum(_sq(ffn.y[sl]) for sl in row_slices(ffn.y.shape[0], ffn.ch))  # no float64 copy of all of Y
+    target_norm = sum(_sq(ffn.y.read(sl)) for sl in row_slices(ffn.y.shape[0], ffn.ch))  # by chunks, as Y is kept
     stats.update(best_round=r_best, final_ffn_error=err, target_norm=target_norm,
                  aux_mb=ffn.aux_mb())
     return FFNPruneResult(chosen, stats)
 
 
-def _check(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
-        raise ValueError(
-            f"X and Y must be tokens x features with equal token counts, got {tuple(x.shape)}, {tuple(y.shape)}"
-        )
-    if not _finite(x, y):
-        raise ValueError("FFN inputs or targets contain NaN/Inf")
-    return x.float(), y.float()
+def _inputs(x: TokenRows, y: TokenRows, rows: slice) -> tuple[Tensor, Tensor]:
+    """One token chunk of the FFN's inputs and targets, refused if not finite (checked as the first pass reads
+    them, chunk by chunk, rather than on a whole copy)."""
+    xc, yc = x.read(rows), y.read(rows)
+    if not _finite(xc, yc):
+        raise ValueError(f"FFN inputs or targets contain NaN/Inf (tokens {rows.start}:{rows.stop})")
+    return xc, yc
+
+
+def _rows(t: Tensor | TokenRows) -> TokenRows:
+    return t if isinstance(t, TokenRows) else TokenRows.holding(t.float())
 
 
 @dataclass
 class FFNData:
     """A feed-forward part to prune: its calibration inputs ``x`` (tokens × d), the outputs ``y`` it should keep
-    producing (tokens × d), its dense weights by role -- ``fc1``/``fc2`` (ReLU) or ``up``/``gate``/``down``
+    producing (tokens × d), each a tensor or :class:`~lmprune.activations.TokenRows` (in memory or in a file, read
+    a token chunk at a time; the caller closes them), its dense weights by role -- ``fc1``/``fc2`` (ReLU) or ``up``/``gate``/``down``
     (SwiGLU), each ``out x in`` -- and its biases by role (kept fixed; absent means none)."""
 
-    x: Tensor
-    y: Tensor
+    x: Tensor | TokenRows
+    y: Tensor | TokenRows
     weights: dict[str, Tensor]
     biases: dict[str, Tensor | None] = field(default_factory=dict)
 
@@ -567,8 +591,12 @@ class FFNData:
         return cls(x, y, {"up": w_up, "gate": w_gate, "down": w_down})
 
     def checked(self) -> "FFNData":
-        x, y = _check(self.x, self.y)
-        return FFNData(x, y, self.weights, self.biases)
+        """``x`` and ``y`` as :class:`TokenRows` (a tensor is held, not copied) with equal token counts; their
+        finiteness is checked chunk by chunk by the solver's first pass."""
+        if any(len(t.shape) != 2 for t in (self.x, self.y)) or self.x.shape[0] != self.y.shape[0]:
+            raise ValueError(f"X and Y must be tokens x features with equal token counts, got "
+                             f"{tuple(self.x.shape)}, {tuple(self.y.shape)}")
+        return FFNData(_rows(self.x), _rows(self.y), self.weights, self.biases)
 
 
 def _targets(targets: dict[str, float] | float, roles: tuple[str, ...]) -> dict[str, float]:

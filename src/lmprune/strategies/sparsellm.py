@@ -6,7 +6,9 @@ Order inside a block:
    by the configured inner solver (+ refiner) from its dense weights;
 2. one pass through the block *with the pruned attention* records the FFN input ``X``; the target ``Y`` is the
    dense FFN applied to that ``X`` (the reference used the dense attention's ``X`` and ``Y``, so the FFN never
-   saw the attention pruning);
+   saw the attention pruning). ``X``, ``Y`` and the solver's auxiliaries are
+   :class:`~lmprune.activations.TokenRows`: in memory, or with ``--offload-dir`` in files in the run's
+   activation folder, and everything computed from them is formed a token chunk (``chunk_tokens``) at a time;
 3. the FFN is pruned jointly, every matrix at its own target sparsity, and written back.
 
 The FFN's shape comes from the model's discovered structure, where it was verified numerically on the model's
@@ -26,6 +28,7 @@ attention (the reference used the dense attention's): lmprune's choice, kept in 
 from __future__ import annotations
 
 import time
+from contextlib import closing
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +37,7 @@ from typing import Any, Literal, Union
 
 from pydantic import model_validator
 
-from ..activations import row_slices
+from ..activations import TokenRows, row_slices
 from ..models.adapters import UnsupportedModelError
 from ..solvers.base import Gram
 from ..solvers.sparsellm import PRESETS, FFNData, FFNPruneResult, Options, _apply_preset, prune_ffn_relu, prune_ffn_swiglu
@@ -97,31 +100,34 @@ def prune_block(ctx, opts: StrategyOptions) -> None:
         return
 
     start = time.perf_counter()
-    x = ctx.capture([ffn.up], "input")[ffn.up]
     lin = {role: ctx.linear(rel) for role, rel in roles.items()}
     dense = {role: lin[role].weight.detach().clone() for role in roles}
     w = {role: t.float() for role, t in dense.items()}
     solver_opts = opts.model_dump(exclude={"sequential_attention", "single_round_blocks", "preset"})
     if ctx.index in single_round_blocks(opts, ffn.kind):
         solver_opts["rounds"] = 1
-    solve_opts = dict(solver_opts=solver_opts, x=x, w=w, lin=lin, roles=roles)
-    # the FFN problem is solved by one owner rank (this process alone in a single one) and shared
-    spread = ctx.world.spread(["ffn"], [_ffn_cost(w)], lambda _k: _solve_ffn(ctx, ffn, **solve_opts))
-    (_, (results, ffn_stats)), = list(spread)
-    out = FFNPruneResult(results, ffn_stats)
-    b1 = None if lin["up"].bias is None else lin["up"].bias.detach().float()
-    up, gate = results["up"].weight.float(), results["gate"].weight.float() if "gate" in results else None
+    rows = solver_opts["chunk_tokens"]
+    x = ctx.capture_rows(ffn.up, ctx.store.directory)
+    try:
+        solve_opts = dict(solver_opts=solver_opts, x=x, w=w, lin=lin, roles=roles)
+        # the FFN problem is solved by one owner rank (this process alone in a single one) and shared
+        spread = ctx.world.spread(["ffn"], [_ffn_cost(w)], lambda _k: _solve_ffn(ctx, ffn, **solve_opts))
+        (_, (results, ffn_stats)), = list(spread)
+        out = FFNPruneResult(results, ffn_stats)
+        b1 = None if lin["up"].bias is None else lin["up"].bias.detach().float()
+        up, gate = results["up"].weight.float(), results["gate"].weight.float() if "gate" in results else None
 
-    def pruned_act(xc):
-        if ffn.kind == "relu":
-            return torch.relu(xc @ up.T + (0 if b1 is None else b1))
-        return F.silu(xc @ gate.T) * (xc @ up.T)
+        def pruned_act(xc):
+            if ffn.kind == "relu":
+                return torch.relu(xc @ up.T + (0 if b1 is None else b1))
+            return F.silu(xc @ gate.T) * (xc @ up.T)
 
-    seconds = (time.perf_counter() - start) / len(roles)
-    summary = _summary(out)
-    grams = {"up": Gram.from_inputs(x), "down": _gram_of(pruned_act, x, _rows_per_piece(ctx, solver_opts))}
-    grams["gate"] = grams["up"]
-    del x
+        seconds = (time.perf_counter() - start) / len(roles)
+        summary = _summary(out)
+        grams = {"up": _gram_of(lambda xc: xc, x, rows), "down": _gram_of(pruned_act, x, rows)}
+        grams["gate"] = grams["up"]
+    finally:
+        x.close()
     # each matrix's error report (two out · in² products) by one owner rank, the numbers shared
     costs = [float(lin[r].weight.shape[0]) * lin[r].weight.shape[1] ** 2 for r in roles]
     errors = dict(ctx.world.spread(list(roles), costs,
@@ -131,34 +137,31 @@ def prune_block(ctx, opts: StrategyOptions) -> None:
         ctx.commit(rel, results[role], errors[role], seconds)
 
 
-def _rows_per_piece(ctx, solver_opts: dict) -> int | None:
-    """With the activations in files (``--offload-dir``) the FFN's ``tokens x d_ff`` arrays are formed a token
-    chunk at a time, else (None) in one piece, as they always were. The weights are the same either way where a
-    matrix product's rows do not depend on how many rows it is given (this machine's CPU BLAS: tested); the down
-    projection's error report, from a Gram matrix summed over chunks, differs in float rounding."""
-    return None if ctx.store.directory is None else solver_opts["chunk_tokens"]
-
-
-def _by_rows(fn, x, rows: int | None):
-    """``fn(x)`` for a row-wise ``fn``, computed ``rows`` rows at a time (None: at once)."""
-    if rows is None:
-        return fn(x)
+def _map_rows(fn, x: TokenRows, rows: int, directory: str | None) -> TokenRows:
+    """``fn`` applied to ``x`` (a row-wise ``fn``) ``rows`` rows at a time, into memory or (``directory``) a file
+    there. By token chunks also in memory: ``fn``'s ``tokens x d_ff`` temporaries (three at once for a SwiGLU
+    FFN) were the largest spike of the FFN problem at a paper-sized calibration set. The rows are those of one
+    product over all of ``x`` where a matrix product's rows do not depend on how many rows it is given (this
+    machine's CPU BLAS: tested with the golden weights)."""
     out = None
-    for sl in row_slices(x.shape[0], rows):
-        part = fn(x[sl])
-        if out is None:
-            out = part.new_empty(x.shape[0], *part.shape[1:])
-        out[sl] = part
+    try:
+        for sl in row_slices(x.shape[0], rows):
+            part = fn(x.read(sl))
+            if out is None:
+                out = TokenRows(x.shape[0], part.shape[1], part.device, directory)
+            out.write(sl, part)
+    except BaseException:
+        if out is not None:
+            out.close()
+        raise
     return out
 
 
-def _gram_of(fn, x, rows: int | None) -> Gram:
-    """The Gram matrix of ``fn(x)``'s rows, summed over pieces of ``rows`` rows (None: from the whole)."""
-    if rows is None:
-        return Gram.from_inputs(fn(x))
+def _gram_of(fn, x: TokenRows, rows: int) -> Gram:
+    """The Gram matrix of ``fn(x)``'s rows (for the error reports), summed over pieces of ``rows`` rows."""
     h = total = None
     for sl in row_slices(x.shape[0], rows):
-        a = fn(x[sl])
+        a = fn(x.read(sl))
         h = a.T @ a if h is None else h.add_(a.T @ a)
         total = a.sum(0) if total is None else total.add_(a.sum(0))
     return Gram(h, x.shape[0], total)
@@ -171,21 +174,23 @@ def _ffn_cost(w: dict) -> float:
 def _solve_ffn(ctx, ffn, solver_opts: dict, x, w: dict, lin: dict, roles: dict):
     """The joint FFN problem: ``(results by role, solver statistics)``."""
     inner = lambda weight, gram, target: ctx.inner_solve(ffn.up, weight, gram, target)  # noqa: E731
-    rows, aux_dir = _rows_per_piece(ctx, solver_opts), ctx.store.directory
+    rows, aux_dir = solver_opts["chunk_tokens"], ctx.store.directory
     if ffn.kind == "relu":
         b1 = None if lin["up"].bias is None else lin["up"].bias.detach().float()
         b2 = None if lin["down"].bias is None else lin["down"].bias.detach().float()
-        y = _by_rows(lambda xc: torch.relu(xc @ w["up"].T + (0 if b1 is None else b1)) @ w["down"].T
-                     + (0 if b2 is None else b2), x, rows)
-        out = prune_ffn_relu(FFNData.relu(x, y, w["up"], b1, w["down"], b2), ctx.pattern,
-                             {"fc1": ctx.target(ffn.up), "fc2": ctx.target(ffn.down)}, inner, aux_dir=aux_dir,
-                             **solver_opts)
+        y = _map_rows(lambda xc: torch.relu(xc @ w["up"].T + (0 if b1 is None else b1)) @ w["down"].T
+                      + (0 if b2 is None else b2), x, rows, aux_dir)
+        with closing(y):
+            out = prune_ffn_relu(FFNData.relu(x, y, w["up"], b1, w["down"], b2), ctx.pattern,
+                                 {"fc1": ctx.target(ffn.up), "fc2": ctx.target(ffn.down)}, inner, aux_dir=aux_dir,
+                                 **solver_opts)
         results = {"up": out.results["fc1"], "down": out.results["fc2"]}
     else:
-        y = _by_rows(lambda xc: (F.silu(xc @ w["gate"].T) * (xc @ w["up"].T)) @ w["down"].T, x, rows)
+        y = _map_rows(lambda xc: (F.silu(xc @ w["gate"].T) * (xc @ w["up"].T)) @ w["down"].T, x, rows, aux_dir)
         targets = {role: ctx.target(rel) for role, rel in roles.items()}
-        out = prune_ffn_swiglu(FFNData.swiglu(x, y, w["up"], w["gate"], w["down"]), ctx.pattern, targets, inner,
-                               aux_dir=aux_dir, **solver_opts)
+        with closing(y):
+            out = prune_ffn_swiglu(FFNData.swiglu(x, y, w["up"], w["gate"], w["down"]), ctx.pattern, targets,
+                                   inner, aux_dir=aux_dir, **solver_opts)
         results = out.results
     for r in results.values():
         r.stats["owner_rank"] = ctx.world.rank
