@@ -49,6 +49,8 @@ def run_cell(model: Path, n: int, out: Path, args: argparse.Namespace) -> None:
            "--sparsity", "0.5", "--stream", *offload, "--calib", "c4", "--nsamples", str(n),
            "--seqlen", str(args.seqlen), "--dtype", "bfloat16", "--out", str(out), "--quiet",
            "--method-opt", f"rounds={args.rounds}"]
+    if args.blocks:
+        cmd += ["--blocks", args.blocks]
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MALLOC_MMAP_THRESHOLD_="65536")
@@ -84,6 +86,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--label", default="current")
     ap.add_argument("--in-memory", action="store_true", help="without --offload-dir (label the cells apart)")
+    ap.add_argument("--blocks", default=None, help="blocks to prune (--blocks of lmprune prune; default: all)")
     ap.add_argument("--src", default=None, help="PYTHONPATH of the lmprune to run (default: the installed one)")
     ap.add_argument("--root", type=Path, default=REPO / "bench" / "out" / "sparsellm_tokens")
     ap.add_argument("--data-dir", default=os.environ.get("LMPRUNE_DATA_DIR"))

@@ -516,8 +516,11 @@ def _rounds(ffn, targets: dict[str, float], inner: InnerSolve, opt: "Options") -
     for r in range(max(1, rounds)):
         t0 = time.perf_counter()
         subs = ffn.subproblems()
+        ffn.next = None  # the spent moments now live in the subproblems alone: each goes once its matrix is pruned
+        # the down projection's F x F factorisation first, before the other starts exist (the order changes no bit)
+        order = (ffn.down, *(k for k in ffn.roles if k != ffn.down))
         try:
-            starts = {k: ffn.dense[k] if r == 0 else subs[k].ridge(percdamp) for k in ffn.roles}
+            starts = {k: ffn.dense[k] if r == 0 else subs[k].ridge(percdamp) for k in order}
         except torch.linalg.LinAlgError:
             stats["stopped"] = f"round {r}: least-squares refit failed"
             break
@@ -526,11 +529,9 @@ def _rounds(ffn, targets: dict[str, float], inner: InnerSolve, opt: "Options") -
             break
         kept = []
         for k in ffn.roles:
-            res[k], was_kept = _prune(subs[k], starts[k], targets[k], inner, res[k], keep_better)
+            res[k], was_kept = _prune(subs.pop(k), starts.pop(k), targets[k], inner, res[k], keep_better)
             kept.append(was_kept)
         stats["kept_previous"].append(kept)
-        del subs, starts
-        ffn.next = None  # the spent moments' float64 matrices, before the refit's and the next round's
         weights = {k: v.weight for k, v in res.items()}
         sweep = ffn.measure(weights, refit=refit_down)
         stats["objective"].append(sweep.objective)
