@@ -139,10 +139,9 @@ def prune_block(ctx, opts: StrategyOptions) -> None:
 
 def _map_rows(fn, x: TokenRows, rows: int, directory: str | None) -> TokenRows:
     """``fn`` applied to ``x`` (a row-wise ``fn``) ``rows`` rows at a time, into memory or (``directory``) a file
-    there. By token chunks also in memory: ``fn``'s ``tokens x d_ff`` temporaries (three at once for a SwiGLU
-    FFN) were the largest spike of the FFN problem at a paper-sized calibration set. The rows are those of one
-    product over all of ``x`` where a matrix product's rows do not depend on how many rows it is given (this
-    machine's CPU BLAS: tested with the golden weights)."""
+    there. By token chunks in memory too (one code path; ``fn``'s ``tokens x d_ff`` temporaries are never whole).
+    The rows are those of one product over all of ``x`` where a matrix product's rows do not depend on how many
+    rows it is given (this machine's CPU BLAS: the golden weights are unchanged)."""
     out = None
     try:
         for sl in row_slices(x.shape[0], rows):
