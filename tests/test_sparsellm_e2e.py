@@ -145,3 +145,24 @@ def test_offload_dir_keeps_the_ffn_problem_in_files_with_the_same_weights(fam, t
                for d, x_mem, y_mem in seen[half:])
     memory, files = states
     assert all(torch.equal(memory[k], files[k]) for k in memory)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # gc's walk touches torch's deprecated aliases
+def test_no_gram_matrix_outside_the_ffn_problem_is_alive_while_it_is_solved(tokenizer, calib_file, monkeypatch):
+    """The memory plan counts no Gram matrix beside SparseLLM's FFN problem (its own are in its fitted workspace):
+    the attention's are released with their solves, the error reports' formed after it."""
+    import gc
+
+    from lmprune.solvers.base import Gram
+
+    alive = []
+    original = strategy.prune_ffn_swiglu
+
+    def spy(*args, **kw):
+        gc.collect()
+        alive.append([tuple(o.matrix.shape) for o in gc.get_objects() if isinstance(o, Gram)])
+        return original(*args, **kw)
+
+    monkeypatch.setattr(strategy, "prune_ffn_swiglu", spy)
+    api.prune(make_model("llama"), tokenizer, _config(calib_file), progress=False)
+    assert len(alive) >= 2 and all(a == [] for a in alive)

@@ -254,9 +254,9 @@ def plan_memory(
     else:
         work = max(_solver_workspace(config, lin.out_features, lin.in_features, sizes)
                    for lin in linears.values())
-        # every Gram matrix of the block, and the FFN's own beside the attention's
-        grams = 4.0 * sum(held) + 4.0 * sum(i * i for i in gram_sizes)
-        peak = _Solve("the FFN problem", grams, work, 0.0)
+        # no Gram matrix outside the FFN problem is alive while it is solved (the attention's went with their solves,
+        # the error reports' are formed after it; checked on a run): its own are in its fitted workspace
+        peak = _Solve("the FFN problem", 0.0, work, 0.0)
     n_rank = -(-n // max(1, world_size))  # the largest share of the windows
     activations = 2.0 * n_rank * seqlen * d * width
     forward = _forward_bytes(getattr(model.config, "_attn_implementation", None), heads, seqlen, d, d_ff, width)
@@ -304,7 +304,8 @@ def plan_memory(
         plan.add(act_name, activations, prune, where)
     plan.add("block forward intermediates (one window)", forward, prune, where)
     plan.add("Gram sums of one block (float64)", gram_sums, "statistics", where)
-    plan.add(f"Gram matrices held at the largest solve ({peak.role}, float32)", peak.grams, "prune", where)
+    if peak.grams:
+        plan.add(f"Gram matrices held at the largest solve ({peak.role}, float32)", peak.grams, "prune", where)
     plan.add(f"solver workspace ({config.solver_name if layerwise else config.method}, {peak.role})", peak.work,
              "prune", where)
     if peak.results:
