@@ -575,8 +575,8 @@ def _rows(t: Tensor | TokenRows) -> TokenRows:
 class FFNData:
     """A feed-forward part to prune: its calibration inputs ``x`` (tokens × d), the outputs ``y`` it should keep
     producing (tokens × d), each a tensor or :class:`~lmprune.activations.TokenRows` (in memory or in a file, read
-    a token chunk at a time; the caller closes them), its dense weights by role -- ``fc1``/``fc2`` (ReLU) or ``up``/``gate``/``down``
-    (SwiGLU), each ``out x in`` -- and its biases by role (kept fixed; absent means none)."""
+    a token chunk at a time; the caller closes them), its dense weights by role -- ``fc1``/``fc2`` (ReLU) or
+    ``up``/``gate``/``down`` (SwiGLU), each ``out x in`` -- and its biases by role (kept fixed; absent means none)."""
 
     x: Tensor | TokenRows
     y: Tensor | TokenRows

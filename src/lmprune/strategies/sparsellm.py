@@ -124,7 +124,7 @@ def prune_block(ctx, opts: StrategyOptions) -> None:
 
         seconds = (time.perf_counter() - start) / len(roles)
         summary = _summary(out)
-        grams = {"up": _gram_of(lambda xc: xc, x, rows), "down": _gram_of(pruned_act, x, rows)}
+        grams = dict(zip(("up", "down"), _grams_of((lambda xc: xc, pruned_act), x, rows)))
         grams["gate"] = grams["up"]
     finally:
         x.close()
@@ -156,14 +156,19 @@ def _map_rows(fn, x: TokenRows, rows: int, directory: str | None) -> TokenRows:
     return out
 
 
-def _gram_of(fn, x: TokenRows, rows: int) -> Gram:
-    """The Gram matrix of ``fn(x)``'s rows (for the error reports), summed over pieces of ``rows`` rows."""
-    h = total = None
+def _grams_of(fns, x: TokenRows, rows: int) -> list[Gram]:
+    """The Gram matrix of each ``fn(x)``'s rows (for the error reports), summed over pieces of ``rows`` rows, in
+    one pass over ``x`` (each piece read once, also from a file)."""
+    h: list = [None] * len(fns)
+    total: list = [None] * len(fns)
     for sl in row_slices(x.shape[0], rows):
-        a = fn(x.read(sl))
-        h = a.T @ a if h is None else h.add_(a.T @ a)
-        total = a.sum(0) if total is None else total.add_(a.sum(0))
-    return Gram(h, x.shape[0], total)
+        xc = x.read(sl)
+        for i, fn in enumerate(fns):
+            a = fn(xc)
+            h[i] = a.T @ a if h[i] is None else h[i].add_(a.T @ a)
+            total[i] = a.sum(0) if total[i] is None else total[i].add_(a.sum(0))
+            del a
+    return [Gram(hi, x.shape[0], ti) for hi, ti in zip(h, total)]
 
 
 def _ffn_cost(w: dict) -> float:
