@@ -261,6 +261,20 @@ def test_the_lower_triangle_sum_equals_the_full_products_bit_for_bit():
         assert torch.equal(lower.rounded(), full.float()), (tokens, d)
 
 
+def test_outer_products_added_by_row_panels_equal_the_whole_product_bit_for_bit():
+    """``add_outer_`` (SparseLLM's ``d_ff x d_ff`` moments and its error reports' Gram matrices) adds ``aᵀa`` a panel
+    of rows at a time: the same bits as the whole product at this machine's BLAS, in float32 and float64 sums."""
+    from lmprune.gram_sum import add_outer_
+
+    g = torch.Generator().manual_seed(2)
+    for tokens, n, rows in ((64, 200, 64), (333, 1000, 512), (1024, 1536, 512), (100, 700, 1024)):
+        a = torch.randn(tokens, n, generator=g) * (1 + 3 * torch.rand(n, generator=g))
+        for dtype in (torch.float32, torch.float64):
+            start = torch.randn(n, n, generator=g).to(dtype)
+            expected = start.clone().add_(a.T @ a)
+            assert torch.equal(add_outer_(start, a, rows), expected), (tokens, n, rows, dtype)
+
+
 def test_a_gram_matrix_is_released_once_its_last_reader_is_written(tokenizer, calib_file, monkeypatch):
     """Memory at real shapes: when down_proj is solved, the Gram matrices of q/k/v, o and gate/up (and the
     factorisations cached on them) are gone, and so is up_proj's result."""

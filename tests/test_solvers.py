@@ -103,6 +103,25 @@ def test_spd_inverse_in_place_matches_torch(dtype):
     assert torch.equal(inverse, expected) and inverse.stride() == expected.stride()
 
 
+def test_cholesky_solve_with_the_factor_in_place_matches_torch():
+    """SparseLLM's least-squares refits solve with the factor where it lies (two triangular solves) instead of
+    ``torch.cholesky_solve``, which copies it: the same bits on this machine, for row- and column-major right-hand
+    sides, and the factor untouched."""
+    from lmprune.solvers.spd import cholesky_, cholesky_solve
+
+    g = torch.Generator().manual_seed(3)
+    for n, m in ((50, 7), (300, 77), (1000, 256)):
+        a = torch.randn(n + 20, n, generator=g, dtype=torch.float64)
+        lower, info = cholesky_((a.T @ a).add_(torch.eye(n, dtype=torch.float64)))
+        assert info == 0
+        kept = lower.clone()
+        b = torch.randn(n, m, generator=g, dtype=torch.float64)
+        expected = torch.cholesky_solve(b, lower)
+        for rhs in (b, b.T.contiguous().mT):
+            assert torch.equal(cholesky_solve(rhs, lower), expected), (n, m)
+        assert torch.equal(lower, kept)
+
+
 def test_wanda_is_per_row_and_scores_use_norms():
     w, gram, _ = planted()
     res = get_solver("wanda").function()(w, gram, parse_pattern("unstructured"), 0.5)

@@ -9,6 +9,11 @@ last one is where the solve peaks), the time, the plan's workspace for the same 
 (``run.memory._solver_workspace``) for comparison, and a SHA-256 of the pruned matrices (to show that a memory
 change left the result's bits alone).
 
+``--phases N`` adds the N lines of lmprune with the highest RSS seen while each ran: how high every phase of the
+solve stands, not only the one that sets the peak. Run it with ``MALLOC_MMAP_THRESHOLD_=65536`` so that RSS
+follows the live tensors at these scaled-down shapes as it does at real ones (where every temporary is above
+glibc's mmap threshold anyway).
+
     python bench/scale/ffn_memory.py --d 1024 --dff 2752 --tokens 2048 [--rounds 2] [--threads 1] [--aux-dir DIR]
 """
 
@@ -35,6 +40,8 @@ class PeakWhere:
         self.thread, self.every, self.stop = thread, every, threading.Event()
         self.proc = psutil.Process()
         self.marks: list[tuple[float, list[str]]] = []
+        #: the highest RSS seen at each place (innermost lmprune frame of ``thread``), for ``--phases``
+        self.places: dict[str, int] = {}
 
     def __enter__(self) -> "PeakWhere":
         self.base = self.peak = self.proc.memory_info().rss
@@ -46,15 +53,25 @@ class PeakWhere:
         last = self.base
         while not self.stop.is_set():
             rss = self.proc.memory_info().rss
+            where = self._where()
+            if where and rss > self.places.get(where[-1], 0):
+                self.places[where[-1]] = rss
             if rss > self.peak:
                 self.peak = rss
                 if rss > last * 1.01:
                     last = rss
-                    frame = sys._current_frames().get(self.thread)
-                    where = [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in traceback.extract_stack(frame)
-                             if "lmprune" in f.filename][-3:]
                     self.marks.append((round((rss - self.base) / 2**20, 1), where))
             time.sleep(self.every)
+
+    def _where(self) -> list[str]:
+        frame = sys._current_frames().get(self.thread)
+        return [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in traceback.extract_stack(frame)
+                if "lmprune" in f.filename][-3:]
+
+    def top_places(self, n: int) -> list[tuple[float, str]]:
+        """The ``n`` places with the highest RSS seen there, in MiB above the baseline."""
+        ranked = sorted(self.places.items(), key=lambda kv: -kv[1])[:n]
+        return [(round((rss - self.base) / 2**20, 1), place) for place, rss in ranked]
 
     def __exit__(self, *exc) -> None:
         self.stop.set()
@@ -81,6 +98,8 @@ def main() -> None:
                          "--offload-dir does)")
     ap.add_argument("--chunk-tokens", type=int, default=None,
                     help="default: the run's (a shape scaled down from a real one keeps its T / chunk ratio)")
+    ap.add_argument("--phases", type=int, default=0,
+                    help="also print the N places (innermost lmprune line) with the highest RSS seen at each")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -129,6 +148,7 @@ def main() -> None:
         "seconds": round(seconds, 1), "peak_above_base_mib": round((mem.peak - mem.base) / 2**20, 1),
         "planned_workspace_mib": round(planned, 1), "float32_word_counts": words,
         "best_round": str(out.stats["best_round"]), "peaks": mem.marks[-6:], "weights_sha256": _digest(out.results),
+        **({"places": mem.top_places(args.phases)} if args.phases else {}),
     }), flush=True)
 
 

@@ -47,3 +47,13 @@ class GramSum:
             h[:lo, lo:hi].copy_(panel[:, :lo].T)
             del panel
         return h
+
+
+def add_outer_(h: Tensor, a: Tensor, rows: int = GRAM_ROWS) -> Tensor:
+    """``h += aᵀa`` (``a``: tokens x n float32, ``h``: n x n of any float dtype), ``rows`` rows of ``h`` at a time,
+    so that the float32 product is never a whole ``n x n`` matrix beside ``h`` (LLaMA-3-70B's ``d_ff``: 3 GiB).
+    Each panel's rows are those of the one full product (the rows of a product do not depend on how many are
+    computed together on this machine's BLAS; a test pins it)."""
+    for lo in range(0, a.shape[1], rows):
+        h[lo:lo + rows].add_(a[:, lo:lo + rows].T @ a)
+    return h

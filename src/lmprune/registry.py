@@ -155,13 +155,13 @@ SOLVERS: Registry[Plugin] = Registry("solver", "solver_options", [
 BLOCK_METHODS: Registry[Plugin] = Registry("block method", "method_options", [
     Plugin("layerwise", "lmprune.strategies.layerwise", "prune_block",
            "every matrix by the solver, Gram matrices from one pass of the block (or per input group)"),
-    # sparsellm: fitted (with SparseGPT inside) on five FFN shapes, one with the 70B's proportions, after its
-    # measuring and updating passes were split and its s-update blocked by rows (bench/RESULTS.md, issue 18);
-    # its three auxiliaries (tokens x d_ff) and the FFN's inputs and targets (tokens x d) are counted apart:
-    # one token chunk of each with --offload-dir
+    # sparsellm: fitted (with SparseGPT inside) on five FFN shapes, one with the 70B's proportions, after the
+    # refits solved with their factor in place and the update pass ran in place (bench/RESULTS.md, issue 18:
+    # 2-14% above each measured peak); its three auxiliaries (tokens x d_ff) and the FFN's inputs and targets
+    # (tokens x d) are counted apart: one token chunk of each with --offload-dir
     Plugin("sparsellm", "lmprune.strategies.sparsellm", "prune_block",
            "attention by the solver, then the feed-forward part jointly through auxiliary variables (SparseLLM)",
-           options_attr="StrategyOptions", workspace=(1, 25, 0), chunk_workspace=3, token_rows=3, token_inputs=2),
+           options_attr="StrategyOptions", workspace=(0, 20, 0), chunk_workspace=3, token_rows=3, token_inputs=2),
 ])
 
 REFINERS: Registry[Plugin] = Registry("refiner", "refine_options", [

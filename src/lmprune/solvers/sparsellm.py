@@ -68,9 +68,10 @@ from pydantic import Field, field_validator, model_validator
 from torch import Tensor
 
 from ..activations import TokenRows, row_slices
+from ..gram_sum import add_outer_
 from ..patterns import Pattern
 from .base import Gram, SolveResult, SolverOptions
-from .spd import cholesky_, cholesky_inverse_
+from .spd import cholesky_, cholesky_inverse_, cholesky_solve
 
 InnerSolve = Callable[[Tensor, Gram, float], SolveResult]
 
@@ -175,9 +176,10 @@ class _Moments:
         self.n = 0
 
     def add(self, a: Tensor, t: Tensor) -> None:
-        # float32 products added into the float64 sums in place (no float64 copy of the product)
+        # float32 products added into the float64 sums in place (no float64 copy of the product, and the F x F
+        # one a panel of rows at a time)
         if self.h is not None:
-            self.h.add_(a.T @ a)
+            add_outer_(self.h, a)
         self.s.add_(a.sum(0))
         self.c.add_(a.T @ t)
         self.tt += _sq(t)
@@ -200,7 +202,8 @@ class _Subproblem:
 
     def value(self, w: Tensor) -> float:
         w = w.double()
-        return self.tt + float(((w @ self.h64) * w).sum() - 2 * (w * self.cross.T).sum())
+        quad = (w @ self.h64).mul_(w).sum()  # in place: one out x in float64 temporary beside w, not two
+        return self.tt + float(quad - 2 * (w * self.cross.T).sum())
 
     def ridge(self, percdamp: float) -> Tensor:
         """Damped least-squares solution (out x in, float32); damping raised tenfold until H is PD."""
@@ -208,7 +211,7 @@ class _Subproblem:
         for _ in range(6):
             lower, info = cholesky_(self.gram.damped(damp, torch.float64))  # in place on the CPU (:mod:`.spd`)
             if info == 0:
-                return torch.cholesky_solve(self.cross, lower).T.float()
+                return cholesky_solve(self.cross, lower).T.float()  # reads the factor in place
             del lower
             damp = damp * 10 if damp > 0 else 1e-6
         raise torch.linalg.LinAlgError("least-squares refit: Gram matrix not positive definite")
@@ -455,12 +458,19 @@ class _SwiGLUFFN(_AuxState):
         self.next = self._fresh(x.device)
         for sl in row_slices(x.shape[0], self.ch):
             xc, yc = x.read(sl), y.read(sl)
-            m, n = xc @ wu.T, xc @ wg.T
             zc, sc = z.read(sl), s.read(sl)
             sig = F.silu(sc)
-            pc = (be * (yc @ wd) + ga * sig * zc) @ a_inv
-            zc = (al * m + ga * sig * pc) / (al + ga * sig.pow(2))
+            # pc = (β·Y W + γ·σ⊙z) (βWᵀW + γI)⁻¹ and z = (α·m + γ·σ⊙p) / (α + γ·σ²), element for element the same
+            # operations in the same order, in place, and m, n formed only where they are needed: three chunk x
+            # d_ff temporaries fewer at the pass's peak
+            rhs = (yc @ wd).mul_(be)
+            rhs.add_((sig * ga).mul_(zc))
+            pc = rhs @ a_inv
+            del rhs
+            m = xc @ wu.T
+            zc = m.mul_(al).add_((sig * ga).mul_(pc)).div_(sig.pow_(2).mul_(ga).add_(al))
             del m, sig
+            n = xc @ wg.T
             pc, zc = p.write(sl, pc), z.write(sl, zc)  # in memory, the stored rows: the chunk's copies are freed
             # element-wise, so row blocks give the whole chunk's bits with a fraction of its temporaries
             for rows in row_slices(sc.shape[0], _ELEMENTWISE_ROWS):

@@ -38,6 +38,7 @@ from typing import Any, Literal, Union
 from pydantic import model_validator
 
 from ..activations import TokenRows, row_slices
+from ..gram_sum import add_outer_
 from ..models.adapters import UnsupportedModelError
 from ..solvers.base import Gram
 from ..solvers.sparsellm import PRESETS, FFNData, FFNPruneResult, Options, _apply_preset, prune_ffn_relu, prune_ffn_swiglu
@@ -165,8 +166,10 @@ def _grams_of(fns, x: TokenRows, rows: int) -> list[Gram]:
         xc = x.read(sl)
         for i, fn in enumerate(fns):
             a = fn(xc)
-            h[i] = a.T @ a if h[i] is None else h[i].add_(a.T @ a)
-            total[i] = a.sum(0) if total[i] is None else total[i].add_(a.sum(0))
+            if h[i] is None:
+                h[i], total[i] = a.new_zeros(a.shape[1], a.shape[1]), a.new_zeros(a.shape[1])
+            add_outer_(h[i], a)
+            total[i].add_(a.sum(0))
             del a
     return [Gram(hi, x.shape[0], ti) for hi, ti in zip(h, total)]
 
