@@ -1,6 +1,7 @@
 """Peak memory of SparseLLM's feed-forward problem at a given shape, and where it peaks (issue 18).
 
-Builds a random SwiGLU problem (``--tokens`` × ``--d`` correlated inputs, ``--dff`` × ``--d`` weights), runs
+Builds a random SwiGLU problem, or with ``--relu`` an OPT-style ReLU one with biases (``--tokens`` × ``--d``
+correlated inputs, ``--dff`` × ``--d`` weights), runs
 lmprune's SparseLLM FFN solver on it with the run's default options and the SparseGPT inner solver, and samples
 the process's RSS every 5 ms (with ``--aux-dir`` the inputs and targets are written to files there first, as
 the block strategy keeps them with ``--offload-dir``). Printed as one JSON line: the peak above the baseline (the
@@ -98,6 +99,7 @@ def main() -> None:
                          "--offload-dir does)")
     ap.add_argument("--chunk-tokens", type=int, default=None,
                     help="default: the run's (a shape scaled down from a real one keeps its T / chunk ratio)")
+    ap.add_argument("--relu", action="store_true", help="an OPT-style ReLU FFN with biases instead of SwiGLU")
     ap.add_argument("--phases", type=int, default=0,
                     help="also print the N places (innermost lmprune line) with the highest RSS seen at each")
     args = ap.parse_args()
@@ -108,7 +110,7 @@ def main() -> None:
     from lmprune.patterns import parse_pattern
     from lmprune.activations import TokenRows
     from lmprune.run.memory import BlockTokens, _solver_workspace
-    from lmprune.solvers.sparsellm import FFNData, prune_ffn_swiglu
+    from lmprune.solvers.sparsellm import FFNData, prune_ffn_relu, prune_ffn_swiglu
     from lmprune.strategies.sparsellm import StrategyOptions
 
     g = torch.Generator().manual_seed(0)
@@ -116,7 +118,11 @@ def main() -> None:
     w = {"up": torch.randn(args.dff, args.d, generator=g) / args.d**0.5,
          "gate": torch.randn(args.dff, args.d, generator=g) / args.d**0.5,
          "down": torch.randn(args.d, args.dff, generator=g) / args.dff**0.5}
-    y = (torch.nn.functional.silu(x @ w["gate"].T) * (x @ w["up"].T)) @ w["down"].T
+    if args.relu:
+        b = {"up": 0.1 * torch.randn(args.dff, generator=g), "down": 0.1 * torch.randn(args.d, generator=g)}
+        y = torch.relu(x @ w["up"].T + b["up"]) @ w["down"].T + b["down"]
+    else:
+        y = (torch.nn.functional.silu(x @ w["gate"].T) * (x @ w["up"].T)) @ w["down"].T
     opts = StrategyOptions().model_dump(exclude={"sequential_attention", "single_round_blocks", "preset"})
     if args.rounds is not None:
         opts["rounds"] = args.rounds
@@ -137,12 +143,16 @@ def main() -> None:
     planned /= 2**20
     with PeakWhere(threading.get_ident()) as mem:
         start = time.perf_counter()
-        out = prune_ffn_swiglu(FFNData.swiglu(x, y, w["up"], w["gate"], w["down"]), parse_pattern("unstructured"),
-                               0.5, inner, aux_dir=args.aux_dir, **opts)
+        if args.relu:
+            data = FFNData.relu(x, y, w["up"], b["up"], w["down"], b["down"])
+            out = prune_ffn_relu(data, parse_pattern("unstructured"), 0.5, inner, aux_dir=args.aux_dir, **opts)
+        else:
+            data = FFNData.swiglu(x, y, w["up"], w["gate"], w["down"])
+            out = prune_ffn_swiglu(data, parse_pattern("unstructured"), 0.5, inner, aux_dir=args.aux_dir, **opts)
         seconds = time.perf_counter() - start
     words = {"D^2": args.d**2, "D*F": args.d * args.dff, "F^2": args.dff**2, "T*F": args.tokens * args.dff}
     print(json.dumps({
-        "d": args.d, "dff": args.dff, "tokens": args.tokens, "rounds": opts["rounds"], "chunk_tokens": opts["chunk_tokens"],
+        "ffn": "relu" if args.relu else "swiglu", "d": args.d, "dff": args.dff, "tokens": args.tokens, "rounds": opts["rounds"], "chunk_tokens": opts["chunk_tokens"],
         "aux_in_files": args.aux_dir is not None,
         "threads": args.threads,
         "seconds": round(seconds, 1), "peak_above_base_mib": round((mem.peak - mem.base) / 2**20, 1),

@@ -329,12 +329,20 @@ class _ReluFFN(_AuxState):
         self.next = self._fresh(x.device)
         for sl in row_slices(x.shape[0], self.ch):
             xc, tc = x.read(sl), y.read(sl) - b2
-            m = xc @ w1.T + b1
             zc = z.read(sl)
-            pc = (be * (tc @ w2) + ga * torch.relu(zc)) @ a_inv
-            zp = ((ga * pc + al * m) / (ga + al)).clamp_min(0)
+            # p = (β·T W2 + γ·ReLU(z)) (βW2ᵀW2 + γI)⁻¹, then z the better branch: element for element the same
+            # operations in the same order, in place where a temporary was, and m formed only once p is
+            rhs = (tc @ w2).mul_(be)
+            rhs.add_(torch.relu(zc).mul_(ga))
+            pc = rhs @ a_inv
+            del rhs
+            m = xc @ w1.T + b1
+            zp = (pc * ga).add_(m * al).div_(ga + al).clamp_min_(0)
             zn = m.clamp_max(0)
-            keep_pos = ga * (pc - zp).pow(2) + al * (zp - m).pow(2) <= ga * pc.pow(2) + al * (zn - m).pow(2)
+            pos = (pc - zp).pow_(2).mul_(ga).add_((zp - m).pow_(2).mul_(al))
+            neg = pc.pow(2).mul_(ga).add_((zn - m).pow_(2).mul_(al))
+            keep_pos = pos <= neg
+            del pos, neg, m
             zc = torch.where(keep_pos, zp, zn)
             del zp, zn, keep_pos
             pc, zc = p.write(sl, pc), z.write(sl, zc)
