@@ -63,5 +63,7 @@ def cholesky_solve(b: Tensor, lower: Tensor) -> Tensor:
     ``torch.cholesky_solve`` runs it on a column-major copy of ``L``, one more ``in x in`` matrix (6.3 GiB in
     float64 for LLaMA-3-70B's ``down_proj``), and a copy of ``B`` beside its result.
     On this machine's MKL the result is bit-identical to ``torch.cholesky_solve(b, lower)`` (a test pins it)."""
-    z = torch.linalg.solve_triangular(lower, b, upper=False)  # column-major: the second solve runs in it
+    z = torch.linalg.solve_triangular(lower, b, upper=False)
+    if not z.mT.is_contiguous():  # the layout the second solve can overwrite (column-major, as the CPU's is)
+        return torch.linalg.solve_triangular(lower.mT, z, upper=True)
     return torch.linalg.solve_triangular(lower.mT, z, upper=True, out=z)
