@@ -292,3 +292,19 @@ def test_non_finite_auxiliaries_end_the_rounds_with_the_best_standing(tmp_path, 
     assert out.stats["stopped"] == "round 0: non-finite auxiliary variables"
     assert len(out.stats["objective"]) == 1
     assert all(torch.isfinite(r.weight).all() for r in out.results.values())
+
+
+def test_least_squares_refits_never_copy_their_factor(monkeypatch):
+    """Memory at real shapes: the refits (every round's and the down candidate's) solve with the float64 factor
+    where it lies. ``torch.cholesky_solve`` would copy the whole ``d_ff x d_ff`` factor (6.3 GiB at LLaMA-3-70B),
+    so it must not be reached; the result is the one it gives (the ``spd`` tests pin the bits)."""
+    calls = []
+    monkeypatch.setattr(torch, "cholesky_solve", lambda *a, **k: calls.append(a) or pytest.fail("factor copied"))
+    solve_triangular = torch.linalg.solve_triangular
+    monkeypatch.setattr(torch.linalg, "solve_triangular", lambda *a, **k: calls.append(a) or solve_triangular(*a, **k))
+    pattern = parse_pattern("unstructured")
+    x = _inputs(7)
+    up, gate, down = _swiglu_ffn(7)
+    out = prune_ffn_swiglu(FFNData.swiglu(x, _swiglu_out(x, up, gate, down), up, gate, down), pattern, 0.6,
+                           _inner(pattern), rounds=2)
+    assert calls and out.stats["refit_down_error"] and len(out.stats["objective"]) == 2
