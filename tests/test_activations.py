@@ -91,3 +91,48 @@ def test_token_rows_hold_a_tensor_without_copying_it():
     for bad in (torch.randn(6, 4, dtype=torch.bfloat16), torch.randn(2, 3, 4)):
         with pytest.raises(ValueError, match="2-D float32"):
             TokenRows.holding(bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.bool])
+def test_parked_tensors_come_back_exactly_and_leave_no_file(tmp_path, dtype):
+    """``Parked`` in memory gives the tensor itself; in a file it gives a fresh copy with the same bits each time,
+    the file is unlinked from the start (nothing left behind a kill) and closes with the object."""
+    import gc
+    import os
+
+    from lmprune.activations import Parked
+
+    value = (torch.randn(7, 5, dtype=torch.float64) * 1e3).to(dtype)
+    assert Parked(value).get() is value
+    parked = Parked(value, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    fd = parked._file.fileno()
+    first = parked.get()
+    assert first.dtype == dtype and first.shape == value.shape and torch.equal(first, value)
+    first.zero_() if dtype != torch.bool else first.logical_not_()
+    assert torch.equal(parked.get(), value)  # a read is a copy: the file is not changed through it
+    del parked
+    gc.collect()
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed with the object
+
+
+def test_reads_and_writes_go_on_past_a_short_transfer(tmp_path, monkeypatch):
+    """One ``pwrite``/``preadv`` moves at most about 2 GiB on Linux (a float64 ``d_ff x d_ff`` matrix at 70B shape is
+    6.3): window files, token rows and parked tensors loop until every byte has moved."""
+    import os
+
+    from lmprune.activations import Parked, TokenRows
+
+    real_write, real_read = os.pwrite, os.preadv
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: real_write(fd, bytes(data[:13]), offset))
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, offset: real_read(fd, [bufs[0][:11]], offset))
+    value = torch.randn(6, 9)
+    windows = WindowFile(tmp_path)
+    windows.extend([value, value * 2])
+    rows = TokenRows(6, 9, directory=tmp_path)
+    rows.write(slice(0, 6), value)
+    parked = Parked(value.double(), tmp_path)
+    assert torch.equal(windows[1], value * 2) and torch.equal(rows.read(slice(2, 5)), value[2:5])
+    assert torch.equal(parked.get(), value.double())
+    windows.close(), rows.close()

@@ -308,3 +308,37 @@ def test_least_squares_refits_never_copy_their_factor(monkeypatch):
     out = prune_ffn_swiglu(FFNData.swiglu(x, _swiglu_out(x, up, gate, down), up, gate, down), pattern, 0.6,
                            _inner(pattern), rounds=2)
     assert calls and out.stats["refit_down_error"] and len(out.stats["objective"]) == 2
+
+
+@pytest.mark.parametrize("aux_dir", [False, True])
+def test_moments_wait_in_files_while_the_inner_solver_runs(tmp_path, aux_dir):
+    """Memory at real shapes: with ``aux_dir`` no ``d_ff x d_ff`` float64 matrix is in memory when the inner solver
+    starts on the down projection (every round's and the refit candidate's): the moments wait in files, to be
+    read back for the subproblem's value. In memory they are there, and the weights are the same bits."""
+    import gc
+    import warnings
+
+    pattern = parse_pattern("unstructured")
+    x = _inputs(4)
+    up, gate, down = _swiglu_ffn(4)
+    d_ff = up.shape[0]
+    solve, held = _inner(pattern), []
+
+    def inner(weight, gram, target):
+        if weight.shape[1] == d_ff:
+            with warnings.catch_warnings():  # isinstance on a deprecated torch.distributed alias warns
+                warnings.simplefilter("ignore")
+                held.append(sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor)
+                                and o.dtype == torch.float64 and tuple(o.shape) == (d_ff, d_ff)))
+        return solve(weight, gram, target)
+
+    def run(directory, inner_solve):
+        data = FFNData.swiglu(x, _swiglu_out(x, up, gate, down), up, gate, down)
+        return prune_ffn_swiglu(data, pattern, 0.6, inner_solve, aux_dir=directory, rounds=2)
+
+    out = run(str(tmp_path) if aux_dir else None, inner)
+    assert len(held) == 4  # round 0, round 1, and each round's refit candidate
+    assert all(n == 0 for n in held) if aux_dir else all(n >= 1 for n in held)
+    reference = run(None, solve)
+    for role in out.results:
+        assert torch.equal(out.results[role].weight, reference.results[role].weight)

@@ -22,12 +22,31 @@ import ctypes
 import math
 import os
 import tempfile
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, overload
 
 import torch
 from torch import Tensor
+
+
+def write_all(fd: int, raw: memoryview, offset: int) -> None:
+    """Write all of ``raw`` at ``offset`` (one ``pwrite`` moves at most about 2 GiB on Linux)."""
+    done = 0
+    while done < len(raw):
+        done += os.pwrite(fd, raw[done:], offset + done)
+
+
+def read_all(fd: int, raw: memoryview, offset: int) -> int:
+    """Fill ``raw`` from ``offset`` as far as the file goes; the number of bytes read."""
+    got = 0
+    while got < len(raw):
+        n = os.preadv(fd, [raw[got:]], offset + got)
+        if n <= 0:
+            break
+        got += n
+    return got
 
 
 class WindowFile(Sequence[Tensor]):
@@ -52,9 +71,7 @@ class WindowFile(Sequence[Tensor]):
             self._nbytes = x.numel() * x.element_size()
         elif tuple(x.shape) != self._shape or x.dtype != self._dtype:
             raise ValueError(f"window {tuple(x.shape)} {x.dtype} differs from the first, {self._shape} {self._dtype}")
-        raw = x.reshape(-1).view(torch.uint8).numpy()
-        self._file.seek(self._len * self._nbytes)
-        self._file.write(memoryview(raw))
+        write_all(self._file.fileno(), memoryview(x.reshape(-1).view(torch.uint8).numpy()), self._len * self._nbytes)
         self._len += 1
 
     @property
@@ -71,8 +88,7 @@ class WindowFile(Sequence[Tensor]):
             raise IndexError(f"window {i} of {self._len}")
         i %= self._len
         buf = torch.empty(self._nbytes, dtype=torch.uint8)
-        self._file.seek(i * self._nbytes)
-        got = self._file.readinto(memoryview(buf.numpy()))
+        got = read_all(self._file.fileno(), memoryview(buf.numpy()), i * self._nbytes)
         if got != self._nbytes:
             raise OSError(f"{self.path}: window {i} is truncated ({got} of {self._nbytes} bytes)")
         return buf.view(self._dtype).view(self._shape)
@@ -103,6 +119,41 @@ class WindowFile(Sequence[Tensor]):
             pass
 
 
+def unlinked_file(directory: str | os.PathLike, prefix: str):
+    """A new file in ``directory``, opened unbuffered for reading and writing and already unlinked: the open
+    descriptor keeps it until it is closed, and nothing is left behind a kill."""
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=".bin", dir=directory)
+    os.unlink(name)
+    return os.fdopen(fd, "w+b", buffering=0)
+
+
+class Parked:
+    """One tensor held in memory, or -- with ``directory`` -- in an unlinked file there, read back by :meth:`get`
+    whenever it is needed: for a solver's state that is too large to stay resident between its uses. The caller
+    drops its own reference for the memory to go; the file closes with this object."""
+
+    def __init__(self, value: Tensor, directory: str | os.PathLike | None = None):
+        self.device, self.dtype, self.shape = value.device, value.dtype, tuple(value.shape)
+        self._value: Tensor | None = value
+        self._file = None
+        if directory is not None:
+            self._file = unlinked_file(directory, "parked-")
+            weakref.finalize(self, self._file.close)
+            host = value.detach().to("cpu").contiguous()
+            write_all(self._file.fileno(), memoryview(host.reshape(-1).view(torch.uint8).numpy()), 0)
+            self._value = None
+
+    def get(self) -> Tensor:
+        """The tensor (from the file: a fresh copy on its device each time)."""
+        if self._file is None:
+            return self._value
+        buf = torch.empty(math.prod(self.shape) * self.dtype.itemsize, dtype=torch.uint8)
+        got = read_all(self._file.fileno(), memoryview(buf.numpy()), 0)
+        if got != buf.numel():
+            raise OSError(f"a parked {self.dtype} tensor {self.shape} came back short ({got} of {buf.numel()} bytes)")
+        return buf.view(self.dtype).view(self.shape).to(self.device)
+
+
 def row_slices(n: int, size: int) -> Iterator[slice]:
     """``0:size``, ``size:2·size``, ... covering ``n`` rows (the last one shorter)."""
     for i in range(0, n, size):
@@ -127,9 +178,7 @@ class TokenRows:
         if directory is None:
             self._data = torch.empty(rows, cols, device=self.device)
         else:
-            fd, name = tempfile.mkstemp(prefix="rows-", suffix=".f32", dir=directory)
-            os.unlink(name)  # the open descriptor keeps it until close, and nothing is left behind a kill
-            self._file = os.fdopen(fd, "w+b", buffering=0)
+            self._file = unlinked_file(directory, "rows-")
 
     def _span(self, rows: slice) -> tuple[int, int]:
         start, stop, _ = rows.indices(self.shape[0])
@@ -140,13 +189,9 @@ class TokenRows:
             return self._data[rows]
         offset, nbytes = self._span(rows)
         buf = torch.empty(nbytes // 4, dtype=torch.float32)
-        raw = memoryview(buf.numpy()).cast("B")
-        got = 0
-        while got < nbytes:
-            n = os.preadv(self._file.fileno(), [raw[got:]], offset + got)
-            if n <= 0:
-                raise OSError(f"token rows {rows.start}:{rows.stop} were never written (read {got} of {nbytes} bytes)")
-            got += n
+        got = read_all(self._file.fileno(), memoryview(buf.numpy()).cast("B"), offset)
+        if got < nbytes:
+            raise OSError(f"token rows {rows.start}:{rows.stop} were never written (read {got} of {nbytes} bytes)")
         return buf.view(-1, self.shape[1]).to(self.device)
 
     def write(self, rows: slice, value: Tensor) -> Tensor:
@@ -159,10 +204,7 @@ class TokenRows:
         host = value.detach().to("cpu", torch.float32).contiguous()
         if host.numel() * 4 != nbytes:
             raise ValueError(f"{tuple(value.shape)} does not fill rows {rows.start}:{rows.stop} of {self.shape}")
-        raw = memoryview(host.numpy()).cast("B")
-        done = 0
-        while done < nbytes:
-            done += os.pwrite(self._file.fileno(), raw[done:], offset + done)
+        write_all(self._file.fileno(), memoryview(host.numpy()).cast("B"), offset)
         return value
 
     @classmethod

@@ -37,7 +37,9 @@ so that the two rounds' ``F × F`` float64 moments and the refit's solve are nev
 (``tokens × d_ff`` each, the problem's only arrays that grow with the tokens beside ``X`` and ``Y``) are kept in
 memory, or with ``aux_dir`` in files there, one token chunk of each in memory at a time; ``X`` and ``Y`` may be
 :class:`~lmprune.activations.TokenRows` in files as well (the block strategy's with ``--offload-dir``), and
-are read the same way. The numbers are the same wherever they are kept.
+are read the same way. With ``aux_dir`` the weight step's float64 moments (``AᵀA``, ``d_ff x d_ff`` for the down
+projection, and ``AᵀT``) also wait in files there between their uses: in memory they would sit beside the
+factorisations that do not read them. The numbers are the same wherever they are kept.
 
 **The reference configuration** (``preset="paper"``, i.e. ``--method-opt preset=paper``) runs the algorithm of
 the authors' code (BaiTheBest/SparseLLM) instead of lmprune's additions: no ``refit_down`` candidate, the last
@@ -67,7 +69,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor
 
-from ..activations import TokenRows, row_slices
+from ..activations import Parked, TokenRows, row_slices
 from ..gram_sum import add_outer_
 from ..patterns import Pattern
 from .base import Gram, SolveResult, SolverOptions
@@ -185,25 +187,34 @@ class _Moments:
         self.tt += _sq(t)
         self.n += a.shape[0]
 
-    def subproblem(self, gram: Gram | None = None) -> "_Subproblem":
+    def subproblem(self, gram: Gram | None = None, park: str | None = None) -> "_Subproblem":
         if gram is None:
             gram = Gram(self.h.float(), self.n, self.s.float())
-        return _Subproblem(gram, self.c, self.tt, self.h)
+        return _Subproblem(gram, self.c, self.tt, self.h, park)
 
 
 class _Subproblem:
-    """``min_W ‖T − A Wᵀ‖²`` for one matrix, kept as the Gram matrix ``AᵀA``, ``AᵀT`` and ``‖T‖²``."""
+    """``min_W ‖T − A Wᵀ‖²`` for one matrix, kept as the Gram matrix ``AᵀA`` (float32, for the inner solver and
+    the refit, and float64, for :meth:`value`), ``AᵀT`` (float64) and ``‖T‖²``.
 
-    def __init__(self, gram: Gram, cross: Tensor, tt: float, h64: Tensor | None = None):
-        self.gram = gram
-        self.cross = cross  # in x out, float64
+    With ``park`` (a directory) the float64 matrices wait in files there between their uses (for ``down``,
+    ``AᵀA`` is ``d_ff x d_ff``: 6.3 GiB at LLaMA-3-70B's width). The float32 Gram matrix goes once the inner
+    solver has pruned the matrix (:meth:`drop_gram`)."""
+
+    def __init__(self, gram: Gram, cross: Tensor, tt: float, h64: Tensor | None = None, park: str | None = None):
+        self.gram: Gram | None = gram
         self.tt = tt
-        self.h64 = gram.matrix.double() if h64 is None else h64
+        self._cross = Parked(cross, park)  # in x out
+        self._h64 = Parked(gram.matrix.double() if h64 is None else h64, park)
+
+    def drop_gram(self) -> None:
+        """Let the float32 Gram matrix (and what the inner solver cached on it) go: only :meth:`value` is left."""
+        self.gram = None
 
     def value(self, w: Tensor) -> float:
         w = w.double()
-        quad = (w @ self.h64).mul_(w).sum()  # in place: one out x in float64 temporary beside w, not two
-        return self.tt + float(quad - 2 * (w * self.cross.T).sum())
+        quad = (w @ self._h64.get()).mul_(w).sum()  # in place: one out x in float64 temporary beside w, not two
+        return self.tt + float(quad - 2 * (w * self._cross.get().T).sum())
 
     def ridge(self, percdamp: float) -> Tensor:
         """Damped least-squares solution (out x in, float32); damping raised tenfold until H is PD."""
@@ -211,7 +222,7 @@ class _Subproblem:
         for _ in range(6):
             lower, info = cholesky_(self.gram.damped(damp, torch.float64))  # in place on the CPU (:mod:`.spd`)
             if info == 0:
-                return cholesky_solve(self.cross, lower).T.float()  # reads the factor in place
+                return cholesky_solve(self._cross.get(), lower).T.float()  # reads the factor in place
             del lower
             damp = damp * 10 if damp > 0 else 1e-6
         raise torch.linalg.LinAlgError("least-squares refit: Gram matrix not positive definite")
@@ -245,6 +256,8 @@ class _AuxState:
     ch: int
     #: Whether every chunk written so far was finite (checked as it is written, not by reading them all back).
     finite: bool = True
+    #: Where the subproblems' float64 matrices wait between their uses (``aux_dir``; None: in memory).
+    park: str | None = None
 
     def aux_mb(self) -> float:
         return sum(a.shape[0] * a.shape[1] for a in self.aux) * 4 / 2**20
@@ -278,18 +291,19 @@ class _ReluFFN(_AuxState):
         dev = x.device
         self.b1 = torch.zeros(w1.shape[0], device=dev) if b1 is None else b1.detach().float()
         self.b2 = torch.zeros(w2.shape[0], device=dev) if b2 is None else b2.detach().float()
-        self.dense = {"fc1": w1.detach().float(), "fc2": w2.detach().float()}
+        self.dense = {"fc1": w1.detach(), "fc2": w2.detach()}  # as given: float32 copies only where used
         self.z, self.p = (TokenRows(x.shape[0], w1.shape[0], dev, aux_dir) for _ in range(2))
+        self.park = aux_dir
         self.aux = (self.z, self.p)
         self.gx = _Moments(x.shape[1], 0, dev)
         self.next = self._fresh(dev)
         self._start()
 
     def _first_pass(self) -> None:
-        x, y = self.x, self.y
+        x, y, w1 = self.x, self.y, self.dense["fc1"].float()
         for sl in row_slices(x.shape[0], self.ch):
             xc, yc = _inputs(x, y, sl)
-            zc = self.z.write(sl, xc @ self.dense["fc1"].T + self.b1)
+            zc = self.z.write(sl, xc @ w1.T + self.b1)
             self.gx.add(xc, xc[:, :0])
             pc = self.p.write(sl, torch.relu(zc))
             self.finite &= _finite(zc)
@@ -301,7 +315,8 @@ class _ReluFFN(_AuxState):
         return {"fc1": _Moments(d, dff, dev, gram=False), "fc2": _Moments(dff, self.y.shape[1], dev)}
 
     def subproblems(self) -> dict[str, _Subproblem]:
-        return {"fc1": self.next["fc1"].subproblem(self.gram_x), "fc2": self.next["fc2"].subproblem()}
+        return {"fc1": self.next["fc1"].subproblem(self.gram_x, self.park),
+                "fc2": self.next["fc2"].subproblem(park=self.park)}
 
     def measure(self, w: dict[str, Tensor], refit: bool) -> _Sweep:
         x, y, z, p, b1, b2 = self.x, self.y, self.z, self.p, self.b1, self.b2
@@ -399,20 +414,21 @@ class _SwiGLUFFN(_AuxState):
         self.s_update, self.s_lr = opt.s_update, opt.s_lr
         self.alpha, self.beta, self.gamma = opt.alpha, opt.beta, opt.gamma
         dev = x.device
-        self.dense = {k: data.weights[k].detach().float() for k in ("up", "gate", "down")}
+        self.dense = {k: data.weights[k].detach() for k in ("up", "gate", "down")}  # float32 only where used
         dff = self.dense["up"].shape[0]
         self.z, self.s, self.p = (TokenRows(x.shape[0], dff, dev, aux_dir) for _ in range(3))
+        self.park = aux_dir
         self.aux = (self.z, self.s, self.p)
         self.gx = _Moments(x.shape[1], 0, dev)
         self.next = self._fresh(dev)
         self._start()
 
     def _first_pass(self) -> None:
-        x, y = self.x, self.y
+        x, y, wu, wg = self.x, self.y, self.dense["up"].float(), self.dense["gate"].float()
         for sl in row_slices(x.shape[0], self.ch):
             xc, yc = _inputs(x, y, sl)
-            zc = self.z.write(sl, xc @ self.dense["up"].T)
-            sc = self.s.write(sl, xc @ self.dense["gate"].T)
+            zc = self.z.write(sl, xc @ wu.T)
+            sc = self.s.write(sl, xc @ wg.T)
             pc = self.p.write(sl, F.silu(sc) * zc)
             self.finite &= _finite(zc, sc, pc)
             self.gx.add(xc, xc[:, :0])
@@ -429,9 +445,9 @@ class _SwiGLUFFN(_AuxState):
 
     def subproblems(self) -> dict[str, _Subproblem]:
         return {
-            "up": self.next["up"].subproblem(self.gram_x),
-            "gate": self.next["gate"].subproblem(self.gram_x),
-            "down": self.next["down"].subproblem(),
+            "up": self.next["up"].subproblem(self.gram_x, self.park),
+            "gate": self.next["gate"].subproblem(self.gram_x, self.park),
+            "down": self.next["down"].subproblem(park=self.park),
         }
 
     def measure(self, w: dict[str, Tensor], refit: bool) -> _Sweep:
@@ -497,6 +513,7 @@ def _prune(
     """Prune ``start`` with the inner solver; keep ``previous`` if the new result is non-finite or (with
     ``keep_better``) worse on this subproblem."""
     res = inner(start, sub.gram, target)
+    sub.drop_gram()
     if not _finite(res.weight):
         if previous is None:
             raise FloatingPointError("inner solver returned non-finite weights for the dense start")
@@ -506,13 +523,13 @@ def _prune(
     return res, False
 
 
-def _refit_down(moments: _Moments, inner: InnerSolve, target: float,
+def _refit_down(sub: _Subproblem, inner: InnerSolve, target: float,
                 percdamp: float) -> tuple[SolveResult | None, float]:
-    """The down projection refitted to the pruned activations (least squares on ``moments``), pruned by the inner
-    solver, and its error on that subproblem (``inf`` when it fails)."""
-    sub = moments.subproblem()
+    """The down projection refitted to the pruned activations (least squares on their subproblem ``sub``), pruned
+    by the inner solver, and its error on that subproblem (``inf`` when it fails)."""
     try:
         cand = inner(sub.ridge(percdamp), sub.gram, target)
+        sub.drop_gram()
         return cand, (sub.value(cand.weight) if _finite(cand.weight) else float("inf"))
     except torch.linalg.LinAlgError:
         return None, float("inf")
@@ -535,10 +552,11 @@ def _rounds(ffn, targets: dict[str, float], inner: InnerSolve, opt: "Options") -
         t0 = time.perf_counter()
         subs = ffn.subproblems()
         ffn.next = None  # the spent moments now live in the subproblems alone: each goes once its matrix is pruned
-        # the down projection's F x F factorisation first, before the other starts exist (the order changes no bit)
+        # the refits: the down projection's F x F factorisation first, before the other starts exist (the order
+        # changes no bit); round 0 starts from the dense weights, made float32 one at a time as they are pruned
         order = (ffn.down, *(k for k in ffn.roles if k != ffn.down))
         try:
-            starts = {k: ffn.dense[k] if r == 0 else subs[k].ridge(percdamp) for k in order}
+            starts = {k: subs[k].ridge(percdamp) for k in order} if r else {}
         except torch.linalg.LinAlgError:
             stats["stopped"] = f"round {r}: least-squares refit failed"
             break
@@ -547,7 +565,9 @@ def _rounds(ffn, targets: dict[str, float], inner: InnerSolve, opt: "Options") -
             break
         kept = []
         for k in ffn.roles:
-            res[k], was_kept = _prune(subs.pop(k), starts.pop(k), targets[k], inner, res[k], keep_better)
+            start = starts.pop(k) if r else ffn.dense[k].float()
+            res[k], was_kept = _prune(subs.pop(k), start, targets[k], inner, res[k], keep_better)
+            del start
             kept.append(was_kept)
         stats["kept_previous"].append(kept)
         weights = {k: v.weight for k, v in res.items()}
@@ -557,7 +577,9 @@ def _rounds(ffn, targets: dict[str, float], inner: InnerSolve, opt: "Options") -
         if best is None or select == "last" or sweep.error < best[0]:
             best = (sweep.error, dict(res), r)
         if sweep.refit is not None:
-            cand, cand_err = _refit_down(sweep.refit, inner, targets[ffn.down], percdamp)
+            refit, sweep.refit = sweep.refit.subproblem(park=ffn.park), None  # the moments live on in it alone
+            cand, cand_err = _refit_down(refit, inner, targets[ffn.down], percdamp)
+            del refit
             stats["refit_down_error"].append(cand_err)
             if cand_err < best[0]:
                 best = (cand_err, {**res, ffn.down: cand}, f"{r}+refit_down")
@@ -594,7 +616,8 @@ class FFNData:
     """A feed-forward part to prune: its calibration inputs ``x`` (tokens × d), the outputs ``y`` it should keep
     producing (tokens × d), each a tensor or :class:`~lmprune.activations.TokenRows` (in memory or in a file, read
     a token chunk at a time; the caller closes them), its dense weights by role -- ``fc1``/``fc2`` (ReLU) or
-    ``up``/``gate``/``down`` (SwiGLU), each ``out x in`` -- and its biases by role (kept fixed; absent means none)."""
+    ``up``/``gate``/``down`` (SwiGLU), each ``out x in``, in any floating dtype (the solver makes float32 copies
+    where it uses them) -- and its biases by role (kept fixed; absent means none)."""
 
     x: Tensor | TokenRows
     y: Tensor | TokenRows

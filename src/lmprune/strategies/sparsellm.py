@@ -102,17 +102,17 @@ def prune_block(ctx, opts: StrategyOptions) -> None:
 
     start = time.perf_counter()
     lin = {role: ctx.linear(rel) for role, rel in roles.items()}
-    dense = {role: lin[role].weight.detach().clone() for role in roles}
-    w = {role: t.float() for role, t in dense.items()}
+    # the block's own weights: nothing writes them before the commits at the end, after the error reports
+    dense = {role: lin[role].weight.detach() for role in roles}
     solver_opts = opts.model_dump(exclude={"sequential_attention", "single_round_blocks", "preset"})
     if ctx.index in single_round_blocks(opts, ffn.kind):
         solver_opts["rounds"] = 1
     rows = solver_opts["chunk_tokens"]
     x = ctx.capture_rows(ffn.up, ctx.store.directory)
     try:
-        solve_opts = dict(solver_opts=solver_opts, x=x, w=w, lin=lin, roles=roles)
+        solve_opts = dict(solver_opts=solver_opts, x=x, dense=dense, lin=lin, roles=roles)
         # the FFN problem is solved by one owner rank (this process alone in a single one) and shared
-        spread = ctx.world.spread(["ffn"], [_ffn_cost(w)], lambda _k: _solve_ffn(ctx, ffn, **solve_opts))
+        spread = ctx.world.spread(["ffn"], [_ffn_cost(dense)], lambda _k: _solve_ffn(ctx, ffn, **solve_opts))
         (_, (results, ffn_stats)), = list(spread)
         out = FFNPruneResult(results, ffn_stats)
         b1 = None if lin["up"].bias is None else lin["up"].bias.detach().float()
@@ -178,26 +178,31 @@ def _ffn_cost(w: dict) -> float:
     return float(sum(t.shape[0] * t.shape[1] * t.shape[1] for t in w.values()))
 
 
-def _solve_ffn(ctx, ffn, solver_opts: dict, x, w: dict, lin: dict, roles: dict):
-    """The joint FFN problem: ``(results by role, solver statistics)``."""
+def _solve_ffn(ctx, ffn, solver_opts: dict, x, dense: dict, lin: dict, roles: dict):
+    """The joint FFN problem: ``(results by role, solver statistics)``. The solver is handed the ``dense`` weights
+    in the model's dtype and makes its float32 copies where it uses them; the ones here live only while the
+    targets ``Y`` are computed."""
     inner = lambda weight, gram, target: ctx.inner_solve(ffn.up, weight, gram, target)  # noqa: E731
     rows, aux_dir = solver_opts["chunk_tokens"], ctx.store.directory
+    w = {role: t.float() for role, t in dense.items()}
     if ffn.kind == "relu":
         b1 = None if lin["up"].bias is None else lin["up"].bias.detach().float()
         b2 = None if lin["down"].bias is None else lin["down"].bias.detach().float()
         y = _map_rows(lambda xc: torch.relu(xc @ w["up"].T + (0 if b1 is None else b1)) @ w["down"].T
                       + (0 if b2 is None else b2), x, rows, aux_dir)
+        del w
         with closing(y):
-            out = prune_ffn_relu(FFNData.relu(x, y, w["up"], b1, w["down"], b2), ctx.pattern,
+            out = prune_ffn_relu(FFNData.relu(x, y, dense["up"], b1, dense["down"], b2), ctx.pattern,
                                  {"fc1": ctx.target(ffn.up), "fc2": ctx.target(ffn.down)}, inner, aux_dir=aux_dir,
                                  **solver_opts)
         results = {"up": out.results["fc1"], "down": out.results["fc2"]}
     else:
         y = _map_rows(lambda xc: (F.silu(xc @ w["gate"].T) * (xc @ w["up"].T)) @ w["down"].T, x, rows, aux_dir)
+        del w
         targets = {role: ctx.target(rel) for role, rel in roles.items()}
         with closing(y):
-            out = prune_ffn_swiglu(FFNData.swiglu(x, y, w["up"], w["gate"], w["down"]), ctx.pattern, targets,
-                                   inner, aux_dir=aux_dir, **solver_opts)
+            data = FFNData.swiglu(x, y, dense["up"], dense["gate"], dense["down"])
+            out = prune_ffn_swiglu(data, ctx.pattern, targets, inner, aux_dir=aux_dir, **solver_opts)
         results = out.results
     for r in results.values():
         r.stats["owner_rank"] = ctx.world.rank
