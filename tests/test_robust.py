@@ -710,7 +710,7 @@ def test_ranks_on_one_machine_must_fit_together(monkeypatch):
 def test_sparsellm_plan_counts_its_chunk_temporaries_up_to_chunk_tokens():
     """SparseLLM's sweep holds temporaries per token chunk: the plan counts them for ``min(tokens, chunk_tokens)``
     tokens, while its auxiliaries, the FFN's inputs and its targets grow with every token -- unless
-    ``--offload-dir`` keeps them in files, one chunk of each in memory."""
+    ``--offload-dir`` keeps them in files, one chunk of each in memory (with its float64 moments)."""
     from lmprune.registry import BLOCK_METHODS
     from lmprune.run.memory import BlockTokens, _solver_workspace
 
@@ -728,7 +728,11 @@ def test_sparsellm_plan_counts_its_chunk_temporaries_up_to_chunk_tokens():
     assert work(16384) - work(8192) == 4.0 * per_token * 8192
     offloaded = dict(offload_dir="/tmp/acts")
     assert work(16384, **offloaded) == work(8192, **offloaded)
-    assert work(8192) - work(8192, **offloaded) == 4.0 * per_token * (8192 - 4096)
+    # and the float64 moments that wait in files with --offload-dir leave the fitted workspace
+    (a, b, _), (oa, ob, _) = method.workspace, method.offload_workspace
+    moments = 4.0 * ((a - oa) * 11008**2 + (b - ob) * 4096 * 11008)
+    assert moments > 0
+    assert work(8192) - work(8192, **offloaded) == 4.0 * per_token * (8192 - 4096) + moments
 
 
 def test_written_shards_are_read_back_a_tensor_at_a_time_and_compared(tmp_path, monkeypatch):

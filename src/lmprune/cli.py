@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(same result, less device memory)")
     p.add_argument("--offload-dir", metavar="DIR",
                    help="keep the calibration activations in files under DIR, one window in memory at a time "
-                        "(same result, host memory independent of --nsamples x --seqlen; removed afterwards)")
+                        "(same result, host memory independent of --nsamples x --seqlen; removed afterwards); "
+                        "SparseLLM keeps its token arrays and float64 moments there too")
     p.add_argument("--solver-opt", action="append", metavar="KEY=VALUE", help="solver option (repeatable)")
     p.add_argument("--method-opt", action="append", metavar="KEY=VALUE", help="block-method option (repeatable)")
     p.add_argument("--alloc-opt", action="append", metavar="KEY=VALUE", help="allocator option (repeatable)")

@@ -54,6 +54,8 @@ class Plugin:
     #: bench/scale/matrix_memory.py, SparseLLM's (beside its inner solver's) fitted to its FFN problem's peaks
     #: with bench/scale/ffn_memory.py and checked at LLaMA-2-7B's (bench/RESULTS.md, issue 18).
     workspace: tuple[int, int, int] = (0, 0, 0)
+    #: The same with ``--offload-dir``, where it differs (SparseLLM then keeps its float64 moments in files).
+    offload_workspace: tuple[int, int, int] | None = None
     #: Further float32 words per ``chunk · d_ff``, ``chunk = min(tokens, chunk_tokens)``, for a block method that
     #: sweeps the tokens in chunks of its ``chunk_tokens`` option (SparseLLM's temporaries).
     chunk_workspace: int = 0
@@ -157,11 +159,13 @@ BLOCK_METHODS: Registry[Plugin] = Registry("block method", "method_options", [
            "every matrix by the solver, Gram matrices from one pass of the block (or per input group)"),
     # sparsellm: fitted (with SparseGPT inside) on five FFN shapes, one with the 70B's proportions, after the
     # refits solved with their factor in place and the update pass ran in place (bench/RESULTS.md, issue 18:
-    # 2-14% above each measured peak); its three auxiliaries (tokens x d_ff) and the FFN's inputs and targets
+    # 2-14% above each measured peak); with --offload-dir, where the float64 moments wait in files, refitted on
+    # the same five (2-19% above); its three auxiliaries (tokens x d_ff) and the FFN's inputs and targets
     # (tokens x d) are counted apart: one token chunk of each with --offload-dir
     Plugin("sparsellm", "lmprune.strategies.sparsellm", "prune_block",
            "attention by the solver, then the feed-forward part jointly through auxiliary variables (SparseLLM)",
-           options_attr="StrategyOptions", workspace=(0, 20, 0), chunk_workspace=3, token_rows=3, token_inputs=2),
+           options_attr="StrategyOptions", workspace=(0, 20, 0), offload_workspace=(0, 16, 0), chunk_workspace=3,
+           token_rows=3, token_inputs=2),
 ])
 
 REFINERS: Registry[Plugin] = Registry("refiner", "refine_options", [

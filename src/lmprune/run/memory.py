@@ -182,7 +182,8 @@ def _solver_workspace(config: PruneConfig, out: int, inp: int, sizes: BlockToken
     words = 2 * out * inp  # the engine's dense clone and the float32 copy handed to the solver
     method = BLOCK_METHODS.get(block_method_of(config.method))
     for plugin in (SOLVERS.get(config.solver_name), REFINERS.get(config.refine), method):
-        a, b, c = plugin.workspace
+        offloaded = config.offload_dir is not None and plugin.offload_workspace is not None
+        a, b, c = plugin.offload_workspace if offloaded else plugin.workspace
         words += a * inp * inp + b * out * inp + c * tokens * d_ff
     if method.chunk_workspace or method.token_rows or method.token_inputs:
         chunk = min(tokens, BLOCK_METHODS.options(method.name, config.block_method_options).chunk_tokens)
