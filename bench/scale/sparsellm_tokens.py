@@ -51,6 +51,10 @@ def run_cell(model: Path, n: int, out: Path, args: argparse.Namespace) -> None:
            "--method-opt", f"rounds={args.rounds}"]
     if args.blocks:
         cmd += ["--blocks", args.blocks]
+    if args.chunk_tokens:
+        cmd += ["--method-opt", f"chunk_tokens={args.chunk_tokens}"]
+    if args.skip_memory_check:
+        cmd += ["--skip-memory-check"]
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MALLOC_MMAP_THRESHOLD_="65536")
@@ -87,6 +91,9 @@ def main() -> None:
     ap.add_argument("--label", default="current")
     ap.add_argument("--in-memory", action="store_true", help="without --offload-dir (label the cells apart)")
     ap.add_argument("--blocks", default=None, help="blocks to prune (--blocks of lmprune prune; default: all)")
+    ap.add_argument("--chunk-tokens", type=int, default=None, help="SparseLLM's chunk_tokens (default: the run's)")
+    ap.add_argument("--skip-memory-check", action="store_true",
+                    help="run even where the plan (which counts every round's phases) is above the free memory")
     ap.add_argument("--src", default=None, help="PYTHONPATH of the lmprune to run (default: the installed one)")
     ap.add_argument("--root", type=Path, default=REPO / "bench" / "out" / "sparsellm_tokens")
     ap.add_argument("--data-dir", default=os.environ.get("LMPRUNE_DATA_DIR"))
