@@ -187,25 +187,31 @@ class _Moments:
         self.tt += _sq(t)
         self.n += a.shape[0]
 
-    def subproblem(self, gram: Gram | None = None, park: str | None = None) -> "_Subproblem":
-        if gram is None:
-            gram = Gram(self.h.float(), self.n, self.s.float())
-        return _Subproblem(gram, self.c, self.tt, self.h, park)
+    def gram(self) -> Gram:
+        """The float32 Gram matrix of ``a``, rounded from the float64 sums."""
+        return Gram(self.h.float(), self.n, self.s.float())
+
+    def subproblem(self, park: str | None, inputs: tuple[Gram, Parked] | None = None) -> "_Subproblem":
+        """This matrix's subproblem, its float64 matrices in files under ``park`` (None: in memory). ``inputs``:
+        the Gram matrix it shares with the other matrices reading the same inputs (float32, and float64 as
+        :meth:`_AuxState.input_gram` gives it); without it, its own from these sums."""
+        gram, h64 = inputs if inputs is not None else (self.gram(), Parked(self.h, park))
+        return _Subproblem(gram, Parked(self.c, park), self.tt, h64)
 
 
 class _Subproblem:
     """``min_W ‖T − A Wᵀ‖²`` for one matrix, kept as the Gram matrix ``AᵀA`` (float32, for the inner solver and
     the refit, and float64, for :meth:`value`), ``AᵀT`` (float64) and ``‖T‖²``.
 
-    With ``park`` (a directory) the float64 matrices wait in files there between their uses (for ``down``,
-    ``AᵀA`` is ``d_ff x d_ff``: 6.3 GiB at LLaMA-3-70B's width). The float32 Gram matrix goes once the inner
-    solver has pruned the matrix (:meth:`drop_gram`)."""
+    The float64 matrices are :class:`Parked`: in files between their uses when the problem has a directory for
+    them (for ``down``, ``AᵀA`` is ``d_ff x d_ff``: 6.3 GiB at LLaMA-3-70B's width). The float32 Gram matrix
+    goes once the inner solver has pruned the matrix (:meth:`drop_gram`)."""
 
-    def __init__(self, gram: Gram, cross: Tensor, tt: float, h64: Tensor | None = None, park: str | None = None):
+    def __init__(self, gram: Gram, cross: Parked, tt: float, h64: Parked):
         self.gram: Gram | None = gram
         self.tt = tt
-        self._cross = Parked(cross, park)  # in x out
-        self._h64 = Parked(gram.matrix.double() if h64 is None else h64, park)
+        self._cross = cross  # in x out
+        self._h64 = h64
 
     def drop_gram(self) -> None:
         """Let the float32 Gram matrix (and what the inner solver cached on it) go: only :meth:`value` is left."""
@@ -274,7 +280,12 @@ class _AuxState:
         except BaseException:
             self.close()
             raise
-        self.gram_x = self.gx.subproblem().gram
+        self.gram_x = self.gx.gram()
+
+    def input_gram(self) -> tuple[Gram, Parked]:
+        """The inputs' Gram matrix for the matrices that read ``X``: float32, and float64 for their subproblems'
+        values (the float32 matrix widened, once for all of them, and parked under :attr:`park`)."""
+        return self.gram_x, Parked(self.gram_x.matrix.double(), self.park)
 
 
 class _ReluFFN(_AuxState):
@@ -315,8 +326,8 @@ class _ReluFFN(_AuxState):
         return {"fc1": _Moments(d, dff, dev, gram=False), "fc2": _Moments(dff, self.y.shape[1], dev)}
 
     def subproblems(self) -> dict[str, _Subproblem]:
-        return {"fc1": self.next["fc1"].subproblem(self.gram_x, self.park),
-                "fc2": self.next["fc2"].subproblem(park=self.park)}
+        return {"fc1": self.next["fc1"].subproblem(self.park, self.input_gram()),
+                "fc2": self.next["fc2"].subproblem(self.park)}
 
     def measure(self, w: dict[str, Tensor], refit: bool) -> _Sweep:
         x, y, z, p, b1, b2 = self.x, self.y, self.z, self.p, self.b1, self.b2
@@ -444,10 +455,11 @@ class _SwiGLUFFN(_AuxState):
         }
 
     def subproblems(self) -> dict[str, _Subproblem]:
+        inputs = self.input_gram()
         return {
-            "up": self.next["up"].subproblem(self.gram_x, self.park),
-            "gate": self.next["gate"].subproblem(self.gram_x, self.park),
-            "down": self.next["down"].subproblem(park=self.park),
+            "up": self.next["up"].subproblem(self.park, inputs),
+            "gate": self.next["gate"].subproblem(self.park, inputs),
+            "down": self.next["down"].subproblem(self.park),
         }
 
     def measure(self, w: dict[str, Tensor], refit: bool) -> _Sweep:
@@ -577,7 +589,7 @@ def _rounds(ffn, targets: dict[str, float], inner: InnerSolve, opt: "Options") -
         if best is None or select == "last" or sweep.error < best[0]:
             best = (sweep.error, dict(res), r)
         if sweep.refit is not None:
-            refit, sweep.refit = sweep.refit.subproblem(park=ffn.park), None  # the moments live on in it alone
+            refit, sweep.refit = sweep.refit.subproblem(ffn.park), None  # the moments live on in it alone
             cand, cand_err = _refit_down(refit, inner, targets[ffn.down], percdamp)
             del refit
             stats["refit_down_error"].append(cand_err)
