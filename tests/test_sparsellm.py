@@ -342,3 +342,67 @@ def test_moments_wait_in_files_while_the_inner_solver_runs(tmp_path, aux_dir):
     reference = run(None, solve)
     for role in out.results:
         assert torch.equal(out.results[role].weight, reference.results[role].weight)
+
+
+@pytest.mark.parametrize("ffn", ["relu", "swiglu"])
+def test_the_update_pass_inverse_is_gone_before_the_next_moments_exist(monkeypatch, ffn):
+    """Memory at real shapes: the p-update's ``(βWᵀW + γI)⁻¹`` (``d_ff x d_ff`` float32) is released before the
+    next round's ``d_ff x d_ff`` float64 moments are gathered (a pass of its own, the same bits as gathering them
+    in the update pass: the golden hashes pin that)."""
+    import gc
+    import warnings
+
+    from lmprune.solvers import sparsellm
+
+    pattern = parse_pattern("unstructured")
+    x = _inputs(5)
+    if ffn == "relu":
+        w1, b1, w2, b2 = _relu_ffn(5)
+        d_ff = w1.shape[0]
+        data = FFNData.relu(x, _relu_out(x, w1, b1, w2, b2), w1, b1, w2, b2)
+        prune = prune_ffn_relu
+    else:
+        up, gate, down = _swiglu_ffn(5)
+        d_ff = up.shape[0]
+        data = FFNData.swiglu(x, _swiglu_out(x, up, gate, down), up, gate, down)
+        prune = prune_ffn_swiglu
+    add, inverses = sparsellm.add_outer_, []
+
+    def counting_add(h, a):
+        if h.shape == (d_ff, d_ff) and not h.abs().sum():  # a fresh sum: its first chunk
+            with warnings.catch_warnings():  # isinstance on a deprecated torch.distributed alias warns
+                warnings.simplefilter("ignore")
+                inverses.append(sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor)
+                                    and o.dtype == torch.float32 and tuple(o.shape) == (d_ff, d_ff)))
+        return add(h, a)
+
+    monkeypatch.setattr(sparsellm, "add_outer_", counting_add)
+    prune(data, pattern, 0.6, _inner(pattern), rounds=3, refit_down=False)
+    # the first pass's, two update passes' and two measuring passes' without the refit: only the update passes'
+    # could meet the inverse, and none does
+    assert len(inverses) == 3 and inverses == [0, 0, 0]
+
+
+def test_a_parked_candidate_keeps_no_tensor_in_memory(tmp_path):
+    """The best round's matrices wait in files with ``aux_dir`` (the later rounds make new ones) and come back
+    as the same bits, masks included."""
+    import weakref
+
+    from lmprune.solvers.base import SolveResult
+    from lmprune.solvers.sparsellm import _Candidate
+
+    w = torch.randn(6, 5)
+    mask = w.abs() > 0.5
+    stats = {"k": 1}
+    kept = _Candidate(0.25, {"down": SolveResult(w.clone(), mask.clone(), stats)}, "1+refit_down", str(tmp_path))
+    res = SolveResult(w.clone(), None, {})
+    alive = weakref.ref(res.weight)
+    parked = _Candidate(0.5, {"up": res}, 2, str(tmp_path))
+    del res
+    assert alive() is None  # nothing but the file holds it now
+    back = kept.results()["down"]
+    assert torch.equal(back.weight, w) and torch.equal(back.mask, mask) and back.stats is stats
+    assert kept.error == 0.25 and kept.label == "1+refit_down"
+    assert torch.equal(parked.results()["up"].weight, w) and parked.results()["up"].mask is None
+    in_memory = SolveResult(w, mask, stats)
+    assert _Candidate(0.1, {"down": in_memory}, 0, None).results()["down"].weight is w

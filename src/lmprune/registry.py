@@ -159,12 +159,14 @@ BLOCK_METHODS: Registry[Plugin] = Registry("block method", "method_options", [
            "every matrix by the solver, Gram matrices from one pass of the block (or per input group)"),
     # sparsellm: fitted (with SparseGPT inside) on five FFN shapes, one with the 70B's proportions, after the
     # refits solved with their factor in place and the update pass ran in place (bench/RESULTS.md, issue 18:
-    # 2-14% above each measured peak); with --offload-dir, where the float64 moments wait in files, refitted on
-    # the same five (2-19% above); its three auxiliaries (tokens x d_ff) and the FFN's inputs and targets
-    # (tokens x d) are counted apart: one token chunk of each with --offload-dir
+    # 2-14% above each measured peak); with --offload-dir, where the float64 moments wait in files and the
+    # update pass releases its F x F inverse before gathering the next moments, refitted on the same five (2-35%
+    # above; the 35% at the 70B's proportions, whose peak holds fewer F^2 words than the inner SparseGPT's
+    # factorisation the plan counts beside these); its three auxiliaries (tokens x d_ff) and the FFN's inputs
+    # and targets (tokens x d) are counted apart: one token chunk of each with --offload-dir
     Plugin("sparsellm", "lmprune.strategies.sparsellm", "prune_block",
            "attention by the solver, then the feed-forward part jointly through auxiliary variables (SparseLLM)",
-           options_attr="StrategyOptions", workspace=(0, 20, 0), offload_workspace=(0, 16, 0), chunk_workspace=3,
+           options_attr="StrategyOptions", workspace=(0, 20, 0), offload_workspace=(0, 12, 0), chunk_workspace=3,
            token_rows=3, token_inputs=2),
 ])
 

@@ -31,9 +31,10 @@ round) the result is the candidate with the smallest true FFN error ``‖Y − F
 refit is exactly the plain layer-wise inner solver (fc2/down pruned from its dense weights on the dense
 activations), so the result is never worse than that. Non-finite values never reach the weights: a non-finite solver result is discarded, and a round
 producing non-finite auxiliaries ends the loop with the best round standing. All work on T x d_ff arrays
-runs in two passes per round over token chunks of ``chunk_tokens``: one measures the round's weights (objective,
-FFN error, the down refit's moments), the next updates the auxiliaries and gathers the next round's moments,
-so that the two rounds' ``F × F`` float64 moments and the refit's solve are never alive together. The auxiliaries
+runs in three passes per round over token chunks of ``chunk_tokens``: one measures the round's weights
+(objective, FFN error, the down refit's moments), the next updates the auxiliaries, the last gathers the next
+round's moments from them, so that no two of the two rounds' ``F × F`` float64 moments, the refit's solve and
+the p-update's ``F × F`` inverse are alive together. The auxiliaries
 (``tokens × d_ff`` each, the problem's only arrays that grow with the tokens beside ``X`` and ``Y``) are kept in
 memory, or with ``aux_dir`` in files there, one token chunk of each in memory at a time; ``X`` and ``Y`` may be
 :class:`~lmprune.activations.TokenRows` in files as well (the block strategy's with ``--offload-dir``), and
@@ -282,6 +283,14 @@ class _AuxState:
             raise
         self.gram_x = self.gx.gram()
 
+    def update(self, w: dict[str, Tensor]) -> None:
+        """Steps 2-4 of a round with the weights ``w`` (:meth:`_update_aux`), then the next weight step's moments
+        from the new auxiliaries (:meth:`_gather`): two passes over the tokens, so that the ``F x F`` inverse of
+        the p-update and the next round's ``F x F`` float64 moments are never alive together. The moments are
+        those one pass would give, bit for bit: the same chunks, read back as they were written."""
+        self._update_aux(w)
+        self._gather()
+
     def input_gram(self) -> tuple[Gram, Parked]:
         """The inputs' Gram matrix for the matrices that read ``X``: float32, and float64 for their subproblems'
         values (the float32 matrix widened, once for all of them, and parked under :attr:`park`)."""
@@ -346,13 +355,12 @@ class _ReluFFN(_AuxState):
             obj += al * _sq(zc - m) + ga * _sq(pc - torch.relu(zc)) + be * _sq(tc - pc @ w2.T)
         return _Sweep(obj, err, ref)
 
-    def update(self, w: dict[str, Tensor]) -> None:
+    def _update_aux(self, w: dict[str, Tensor]) -> None:
         x, y, z, p, b1, b2 = self.x, self.y, self.z, self.p, self.b1, self.b2
         al, be, ga = self.alpha, self.beta, self.gamma
         w1, w2 = w["fc1"].float(), w["fc2"].float()
         self.finite = True  # every chunk is rewritten below
         a_inv = _spd_inverse(w2, be, ga)
-        self.next = self._fresh(x.device)
         for sl in row_slices(x.shape[0], self.ch):
             xc, tc = x.read(sl), y.read(sl) - b2
             zc = z.read(sl)
@@ -373,8 +381,13 @@ class _ReluFFN(_AuxState):
             del zp, zn, keep_pos
             pc, zc = p.write(sl, pc), z.write(sl, zc)
             self.finite &= _finite(pc, zc)
-            self.next["fc1"].add(xc, zc - b1)
-            self.next["fc2"].add(pc, tc)
+
+    def _gather(self) -> None:
+        x, y, b1, b2 = self.x, self.y, self.b1, self.b2
+        self.next = self._fresh(x.device)
+        for sl in row_slices(x.shape[0], self.ch):
+            self.next["fc1"].add(x.read(sl), self.z.read(sl) - b1)
+            self.next["fc2"].add(self.p.read(sl), y.read(sl) - b2)
 
 
 def _silu_grad(s: Tensor) -> Tensor:
@@ -485,13 +498,12 @@ class _SwiGLUFFN(_AuxState):
             return _s_gradient(s, n, z, p, self.alpha, self.gamma, self.s_steps, self.s_lr)
         return _s_steps(s, n, z, p, self.alpha, self.gamma, self.s_steps)
 
-    def update(self, w: dict[str, Tensor]) -> None:
+    def _update_aux(self, w: dict[str, Tensor]) -> None:
         x, y, z, s, p = self.x, self.y, self.z, self.s, self.p
         al, be, ga = self.alpha, self.beta, self.gamma
         wu, wg, wd = w["up"].float(), w["gate"].float(), w["down"].float()
         self.finite = True  # every chunk is rewritten below
         a_inv = _spd_inverse(wd, be, ga)
-        self.next = self._fresh(x.device)
         for sl in row_slices(x.shape[0], self.ch):
             xc, yc = x.read(sl), y.read(sl)
             zc, sc = z.read(sl), s.read(sl)
@@ -513,9 +525,15 @@ class _SwiGLUFFN(_AuxState):
                 sc[rows] = self._s_update(sc[rows], n[rows], zc[rows], pc[rows])
             s.write(sl, sc)
             self.finite &= _finite(zc, sc, pc)
-            self.next["up"].add(xc, zc)
-            self.next["gate"].add(xc, sc)
-            self.next["down"].add(pc, yc)
+
+    def _gather(self) -> None:
+        x, y = self.x, self.y
+        self.next = self._fresh(x.device)
+        for sl in row_slices(x.shape[0], self.ch):
+            xc = x.read(sl)
+            self.next["up"].add(xc, self.z.read(sl))
+            self.next["gate"].add(xc, self.s.read(sl))
+            self.next["down"].add(self.p.read(sl), y.read(sl))
 
 
 def _prune(
@@ -547,6 +565,21 @@ def _refit_down(sub: _Subproblem, inner: InnerSolve, target: float,
         return None, float("inf")
 
 
+class _Candidate:
+    """The best pruned matrices so far (a round's, or a round's with the refitted down projection), their FFN
+    error and label. With ``park`` (``aux_dir``) their weights and masks wait in files there: the later rounds
+    make new matrices while these may be the ones returned (each ``d_ff x d`` float32: 0.9 GiB at 70B shape)."""
+
+    def __init__(self, error: float, results: dict[str, SolveResult], label: Any, park: str | None):
+        self.error, self.label = error, label
+        self._kept = {k: (Parked(v.weight, park), None if v.mask is None else Parked(v.mask, park), v.stats,
+                          v.pattern) for k, v in results.items()}
+
+    def results(self) -> dict[str, SolveResult]:
+        return {k: SolveResult(w.get(), None if m is None else m.get(), stats, pattern)
+                for k, (w, m, stats, pattern) in self._kept.items()}
+
+
 def _run(ffn, targets: dict[str, float], inner: InnerSolve, opt: "Options") -> FFNPruneResult:
     try:
         return _rounds(ffn, targets, inner, opt)
@@ -559,7 +592,7 @@ def _rounds(ffn, targets: dict[str, float], inner: InnerSolve, opt: "Options") -
                                                          opt.keep_better)
     stats: dict[str, Any] = {k: [] for k in ("objective", "ffn_error", "refit_down_error", "kept_previous", "round_s")}
     res: dict[str, SolveResult | None] = {k: None for k in ffn.roles}
-    best: tuple[float, dict[str, SolveResult], Any] | None = None
+    best: _Candidate | None = None
     for r in range(max(1, rounds)):
         t0 = time.perf_counter()
         subs = ffn.subproblems()
@@ -586,15 +619,16 @@ def _rounds(ffn, targets: dict[str, float], inner: InnerSolve, opt: "Options") -
         sweep = ffn.measure(weights, refit=refit_down)
         stats["objective"].append(sweep.objective)
         stats["ffn_error"].append(sweep.error)
-        if best is None or select == "last" or sweep.error < best[0]:
-            best = (sweep.error, dict(res), r)
+        if best is None or select == "last" or sweep.error < best.error:
+            best = _Candidate(sweep.error, res, r, ffn.park)
         if sweep.refit is not None:
             refit, sweep.refit = sweep.refit.subproblem(ffn.park), None  # the moments live on in it alone
             cand, cand_err = _refit_down(refit, inner, targets[ffn.down], percdamp)
             del refit
             stats["refit_down_error"].append(cand_err)
-            if cand_err < best[0]:
-                best = (cand_err, {**res, ffn.down: cand}, f"{r}+refit_down")
+            if cand_err < best.error:
+                best = _Candidate(cand_err, {**res, ffn.down: cand}, f"{r}+refit_down", ffn.park)
+            del cand
         del sweep  # the refit moments, before the update builds the next round's
         if r < rounds - 1:
             ffn.update(weights)
@@ -603,7 +637,8 @@ def _rounds(ffn, targets: dict[str, float], inner: InnerSolve, opt: "Options") -
         if not ffn.finite:
             stats["stopped"] = f"round {r}: non-finite auxiliary variables"
             break
-    err, chosen, r_best = best  # round 0 always yields a finite candidate or raised
+    res = None  # the last round's matrices, before the chosen ones are read back
+    err, chosen, r_best = best.error, best.results(), best.label  # round 0 always yields a finite one or raised
     target_norm = sum(_sq(ffn.y.read(sl)) for sl in row_slices(ffn.y.shape[0], ffn.ch))  # by chunks, as Y is kept
     stats.update(best_round=r_best, final_ffn_error=err, target_norm=target_norm,
                  aux_mb=ffn.aux_mb())
