@@ -378,8 +378,8 @@ def test_the_update_pass_inverse_is_gone_before_the_next_moments_exist(monkeypat
 
     monkeypatch.setattr(sparsellm, "add_outer_", counting_add)
     prune(data, pattern, 0.6, _inner(pattern), rounds=3, refit_down=False)
-    # the first pass's, two update passes' and two measuring passes' without the refit: only the update passes'
-    # could meet the inverse, and none does
+    # three fresh d_ff x d_ff sums: the first pass's and the two update passes' (without refit_down the measuring
+    # passes gather none); only the update passes' could meet the inverse, and none does
     assert len(inverses) == 3 and inverses == [0, 0, 0]
 
 
