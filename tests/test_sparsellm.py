@@ -406,3 +406,25 @@ def test_a_parked_candidate_keeps_no_tensor_in_memory(tmp_path):
     assert torch.equal(parked.results()["up"].weight, w) and parked.results()["up"].mask is None
     in_memory = SolveResult(w, mask, stats)
     assert _Candidate(0.1, {"down": in_memory}, 0, None).results()["down"].weight is w
+
+
+def test_a_refit_candidate_shares_its_rounds_parked_files(tmp_path, monkeypatch):
+    """The refitted down projection replaces one matrix of its round's candidate: only it is written to a file;
+    up and gate are the round candidate's files, read back as the same bits."""
+    from lmprune.solvers import sparsellm
+    from lmprune.solvers.base import SolveResult
+
+    written = []
+    real = sparsellm.Parked
+    monkeypatch.setattr(sparsellm, "Parked", lambda value, d=None: written.append(tuple(value.shape)) or real(value, d))
+    ws = {k: torch.randn(4 + i, 3) for i, k in enumerate(("gate", "up", "down"))}
+    rnd = sparsellm._Candidate(0.5, {k: SolveResult(v.clone(), v != 0, {}) for k, v in ws.items()}, 0, str(tmp_path))
+    assert len(written) == 6
+    refit = torch.randn(6, 3)
+    cand = rnd.replacing("down", SolveResult(refit.clone(), None, {"refit": 1}), 0.25, "0+refit_down")
+    assert written[6:] == [(6, 3)]  # the refitted weight alone (it has no mask)
+    back = cand.results()
+    assert list(back) == ["gate", "up", "down"] and cand.error == 0.25 and cand.label == "0+refit_down"
+    assert torch.equal(back["gate"].weight, ws["gate"]) and torch.equal(back["up"].mask, ws["up"] != 0)
+    assert torch.equal(back["down"].weight, refit) and back["down"].mask is None
+    assert torch.equal(rnd.results()["down"].weight, ws["down"])  # the round's candidate itself is unchanged

@@ -571,9 +571,16 @@ class _Candidate:
     make new matrices while these may be the ones returned (each ``d_ff x d`` float32: 0.9 GiB at 70B shape)."""
 
     def __init__(self, error: float, results: dict[str, SolveResult], label: Any, park: str | None):
-        self.error, self.label = error, label
+        self.error, self.label, self._park = error, label, park
         self._kept = {k: (Parked(v.weight, park), None if v.mask is None else Parked(v.mask, park), v.stats,
                           v.pattern) for k, v in results.items()}
+
+    def replacing(self, key: str, result: SolveResult, error: float, label: Any) -> "_Candidate":
+        """This candidate with ``key``'s matrix replaced (the refitted down projection beside the round's other
+        matrices): the others' parked files are shared, not written again."""
+        new = _Candidate(error, {key: result}, label, self._park)
+        new._kept = {**self._kept, **new._kept}
+        return new
 
     def results(self) -> dict[str, SolveResult]:
         return {k: SolveResult(w.get(), None if m is None else m.get(), stats, pattern)
@@ -626,7 +633,9 @@ def _rounds(ffn, targets: dict[str, float], inner: InnerSolve, opt: "Options") -
             cand, cand_err = _refit_down(refit, inner, targets[ffn.down], percdamp)
             del refit
             stats["refit_down_error"].append(cand_err)
-            if cand_err < best.error:
+            if cand_err < best.error and best.label == r:  # this round's own candidate: its other matrices
+                best = best.replacing(ffn.down, cand, cand_err, f"{r}+refit_down")
+            elif cand_err < best.error:
                 best = _Candidate(cand_err, {**res, ffn.down: cand}, f"{r}+refit_down", ffn.park)
             del cand
         del sweep  # the refit moments, before the update builds the next round's
