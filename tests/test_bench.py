@@ -176,3 +176,20 @@ def test_scale_tables_read_a_streamed_run(tmp_path, tiny_model_dirs, calib_file)
     assert lines[2].startswith("| llama | sparsegpt | 1 × ") and "| 32 | 2 |" in lines[2]
     assert lines[2].endswith("| 0.5000 | ok |")
     assert "× 2 blocks" in lines[-1]
+
+
+def test_scale_projection_leaves_out_a_solve_that_grows_with_tokens(tmp_path, tiny_model_dirs, calib_file):
+    """SparseLLM's FFN problem passes over the tokens every round: its block is not projected by holding the solve
+    fixed ("–"); ``ffn_tokens.fit`` gives the ``a + b·T`` that does project it."""
+    blocks = _module("scale/blocks")
+    ffn_tokens = _module("scale/ffn_tokens")
+    out = tmp_path / "tiny" / "sparsellm"
+    proc = subprocess.run([sys.executable, "-m", "lmprune.cli", "prune", "--model", str(tiny_model_dirs["llama"]),
+                           "--method", "sparsellm", "--sparsity", "0.5", "--stream", "--calib", str(calib_file),
+                           "--nsamples", "2", "--seqlen", "16", "--out", str(out), "--quiet"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert blocks.row(out, project_tokens=64).endswith("| – |")
+    assert not blocks.row(out, project_tokens=None).endswith("| – |")
+    a, b = ffn_tokens.fit({2048: 30.0, 8192: 48.0, 32768: 120.0})
+    assert a == pytest.approx(24.0) and b == pytest.approx(18 / 6144)

@@ -13,10 +13,13 @@ Every cell is ``ROOT/<model dir name>/<method>`` (``--root``, default ``bench/ou
 (``--blocks 0``) and propagates the others dense, at ``--threads`` threads (``OMP_NUM_THREADS``). With
 ``--project TOKENS``, the table adds the whole-model time at ``TOKENS`` calibration tokens per block and the
 model's published block count: calibration passes scale with the tokens, solves and error reports do not (runs
-made before the records carried the error reports' time show "–" there and project without them). ``--scale-to
-SHAPE,...`` adds rows for shapes that were not run, scaled from each measured cell by FLOPs (labelled as such):
-a block's passes by its parameter count, its layer-wise solves by ``Σ (in³ + out·in²)`` over its matrices
-(the inverse-Hessian factorisation and the column sweep or ADMM products).
+made before the records carried the error reports' time show "–" there and project without them). A block whose
+solve itself passes over the tokens (SparseLLM's FFN problem: every round multiplies ``tokens x d_ff`` arrays) is
+not projected ("–"): one token count cannot split its time into the part that grows with the tokens and the part
+that does not (``ffn_tokens.py`` measures that split). ``--scale-to SHAPE,...`` adds rows for shapes that were not
+run, scaled from each measured cell by FLOPs (labelled as such): a block's passes by its parameter count, its
+layer-wise solves by ``Σ (in³ + out·in²)`` over its matrices (the inverse-Hessian factorisation and the column
+sweep or ADMM products), its error reports by ``Σ out·in²`` (one product with the Gram matrix each).
 """
 
 from __future__ import annotations
@@ -66,6 +69,11 @@ def _shape(cell: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def _solve_grows_with_tokens(layers: list[dict]) -> bool:
+    """Does the block's solve pass over the calibration tokens (SparseLLM's FFN problem records its rounds)?"""
+    return any("sparsellm_rounds_run" in r["stats"] for r in layers)
+
+
 def row(cell: Path, project_tokens: int | None) -> str | None:
     path = cell / "lmprune.json"
     if not path.exists():
@@ -86,7 +94,9 @@ def row(cell: Path, project_tokens: int | None) -> str | None:
     out = (f"| {shape.get('shape', cell.parent.name)} | {m['method']} | {tokens} | {calib:.1f} | {solve:.1f} | "
            f"{'–' if report is None else f'{report:.1f}'} | {block0:.1f} | {peak} | {plan_text(m)} | "
            f"{per_block.get('bytes', 0) / 2**20:.0f} | {per_block.get('seconds', float('nan')):.1f} |")
-    if project_tokens:
+    if project_tokens and _solve_grows_with_tokens([r for r in m["layers"] if r["block"] == 0]):
+        out += " – |"
+    elif project_tokens:
         blocks = FULL_BLOCKS.get(shape.get("shape", ""), m["n_blocks"])
         whole = blocks * (calib * project_tokens / tokens + solve + (report or 0.0))
         out += f" {whole / 3600:.1f} |"
@@ -139,19 +149,25 @@ def scaled_rows(cells: list[Path], targets: list[str], project_tokens: int) -> l
         if measured not in SHAPES:
             continue
         m = json.loads(path.read_text())
-        solve = sum(r["time_s"] for r in m["layers"] if r["block"] == 0)
+        layers = [r for r in m["layers"] if r["block"] == 0]
+        if _solve_grows_with_tokens(layers):
+            continue
+        solve = sum(r["time_s"] for r in layers)
+        report = sum(r.get("error_time_s", 0.0) for r in layers)
         calib = m["calibration_time_s"] - sum(m["block_times_s"][1:])
         tokens = m["calibration"]["nsamples"] * m["calibration"]["seqlen"]
         src = _matrices(SHAPES[measured])
         params = sum(o * i for o, i in src)
         cubic = sum(i**3 + o * i * i for o, i in src)
+        product = sum(o * i * i for o, i in src)
         for target in targets:
             dst = _matrices(SHAPES[target])
             t_calib = calib * sum(o * i for o, i in dst) / params * project_tokens / tokens
             t_solve = solve * sum(i**3 + o * i * i for o, i in dst) / cubic
-            hours = SHAPES[target]["num_hidden_layers"] * (t_calib + t_solve) / 3600
+            t_report = report * sum(o * i * i for o, i in dst) / product
+            hours = SHAPES[target]["num_hidden_layers"] * (t_calib + t_solve + t_report) / 3600
             rows.append(f"| {target} (scaled from {measured} by FLOPs) | {m['method']} | {project_tokens} | "
-                        f"{t_calib:.0f} | {t_solve:.0f} | {hours:.1f} |")
+                        f"{t_calib:.0f} | {t_solve:.0f} | {t_report:.0f} | {hours:.1f} |")
     return rows
 
 
@@ -201,7 +217,7 @@ def main() -> int:
     print(table(cells, args.project))
     if args.project and args.scale_to:
         print("\n| shape | method | calib tokens per block | calibration passes per block (s) | solves per block (s) "
-              "| whole model, projected (h) |\n|---|---|---:|---:|---:|---:|")
+              "| error reports per block (s) | whole model, projected (h) |\n|---|---|---:|---:|---:|---:|---:|")
         print("\n".join(scaled_rows(cells, args.scale_to.split(","), args.project)))
     return 0
 
