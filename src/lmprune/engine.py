@@ -36,7 +36,7 @@ from .layer_pruner import LayerPruner
 from .models.adapters import FamilyAdapter
 from .models.discovery import call_blocks
 from .models.experts import ExpertMatrix, tap_experts
-from .solvers.base import Gram, SolveResult, reconstruction_error
+from .solvers.base import Gram, SolveResult, all_finite, reconstruction_error
 
 
 def _windows(x: Tensor) -> Iterable[Tensor]:
@@ -329,7 +329,7 @@ class BlockContext:
         measured before the write, by whichever rank solved the matrix)."""
         lin = self._linears[rel]
         new = result.weight.to(lin.weight.dtype)
-        if not torch.isfinite(new).all():
+        if not all_finite(new):
             raise FloatingPointError(f"solver produced NaN/Inf for {self.full_name(rel)}")
         lin.weight.copy_(new)
         target = self.target(rel)

@@ -193,14 +193,22 @@ def keep_largest(weight: Tensor, pattern: Pattern, sparsity: float, stats: dict[
     return SolveResult(weight * mask, mask, stats or {})
 
 
+def all_finite(t: Tensor, rows: int = 1024) -> bool:
+    """``torch.isfinite(t).all()``, ``rows`` rows at a time: never a bool tensor of ``t``'s size (784 MiB for a
+    LLaMA-3-70B ``down_proj`` Gram matrix, which set the peak of a 70B-shaped Wanda block)."""
+    if t.dim() < 2 or t.numel() == 0:
+        return bool(torch.isfinite(t).all())
+    flat = t.reshape(t.shape[0], -1)
+    return all(bool(torch.isfinite(flat[i : i + rows]).all()) for i in range(0, flat.shape[0], rows))
+
+
 def check_finite(solver: str, weight: Tensor, gram: "Gram | None" = None) -> None:
     """Refuse a weight or Gram matrix holding NaN or Inf (one-line ``ValueError``): no solver's answer would mean
     anything, and some would return the input unpruned without a word."""
     for what, t in (("weight", weight), ("Gram matrix", None if gram is None else gram.matrix)):
         if t is None:
             continue
-        finite = gram.cached("finite", lambda: bool(torch.isfinite(t).all())) if what == "Gram matrix" \
-            else bool(torch.isfinite(t).all())
+        finite = gram.cached("finite", lambda: all_finite(t)) if what == "Gram matrix" else all_finite(t)
         if not finite:
             bad = int((~torch.isfinite(t)).sum())
             raise ValueError(f"{solver}: the {what} ({'x'.join(map(str, t.shape))}) has {bad} NaN or Inf "

@@ -73,7 +73,7 @@ from torch import Tensor
 from ..activations import Parked, TokenRows, row_slices
 from ..gram_sum import add_outer_
 from ..patterns import Pattern
-from .base import Gram, SolveResult, SolverOptions
+from .base import Gram, SolveResult, SolverOptions, all_finite
 from .spd import cholesky_, cholesky_inverse_, cholesky_solve
 
 InnerSolve = Callable[[Tensor, Gram, float], SolveResult]
@@ -160,7 +160,7 @@ _ELEMENTWISE_ROWS = 512
 
 
 def _finite(*tensors: Tensor) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+    return all(all_finite(t) for t in tensors)
 
 
 def _sq(t: Tensor) -> float:
