@@ -7,8 +7,8 @@ the process's RSS every 5 ms (with ``--aux-dir`` the inputs and targets are writ
 the block strategy keeps them with ``--offload-dir``). Printed as one JSON line: the peak above the baseline (the
 inputs, in memory or not, and the weights built before the solve), the innermost lmprune frames of the main thread when each new peak was reached (the
 last one is where the solve peaks), the time, the plan's workspace for the same shape
-(``run.memory._solver_workspace``) for comparison, and a SHA-256 of the pruned matrices (to show that a memory
-change left the result's bits alone).
+(``run.memory._solver_workspace``) for comparison, a SHA-256 of the pruned matrices (to show that a memory
+change left the result's bits alone), and the MiB the process wrote (``written_mib``: with ``--aux-dir``, its files).
 
 ``--phases N`` adds the N lines of lmprune with the highest RSS seen while each ran: how high every phase of the
 solve stands, not only the one that sets the peak. Run it with ``MALLOC_MMAP_THRESHOLD_=65536`` so that RSS
@@ -77,6 +77,18 @@ class PeakWhere:
     def __exit__(self, *exc) -> None:
         self.stop.set()
         self.worker.join()
+
+
+def _written_mib() -> float | None:
+    """MiB this process has passed to ``write()`` so far (``wchar`` of Linux's ``/proc/self/io``: the input files
+    with ``--aux-dir``, and whatever the solve parks there); None where there is no such file."""
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("wchar:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
 
 
 def _digest(results) -> str:
@@ -158,6 +170,7 @@ def main() -> None:
         "seconds": round(seconds, 1), "peak_above_base_mib": round((mem.peak - mem.base) / 2**20, 1),
         "planned_workspace_mib": round(planned, 1), "float32_word_counts": words,
         "best_round": str(out.stats["best_round"]), "peaks": mem.marks[-6:], "weights_sha256": _digest(out.results),
+        "written_mib": _written_mib(),
         **({"places": mem.top_places(args.phases)} if args.phases else {}),
     }), flush=True)
 
