@@ -194,8 +194,8 @@ def keep_largest(weight: Tensor, pattern: Pattern, sparsity: float, stats: dict[
 
 
 def all_finite(t: Tensor, rows: int = 1024) -> bool:
-    """``torch.isfinite(t).all()``, ``rows`` rows at a time: never a bool tensor of ``t``'s size (784 MiB for a
-    LLaMA-3-70B ``down_proj`` Gram matrix, which set the peak of a 70B-shaped Wanda block)."""
+    """``torch.isfinite(t).all()``, ``rows`` rows at a time. ``torch.isfinite`` forms ``|t|`` and bool tensors of
+    ``t``'s size: for a LLaMA-3-70B ``down_proj`` Gram matrix (3.1 GiB) that transient set a Wanda block's peak."""
     if t.dim() < 2 or t.numel() == 0:
         return bool(torch.isfinite(t).all())
     flat = t.reshape(t.shape[0], -1)
