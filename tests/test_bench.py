@@ -193,3 +193,15 @@ def test_scale_projection_leaves_out_a_solve_that_grows_with_tokens(tmp_path, ti
     assert not blocks.row(out, project_tokens=None).endswith("| – |")
     a, b = ffn_tokens.fit({2048: 30.0, 8192: 48.0, 32768: 120.0})
     assert a == pytest.approx(24.0) and b == pytest.approx(18 / 6144)
+
+
+def test_peak_where_reports_the_run_and_its_peak(tmp_path, tiny_model_dirs, calib_file):
+    """``bench/scale/peak_where.py`` runs lmprune in its own process and names where it peaked."""
+    proc = subprocess.run([sys.executable, str(BENCH / "scale" / "peak_where.py"), "prune", "--model",
+                           str(tiny_model_dirs["llama"]), "--method", "wanda", "--sparsity", "0.5", "--calib",
+                           str(calib_file), "--nsamples", "2", "--seqlen", "16", "--out", str(tmp_path / "run"),
+                           "--quiet"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    head = next(line for line in proc.stdout.splitlines() if line.startswith("rc ")).split()
+    assert head[:2] == ["rc", "0"] and int(head[-1]) >= int(head[4]) > 0  # peak >= base
+    assert (tmp_path / "run" / "lmprune.json").exists()
