@@ -80,8 +80,9 @@ def row(cell: Path, project_tokens: int | None) -> str | None:
         return None
     m = json.loads(path.read_text())
     shape = _shape(cell)
-    solve = sum(r["time_s"] for r in m["layers"] if r["block"] == 0)
-    reports = [r["error_time_s"] for r in m["layers"] if r["block"] == 0 and "error_time_s" in r]
+    layers = [r for r in m["layers"] if r["block"] == 0]
+    solve = sum(r["time_s"] for r in layers)
+    reports = [r["error_time_s"] for r in layers if "error_time_s" in r]
     report = sum(reports) if reports else None  # runs before the records carried it: "–"
     # block 0's passes (statistics, then propagation): the run's calibration time less the later blocks, which
     # are only propagated (their wall time is one pass and a shard write, so this slightly undercounts block 0)
@@ -94,7 +95,7 @@ def row(cell: Path, project_tokens: int | None) -> str | None:
     out = (f"| {shape.get('shape', cell.parent.name)} | {m['method']} | {tokens} | {calib:.1f} | {solve:.1f} | "
            f"{'–' if report is None else f'{report:.1f}'} | {block0:.1f} | {peak} | {plan_text(m)} | "
            f"{per_block.get('bytes', 0) / 2**20:.0f} | {per_block.get('seconds', float('nan')):.1f} |")
-    if project_tokens and _solve_grows_with_tokens([r for r in m["layers"] if r["block"] == 0]):
+    if project_tokens and _solve_grows_with_tokens(layers):
         out += " – |"
     elif project_tokens:
         blocks = FULL_BLOCKS.get(shape.get("shape", ""), m["n_blocks"])

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -108,8 +109,6 @@ def main() -> int:
     if small not in fits or large not in fits:
         print("\n(the width exponents need fits of both --widths shapes)")
         return 0
-    import math
-
     k = large[0] / small[0]
     p = math.log(fits[large][0] / fits[small][0], k)
     q = math.log(fits[large][1] / fits[small][1], k)

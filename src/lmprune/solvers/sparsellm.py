@@ -633,10 +633,9 @@ def _rounds(ffn, targets: dict[str, float], inner: InnerSolve, opt: "Options") -
             cand, cand_err = _refit_down(refit, inner, targets[ffn.down], percdamp)
             del refit
             stats["refit_down_error"].append(cand_err)
-            if cand_err < best.error and best.label == r:  # this round's own candidate: its other matrices
-                best = best.replacing(ffn.down, cand, cand_err, f"{r}+refit_down")
-            elif cand_err < best.error:
-                best = _Candidate(cand_err, {**res, ffn.down: cand}, f"{r}+refit_down", ffn.park)
+            if cand_err < best.error:  # this round's own candidate, if best, already parked the other matrices
+                best = (best.replacing(ffn.down, cand, cand_err, f"{r}+refit_down") if best.label == r
+                        else _Candidate(cand_err, {**res, ffn.down: cand}, f"{r}+refit_down", ffn.park))
             del cand
         del sweep  # the refit moments, before the update builds the next round's
         if r < rounds - 1:
